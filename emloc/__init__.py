@@ -1,0 +1,20 @@
+"""EMLoC: fold video chunks into a bounded, group-wise pruned KV cache.
+
+Knows tensors and models only; sources, queues and delivery live in `stream/` and `sinks/`.
+"""
+
+from .adapters import InputError, ModelAdapter, UnsupportedModelError, adapter_for
+from .cache import PrunedCache, PrunedLayer
+from .context import StreamContext
+from .loading import load_adapter
+from .observer import Observer, js_divergence
+from .policies import GroupDecision, JSBoundedSearch, Retention, RetentionPolicy
+from .records import Answer, FoldRecord
+from .settings import EMLoCSettings, SettingsError, layer_wise, preset, reference_code, videomme_online
+
+__all__ = [
+    "Answer", "EMLoCSettings", "FoldRecord", "GroupDecision", "InputError", "JSBoundedSearch", "ModelAdapter",
+    "Observer", "PrunedCache", "PrunedLayer", "Retention", "RetentionPolicy", "SettingsError", "StreamContext",
+    "UnsupportedModelError", "adapter_for", "js_divergence", "load_adapter", "layer_wise", "preset", "reference_code",
+    "videomme_online",
+]

@@ -1,0 +1,28 @@
+"""Model families behind one interface; `adapter_for` picks the one a model needs."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import InputError, ModelAdapter, UnsupportedModelError, VideoPixels
+from .qwen_vl import QwenVLAdapter
+
+# model_type (from the checkpoint's config.json) -> adapter class
+FAMILIES: dict[str, type[ModelAdapter]] = {
+    "qwen2_vl": QwenVLAdapter,
+    "qwen2_5_vl": QwenVLAdapter,
+}
+
+
+def adapter_for(model: nn.Module, tokenizer, **options) -> ModelAdapter:
+    """The adapter for `model`'s family; options go to the adapter (e.g. fps)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"model family {model_type!r} ({type(model).__name__}) is not supported; "
+            f"supported families: {sorted(FAMILIES)}"
+        )
+    return FAMILIES[model_type](model, tokenizer, **options)
+
+
+__all__ = ["FAMILIES", "InputError", "ModelAdapter", "UnsupportedModelError", "VideoPixels", "adapter_for"]

@@ -1,0 +1,129 @@
+"""What the EMLoC algorithm needs from a model family, and nothing more.
+
+An adapter owns everything that differs between families: how frames become
+vision tokens, how M-RoPE positions are laid out, where the decoder layers are,
+how a layer is called, how observer queries are formed, and the chat format.
+The algorithm (`emloc.fold`, `emloc.forward`, policies) only talks to this.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model's family has no adapter."""
+
+
+class InputError(ValueError):
+    """A chunk of frames or a question cannot be used; the message says why."""
+
+
+@dataclass
+class VideoPixels:
+    """A chunk of frames in the model's input layout.
+
+    pixel_values: (grid_t * grid_h * grid_w, patch_dim) patches.
+    grid_thw: (grid_t, grid_h, grid_w) in patches, before spatial merging.
+    padded_frames: frames repeated at the end to fill the last temporal patch.
+    """
+
+    pixel_values: torch.Tensor
+    grid_thw: tuple[int, int, int]
+    padded_frames: int = 0
+
+
+class ModelAdapter(ABC):
+    """One model family behind one small interface."""
+
+    model: nn.Module
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    temporal_patch: int
+    uses_flash_attention: bool
+
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, model: nn.Module, tokenizer, path_or_id: str, **options) -> ModelAdapter:
+        """The adapter for a loaded checkpoint, with whatever else the family reads from it."""
+
+    # --- inputs ------------------------------------------------------------------
+    @abstractmethod
+    def preprocess(self, frames: torch.Tensor) -> VideoPixels:
+        """(T, H, W, 3) uint8 RGB frames -> patches for the vision tower."""
+
+    @abstractmethod
+    def encode_video(self, pixels: VideoPixels) -> torch.Tensor:
+        """Vision tower: patches -> (1, n_tokens, hidden) embeddings."""
+
+    @abstractmethod
+    def embed_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """(n,) token ids -> (1, n, hidden) embeddings."""
+
+    # --- positions ---------------------------------------------------------------
+    @abstractmethod
+    def video_positions(self, video_start: int, first_step: int, pixels: VideoPixels) -> torch.Tensor:
+        """(3, n_tokens) positions of a chunk whose first temporal step is `first_step`
+        of a video whose positions start at `video_start`."""
+
+    def text_positions(self, start: int, n: int) -> torch.Tensor:
+        """(3, n): text advances all three position axes together."""
+        return (torch.arange(n) + start).view(1, -1).expand(3, -1).clone()
+
+    # --- the decoder --------------------------------------------------------------
+    @abstractmethod
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for positions (3, n), shared by every layer."""
+
+    @abstractmethod
+    def run_layer(self, index: int, hidden: torch.Tensor, mask: torch.Tensor | None,
+                  rotary: tuple[torch.Tensor, torch.Tensor], cache) -> torch.Tensor:
+        """One decoder layer, attending to `cache` (which it updates)."""
+
+    @abstractmethod
+    def attention_module(self, index: int) -> nn.Module:
+        """The module whose input is the layer's normed hidden state (observer hooks)."""
+
+    @abstractmethod
+    def queries(self, index: int, normed_hidden: torch.Tensor,
+                rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Rotated queries (1, heads, n, head_dim) of layer `index` for its attention input."""
+
+    @abstractmethod
+    def attention_scale(self, index: int) -> float:
+        """The softmax scale of layer `index`."""
+
+    @abstractmethod
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head over the last layer's output, in float32."""
+
+    # --- the chat format ----------------------------------------------------------
+    @abstractmethod
+    def preamble_ids(self, system_prompt: str) -> torch.Tensor:
+        """Tokens before the first frame (system turn, user turn, vision start)."""
+
+    @abstractmethod
+    def question_ids(self, question: str) -> torch.Tensor:
+        """Tokens that close the video and ask `question`, up to the assistant's turn."""
+
+    @abstractmethod
+    def stop_ids(self) -> set[int]:
+        """Token ids that end an answer."""
+
+    @abstractmethod
+    def decode(self, token_ids: list[int]) -> str:
+        """Answer tokens -> text."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype

@@ -1,0 +1,158 @@
+"""Qwen2-VL and Qwen2.5-VL: the two families share the decoder, the chat format and
+the patch layout; they differ in how far apart video frames sit on the temporal
+M-RoPE axis (Qwen2.5-VL spaces them by real time)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+
+from .base import InputError, ModelAdapter, VideoPixels
+
+# The paper's video setting: 144 tokens per frame pair (336 x 336 frames).
+DEFAULT_MAX_FRAME_PIXELS = 144 * 28 * 28
+DEFAULT_MIN_FRAME_PIXELS = 28 * 28
+
+
+class QwenVLAdapter(ModelAdapter):
+    """Adapter for `Qwen2VLForConditionalGeneration` and `Qwen2_5_VLForConditionalGeneration`.
+
+    fps: the rate frames are sampled at; Qwen2.5-VL places temporal steps
+        `tokens_per_second * temporal_patch / fps` positions apart.
+    image_processor: the checkpoint's PIL image processor (resize, rescale,
+        normalize, spatial patch layout); built from the config when omitted.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, fps: float = 2.0,
+                 image_processor: Qwen2VLImageProcessorPil | None = None,
+                 min_frame_pixels: int = DEFAULT_MIN_FRAME_PIXELS,
+                 max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> None:
+        if not hasattr(model, "lm_head"):
+            raise InputError(f"{type(model).__name__} has no LM head; load the *ForConditionalGeneration class")
+        if fps <= 0:
+            raise InputError(f"fps must be > 0, got {fps}")
+        self.model = model
+        self.tokenizer = tokenizer
+        text, vision = model.config.text_config, model.config.vision_config
+        self.num_layers = text.num_hidden_layers
+        self.num_heads = text.num_attention_heads
+        self.num_kv_heads = text.num_key_value_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.temporal_patch = vision.temporal_patch_size
+        self.merge = vision.spatial_merge_size
+        self.uses_flash_attention = str(model.config._attn_implementation).startswith("flash_attention")
+        tokens_per_second = getattr(vision, "tokens_per_second", None)
+        # Qwen2-VL: one position per temporal step; Qwen2.5-VL: positions follow seconds.
+        self.time_interval = 1.0 if tokens_per_second is None else tokens_per_second * self.temporal_patch / fps
+        self.image_processor = image_processor or Qwen2VLImageProcessorPil(
+            patch_size=vision.patch_size, temporal_patch_size=self.temporal_patch, merge_size=self.merge)
+        self.min_frame_pixels, self.max_frame_pixels = min_frame_pixels, max_frame_pixels
+        self._decoder = model.model.language_model
+        self._special = {name: tokenizer.convert_tokens_to_ids(name) for name in (
+            "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>")}
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, tokenizer, path_or_id: str, **options) -> QwenVLAdapter:
+        """Takes the checkpoint's own image processor settings (mean, std, patch sizes) when it has them."""
+        try:
+            options.setdefault("image_processor", Qwen2VLImageProcessorPil.from_pretrained(path_or_id))
+        except OSError:  # no preprocessor_config.json: the config's patch sizes and CLIP statistics
+            pass
+        return cls(model, tokenizer, **options)
+
+    # --- inputs ------------------------------------------------------------------
+    def preprocess(self, frames) -> VideoPixels:
+        frames = _as_uint8_frames(frames)
+        padded = (-len(frames)) % self.temporal_patch
+        if padded:  # as the library's processors do: repeat the last frame
+            frames = np.concatenate([frames, np.repeat(frames[-1:], padded, axis=0)])
+        out = self.image_processor(
+            images=list(frames), return_tensors="np",
+            size={"shortest_edge": self.min_frame_pixels, "longest_edge": self.max_frame_pixels})
+        grid = out["image_grid_thw"]
+        _, gh, gw = (int(x) for x in grid[0])
+        n, tp = len(frames), self.temporal_patch
+        # The image processor lays each frame out as (patches, C, tp, ph, pw) with the frame
+        # repeated over tp; a video patch takes slot i from frame i of its temporal group.
+        patches = out["pixel_values"].reshape(n, gh * gw, 3, tp, -1)[:, :, :, 0]
+        patches = patches.reshape(n // tp, tp, gh * gw, 3, -1).transpose(0, 2, 3, 1, 4)
+        pixel_values = torch.from_numpy(np.ascontiguousarray(patches).reshape(n // tp * gh * gw, -1))
+        return VideoPixels(pixel_values, (n // tp, gh, gw), padded)
+
+    @torch.no_grad()
+    def encode_video(self, pixels: VideoPixels) -> torch.Tensor:
+        visual = self.model.model.visual
+        grid = torch.tensor([pixels.grid_thw], device=self.device)
+        out = visual(pixels.pixel_values.to(self.device, self.dtype), grid_thw=grid)
+        return out.pooler_output.unsqueeze(0)
+
+    def embed_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(token_ids.to(self.device)).unsqueeze(0)
+
+    # --- positions ---------------------------------------------------------------
+    def video_positions(self, video_start: int, first_step: int, pixels: VideoPixels) -> torch.Tensor:
+        t, h, w = pixels.grid_thw[0], pixels.grid_thw[1] // self.merge, pixels.grid_thw[2] // self.merge
+        steps = (torch.arange(first_step, first_step + t) * self.time_interval).long()
+        tt, hh, ww = torch.meshgrid(steps, torch.arange(h), torch.arange(w), indexing="ij")
+        return torch.stack([tt, hh, ww]).reshape(3, -1) + video_start
+
+    # --- the decoder --------------------------------------------------------------
+    def rotary(self, hidden, positions):
+        return self._decoder.rotary_emb(hidden, positions.to(hidden.device).unsqueeze(1))
+
+    def run_layer(self, index, hidden, mask, rotary, cache):
+        return self._decoder.layers[index](hidden, attention_mask=mask, position_embeddings=rotary, cache=cache)
+
+    def attention_module(self, index: int) -> nn.Module:
+        return self._decoder.layers[index].self_attn
+
+    def queries(self, index, normed_hidden, rotary):
+        attn = self._decoder.layers[index].self_attn
+        n = normed_hidden.shape[1]
+        q = attn.q_proj(normed_hidden).view(1, n, -1, self.head_dim).transpose(1, 2)
+        cos, sin = rotary
+        return apply_rotary_pos_emb(q, q, cos, sin)[0]
+
+    def attention_scale(self, index: int) -> float:
+        return self._decoder.layers[index].self_attn.scaling
+
+    def logits(self, hidden):
+        return self.model.lm_head(self._decoder.norm(hidden)).float()
+
+    # --- the chat format ----------------------------------------------------------
+    def preamble_ids(self, system_prompt: str) -> torch.Tensor:
+        return self._encode(f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n<|vision_start|>")
+
+    def question_ids(self, question: str) -> torch.Tensor:
+        if not isinstance(question, str) or not question.strip():
+            raise InputError(f"a question must be a non-empty string, got {question!r}")
+        return self._encode(f"<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n")
+
+    def stop_ids(self) -> set[int]:
+        return {self._special["<|im_end|>"], self._special["<|endoftext|>"]}
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+    def _encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
+
+
+def _as_uint8_frames(frames) -> np.ndarray:
+    """Checks a chunk of frames: (T, H, W, 3) uint8 RGB, T >= 1."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+    if not isinstance(frames, np.ndarray):
+        raise InputError(f"frames must be a torch tensor or numpy array, got {type(frames).__name__}")
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise InputError(f"frames must have shape (T, H, W, 3) (RGB, channels last), got {tuple(frames.shape)}")
+    if frames.shape[0] == 0:
+        raise InputError("empty chunk: a chunk needs at least one frame")
+    if frames.dtype != np.uint8:
+        raise InputError(f"frames must be uint8 RGB values 0-255, got dtype {frames.dtype}")
+    if min(frames.shape[1:3]) < 1:
+        raise InputError(f"frames have no pixels: shape {tuple(frames.shape)}")
+    return frames

@@ -1,0 +1,187 @@
+"""The compressed KV cache: one layer type of transformers' cache family.
+
+Each layer holds, per KV head, the keys (already rotated by RoPE) and values of
+the tokens it kept, in a growable buffer:
+
+    [ committed: kept tokens of earlier chunks | tail: tokens being folded or asked ]
+      0 .................................... length ........................ length + tail
+
+`update` (what the library's attention module calls) writes new tokens after the
+tail and returns a view of everything, so attention runs on the cache unchanged.
+The tail is tentative: a fold replaces it by the retained selection and commits
+it; a question drops it, which leaves the committed region bit-identical.
+
+Layers may hold different lengths; within a layer every KV head holds the same
+number of tokens (pruning keeps the same count per head, not the same tokens), so
+each layer stays one rectangular tensor. Positions are never renumbered: keys
+keep the rotation of their original position, and `origins` records each kept
+token's index in the stream.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class PrunedLayer(CacheLayerMixin):
+    """Keys/values of one decoder layer with a per-layer length.
+
+    Buffers have shape (1, kv_heads, capacity, head_dim); `origins` (stream token
+    index) and `importance` (accumulated observer attention) are (1, kv_heads,
+    capacity) and describe the committed tokens.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self) -> None:  # the mixin's __init__ would bind `keys` to None
+        self.is_initialized = False
+        self.length = 0
+        self.tail = 0
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self.origins: torch.Tensor | None = None
+        self.importance: torch.Tensor | None = None
+
+    # --- the transformers cache-layer interface -------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.shape[0] != 1:
+            raise ValueError(f"a stream's cache holds one sequence; got a batch of {key_states.shape[0]}")
+        b, h, _, d = key_states.shape
+        cap = 256
+        self.device = key_states.device
+        self._k = key_states.new_zeros(b, h, cap, d)
+        self._v = value_states.new_zeros(b, h, cap, value_states.shape[-1])
+        self.origins = torch.zeros(b, h, cap, dtype=torch.long, device=self.device)
+        self.importance = torch.zeros(b, h, cap, dtype=torch.float32, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + self.tail
+        n = key_states.shape[-2]
+        self._reserve(end + n)
+        self._k[:, :, end:end + n] = key_states
+        self._v[:, :, end:end + n] = value_states
+        self.tail += n
+        return self._k[:, :, :end + n], self._v[:, :, :end + n]
+
+    def get_seq_length(self) -> int:
+        return self.length + self.tail
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + self.tail + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    # --- views ---------------------------------------------------------------------
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, :self.length]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, :self.length]
+
+    def tail_keys(self) -> torch.Tensor:
+        return self._k[:, :, self.length:self.length + self.tail]
+
+    def tail_values(self) -> torch.Tensor:
+        return self._v[:, :, self.length:self.length + self.tail]
+
+    def committed_origins(self) -> torch.Tensor:
+        return self.origins[:, :, :self.length]
+
+    def committed_importance(self) -> torch.Tensor:
+        return self.importance[:, :, :self.length]
+
+    # --- tail edits --------------------------------------------------------------------
+    def set_tail(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Replaces the tail by `keys`/`values` (a retained selection of a chunk)."""
+        n = keys.shape[-2]
+        self._reserve(self.length + n)
+        self._k[:, :, self.length:self.length + n] = keys
+        self._v[:, :, self.length:self.length + n] = values
+        self.tail = n
+
+    def drop_tail(self, keep: int = 0) -> None:
+        """Forgets tail tokens after the first `keep` (observer or question tokens)."""
+        if not 0 <= keep <= self.tail:
+            raise ValueError(f"cannot keep {keep} of {self.tail} tail tokens")
+        self.tail = keep
+
+    def commit_tail(self, origins: torch.Tensor, importance: torch.Tensor) -> None:
+        """Makes the tail part of the committed context. origins/importance: (1, kv_heads, tail)."""
+        if origins.shape[-1] != self.tail or importance.shape[-1] != self.tail:
+            raise ValueError(f"commit needs metadata for {self.tail} tail tokens, got {origins.shape[-1]}")
+        end = self.length + self.tail
+        self.origins[:, :, self.length:end] = origins
+        self.importance[:, :, self.length:end] = importance.float()
+        self.length, self.tail = end, 0
+
+    def keep_committed(self, index: torch.Tensor) -> None:
+        """Keeps only the committed tokens at `index` (1, kv_heads, n), ascending per head."""
+        if self.tail:
+            raise RuntimeError("evict only between folds, with no tail pending")
+        n = index.shape[-1]
+        kidx = index.unsqueeze(-1).expand(-1, -1, -1, self._k.shape[-1])
+        self._k[:, :, :n] = torch.gather(self._k[:, :, :self.length], 2, kidx)
+        self._v[:, :, :n] = torch.gather(self._v[:, :, :self.length], 2, kidx)
+        self.origins[:, :, :n] = torch.gather(self.origins[:, :, :self.length], 2, index)
+        self.importance[:, :, :n] = torch.gather(self.importance[:, :, :self.length], 2, index)
+        self.length = n
+
+    def nbytes(self) -> int:
+        """Bytes of the committed keys, values and their metadata."""
+        if not self.is_initialized:
+            return 0
+        per_token = (self._k.shape[-1] * self._k.element_size() + self._v.shape[-1] * self._v.element_size()
+                     + self.origins.element_size() + self.importance.element_size())
+        return self.length * self._k.shape[1] * per_token
+
+    def capacity_nbytes(self) -> int:
+        """Bytes allocated, committed or not."""
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self._k, self._v, self.origins, self.importance))
+
+    def _reserve(self, size: int) -> None:
+        cap = self._k.shape[2]
+        if size <= cap:
+            return
+        while cap < size:
+            cap *= 2
+        used = self.length + self.tail
+
+        def grow(buf: torch.Tensor) -> torch.Tensor:
+            new = buf.new_zeros(*buf.shape[:2], cap, *buf.shape[3:])
+            new[:, :, :used] = buf[:, :, :used]
+            return new
+
+        self._k, self._v = grow(self._k), grow(self._v)
+        self.origins, self.importance = grow(self.origins), grow(self.importance)
+
+
+class PrunedCache(Cache):
+    """One `PrunedLayer` per decoder layer; the library's attention modules call `update`."""
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__(layers=[PrunedLayer() for _ in range(num_layers)])
+
+    def lengths(self) -> list[int]:
+        """Committed tokens per layer."""
+        return [layer.length for layer in self.layers]
+
+    def drop_tails(self) -> None:
+        for layer in self.layers:
+            layer.drop_tail(0)
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def capacity_nbytes(self) -> int:
+        return sum(layer.capacity_nbytes() for layer in self.layers)

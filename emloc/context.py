@@ -1,0 +1,195 @@
+"""The compressed context of one stream: fold chunks of frames in, ask questions any time.
+
+    context = StreamContext(model, tokenizer, videomme_online())
+    record = context.fold(frames)            # (T, H, W, 3) uint8
+    answer = context.answer("What colour was the triangle?")
+
+One chunk, from frames to committed cache (method.md, section 2): encode the frames,
+prefill them into every layer's tail, run the observers after them, let the
+retention policy choose what each layer keeps, commit, and enforce the budget.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .adapters import InputError, ModelAdapter, adapter_for
+from .budget import enforce_budget
+from .cache import PrunedCache
+from .forward import generate, run_layers
+from .observer import Observer, observe, smooth
+from .policies import FoldState, JSBoundedSearch, RetentionPolicy
+from .records import Answer, FoldRecord
+from .settings import EMLoCSettings, SettingsError
+
+
+class StreamContext:
+    """One stream's model context under EMLoC pruning.
+
+    model: a supported *ForConditionalGeneration model, or a ready `ModelAdapter`.
+    policy: how chunks are pruned; EMLoC's JS-bounded search by default.
+    adapter_options: passed to the family adapter (fps, frame pixel limits).
+    """
+
+    def __init__(self, model, tokenizer=None, settings: EMLoCSettings | None = None, *,
+                 policy: RetentionPolicy | None = None, **adapter_options) -> None:
+        self.adapter: ModelAdapter = model if isinstance(model, ModelAdapter) else adapter_for(
+            model, tokenizer, **adapter_options)
+        self.settings = settings or EMLoCSettings()
+        self.settings.check_against(self.adapter.num_layers, self.adapter.temporal_patch)
+        self.policy = policy or JSBoundedSearch.from_settings(self.settings)
+        self.cache = PrunedCache(self.adapter.num_layers)
+        self.standing_questions: list[str] = []
+        self.chunks_folded = 0
+        self.records: list[FoldRecord] = []
+        self._steps = 0  # temporal steps (frame pairs) folded so far
+        self._time_span: tuple[float, float] | None = None
+        self._start_stream()
+
+    def _start_stream(self) -> None:
+        """Commits the preamble (system and user turn up to the video): the attention sinks."""
+        ids = self.adapter.preamble_ids(self.settings.system_prompt)
+        n = len(ids)
+        budget = self.settings.token_budget
+        if budget is not None and budget <= n:
+            raise SettingsError(f"token_budget={budget} leaves no room: the stream's preamble alone holds {n} tokens")
+        with torch.no_grad():
+            run_layers(self.adapter, self.cache, self.adapter.embed_text(ids), self.adapter.text_positions(0, n))
+        origins = torch.arange(n, device=self.adapter.device).view(1, 1, -1).expand(1, self.adapter.num_kv_heads, -1)
+        for layer in self.cache.layers:
+            layer.commit_tail(origins, torch.zeros(origins.shape))
+        self.sink_tokens = n
+        self.video_start = n  # video positions start right after <|vision_start|>
+        self.max_position = n - 1
+        self.tokens_seen = n
+
+    # --- fold ------------------------------------------------------------------------
+    @torch.no_grad()
+    def fold(self, frames, *, questions: list[str] | tuple[str, ...] = (),
+             timestamps: list[float] | None = None) -> FoldRecord:
+        """Folds a chunk of frames, (T, H, W, 3) uint8 RGB, into the cache.
+
+        questions: questions waiting to be answered; with the standing questions they
+            are the observers, else the probe prompt is.
+        timestamps: presentation time (s) of each frame, for the record's time span.
+        If anything fails the cache is left exactly as it was.
+        """
+        if timestamps is not None and len(timestamps) != len(frames):
+            raise InputError(f"{len(timestamps)} timestamps for {len(frames)} frames")
+        adapter, cache, settings = self.adapter, self.cache, self.settings
+        clock = time.perf_counter()
+        pixels = adapter.preprocess(frames)
+        embeds = adapter.encode_video(pixels)
+        vision_s = time.perf_counter() - clock
+
+        n = embeds.shape[1]
+        positions = adapter.video_positions(self.video_start, self._steps, pixels)
+        before = cache.lengths()
+        observers = self._observers(questions)
+        try:
+            clock = time.perf_counter()
+            run_layers(adapter, cache, embeds, positions)
+            prefill_s = time.perf_counter() - clock
+
+            clock = time.perf_counter()
+            max_position = max(self.max_position, int(positions.max()))
+            passes = []
+            for observer in observers:
+                ids = adapter.question_ids(observer.text)
+                passes.append(observe(adapter, cache, observer, ids,
+                                      adapter.text_positions(max_position + 1, len(ids)),
+                                      settings.observed_positions))
+            chunk_attention = [sum(p.attention[i][..., before[i]:before[i] + n] for p in passes)
+                               for i in range(adapter.num_layers)]
+            prefix_attention = [sum(p.attention[i][..., :before[i]] for p in passes)
+                                for i in range(adapter.num_layers)]
+            importance = [smooth(a, settings.smoothing_kernel) for a in chunk_attention]
+            observe_s = time.perf_counter() - clock
+
+            clock = time.perf_counter()
+            state = FoldState(adapter, cache, [layer.tail_keys().clone() for layer in cache.layers],
+                              [layer.tail_values().clone() for layer in cache.layers], importance,
+                              torch.arange(pixels.grid_thw[0]).repeat_interleave(n // pixels.grid_thw[0]), passes)
+            retention = self.policy.retain(state)
+            search_s = time.perf_counter() - clock
+            kept = self._commit(state, retention.keep, prefix_attention)
+        except BaseException:
+            cache.drop_tails()
+            raise
+        evicted = ([0] * adapter.num_layers if settings.token_budget is None
+                   else enforce_budget(cache, settings.token_budget, self.sink_tokens))
+
+        first = int(positions[0].min())
+        self._steps += pixels.grid_thw[0]
+        self.tokens_seen += n
+        self.max_position = max_position
+        if timestamps:
+            start = self._time_span[0] if self._time_span else float(timestamps[0])
+            self._time_span = (start, float(timestamps[-1]))
+        record = FoldRecord(
+            index=self.chunks_folded, frames=len(frames), padded_frames=pixels.padded_frames, chunk_tokens=n,
+            groups=retention.groups, kept=kept, evicted=evicted, tokens_before=before, tokens_after=cache.lengths(),
+            observers=observers, positions=(first, int(positions[0].max())), max_position=max_position,
+            time_span=self._time_span, cache_bytes=cache.nbytes(), vision_s=vision_s, prefill_s=prefill_s,
+            observe_s=observe_s, search_s=search_s, evaluations=state.evaluations)
+        self.chunks_folded += 1
+        self.records.append(record)
+        return record
+
+    def _observers(self, questions) -> list[Observer]:
+        found = ([Observer("question", q) for q in questions]
+                 + [Observer("standing", q) for q in self.standing_questions])
+        for observer in found:
+            self.adapter.question_ids(observer.text)  # a bad question fails before any work
+        return found[: self.settings.max_observers] or [Observer("probe", self.settings.probe_prompt)]
+
+    def _commit(self, state: FoldState, keep: list, prefix_attention: list[torch.Tensor]) -> list[int]:
+        """Puts each layer's retained chunk tokens after its committed ones."""
+        decay = self.settings.importance_decay
+        chunk_origins = torch.arange(self.tokens_seen, self.tokens_seen + state.chunk_len, device=self.adapter.device)
+        chunk_origins = chunk_origins.view(1, 1, -1).expand(1, self.adapter.num_kv_heads, -1)
+        kept = []
+        for i, layer in enumerate(self.cache.layers):
+            state.apply({i: keep[i]})
+            origins, importance = chunk_origins, state.importance[i]
+            if keep[i] is not None:
+                origins, importance = torch.gather(origins, 2, keep[i]), torch.gather(importance, 2, keep[i])
+            old = layer.committed_importance()
+            old.mul_(decay).add_((1 - decay) * prefix_attention[i])
+            layer.commit_tail(origins, importance)
+            kept.append(origins.shape[-1])
+        return kept
+
+    # --- answer ----------------------------------------------------------------------
+    @torch.no_grad()
+    def answer(self, question: str, *, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, partial_frames=None, return_logits: bool = False) -> Answer:
+        """Answers over the cache without changing it, so any number of questions can share it.
+
+        partial_frames: frames not yet in a full chunk; they are prefilled for this answer
+            only (unpruned) and forgotten afterwards.
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        clock = time.perf_counter()
+        adapter = self.adapter
+        ids = adapter.question_ids(question)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        start = self.max_position + 1
+        try:
+            if partial_frames is not None and len(partial_frames):
+                pixels = adapter.preprocess(partial_frames)
+                positions = adapter.video_positions(self.video_start, self._steps, pixels)
+                run_layers(adapter, self.cache, adapter.encode_video(pixels), positions)
+                start = max(start, int(positions.max()) + 1)
+            tokens, logits = generate(adapter, self.cache, ids, adapter.text_positions(start, len(ids)),
+                                      max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
+        finally:
+            self.cache.drop_tails()
+        lengths = self.cache.lengths()
+        return Answer(question=question, text=adapter.decode(tokens), token_ids=tokens,
+                      cache_tokens=round(sum(lengths) / len(lengths)), chunks_folded=self.chunks_folded,
+                      time_span=self._time_span, latency_s=time.perf_counter() - clock,
+                      prompt_logits=logits if return_logits else None)

@@ -1,0 +1,89 @@
+"""The model path over a compressed cache: run decoder layers, build masks, take logits.
+
+Layers hold different prefix lengths, so each layer gets its own mask: new tokens
+see that layer's whole cached prefix and each other causally.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .adapters import ModelAdapter
+from .cache import PrunedCache
+
+
+def prefix_mask(prefix_len: int, n: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, n, prefix_len + n) boolean mask, True where a query may attend."""
+    keys = torch.arange(prefix_len + n, device=device)
+    queries = torch.arange(n, device=device).unsqueeze(1) + prefix_len
+    return (keys.unsqueeze(0) <= queries).view(1, 1, n, prefix_len + n)
+
+
+def layer_mask(adapter: ModelAdapter, cache: PrunedCache, index: int, n: int,
+               device: torch.device) -> torch.Tensor | None:
+    if adapter.uses_flash_attention:
+        return None  # flash-attn aligns causal masks bottom-right: the prefix is fully visible
+    if n == 1:
+        return None  # one query sees everything cached
+    return prefix_mask(cache.layers[index].get_seq_length(), n, device)
+
+
+def run_layers(adapter: ModelAdapter, cache: PrunedCache, hidden: torch.Tensor, positions: torch.Tensor,
+               start_layer: int = 0, record_inputs: list | None = None,
+               rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Runs layers `start_layer..L-1` on `hidden` (1, n, d), appending its keys/values
+    to every layer's tail; returns the last layer's output (before the final norm).
+
+    record_inputs: if given, a list of length L that receives the input of each layer run.
+    rotary: precomputed (cos, sin) for `positions`, to skip recomputing them.
+    """
+    rotary = rotary if rotary is not None else adapter.rotary(hidden, positions)
+    n = hidden.shape[1]
+    for index in range(start_layer, adapter.num_layers):
+        if record_inputs is not None:
+            record_inputs[index] = hidden
+        mask = layer_mask(adapter, cache, index, n, hidden.device)
+        hidden = adapter.run_layer(index, hidden, mask, rotary, cache)
+    return hidden
+
+
+@torch.no_grad()
+def generate(adapter: ModelAdapter, cache: PrunedCache, prompt: torch.Tensor, prompt_positions: torch.Tensor,
+             max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+             generator: torch.Generator | None = None, prompt_embeds: torch.Tensor | None = None):
+    """Prefills `prompt` (token ids, or `prompt_embeds`) then decodes up to `max_new_tokens`.
+
+    Greedy when temperature == 0. Appends to the cache's tails; the caller drops them.
+    Returns (new token ids, float32 logits of the prompt positions).
+    """
+    hidden = prompt_embeds if prompt_embeds is not None else adapter.embed_text(prompt)
+    out = run_layers(adapter, cache, hidden, prompt_positions)
+    prompt_logits = adapter.logits(out)[0]
+    next_logits = prompt_logits[-1]
+    position = int(prompt_positions.max()) + 1
+    stop = adapter.stop_ids()
+    tokens: list[int] = []
+    for _ in range(max_new_tokens):
+        token = _pick(next_logits, temperature, top_p, generator)
+        if token in stop:
+            break
+        tokens.append(token)
+        if len(tokens) == max_new_tokens:
+            break
+        ids = torch.tensor([token])
+        out = run_layers(adapter, cache, adapter.embed_text(ids), adapter.text_positions(position, 1))
+        next_logits = adapter.logits(out)[0, -1]
+        position += 1
+    return tokens, prompt_logits
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        outside = torch.cumsum(sorted_p, dim=-1) - sorted_p > top_p
+        sorted_p[outside] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))

@@ -1,0 +1,81 @@
+"""One interface for every retention policy: given the chunk being folded, say which
+of its tokens each layer keeps. EMLoC's JS-bounded search is one policy; the
+fidelity benchmark's baselines are others, and they share one test."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters import ModelAdapter
+from ..cache import PrunedCache
+from ..observer import ObserverPass, js_divergence, rerun_log_probs
+
+
+@dataclass(frozen=True)
+class GroupDecision:
+    """The retention chosen for layers first..last (inclusive) of one chunk.
+
+    tried: (ratio, js) for every candidate evaluated, in order.
+    """
+
+    first: int
+    last: int
+    ratio: float
+    kept: int
+    js: float
+    tried: tuple[tuple[float, float], ...] = ()
+
+
+@dataclass
+class Retention:
+    """keep[l]: (1, kv_heads, k) ascending chunk-token indices layer l keeps, or None for all."""
+
+    keep: list[torch.Tensor | None]
+    groups: list[GroupDecision] = field(default_factory=list)
+
+
+class FoldState:
+    """What a policy sees of one chunk while it is folded.
+
+    importance[l]: (1, kv_heads, chunk_len) smoothed observer attention per chunk token.
+    token_steps: (chunk_len,) temporal step (frame pair) of each chunk token, from 0.
+    `apply` puts a selection into the cache's tails; `divergence` re-runs every observer
+    from a layer against the tails as they stand and returns the largest JS.
+    """
+
+    def __init__(self, adapter: ModelAdapter, cache: PrunedCache, chunk_keys: list[torch.Tensor],
+                 chunk_values: list[torch.Tensor], importance: list[torch.Tensor],
+                 token_steps: torch.Tensor, passes: list[ObserverPass]) -> None:
+        self.adapter, self.cache = adapter, cache
+        self.chunk_keys, self.chunk_values = chunk_keys, chunk_values
+        self.importance, self.token_steps, self.passes = importance, token_steps, passes
+        self.num_layers = adapter.num_layers
+        self.chunk_len = chunk_keys[0].shape[2]
+        self.evaluations = 0
+
+    def apply(self, selection: dict[int, torch.Tensor | None]) -> None:
+        for layer, index in selection.items():
+            keys, values = self.chunk_keys[layer], self.chunk_values[layer]
+            if index is not None:
+                keys = torch.gather(keys, 2, index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
+                values = torch.gather(values, 2, index.unsqueeze(-1).expand(-1, -1, -1, values.shape[-1]))
+            self.cache.layers[layer].set_tail(keys, values)
+
+    def divergence(self, start_layer: int) -> float:
+        self.evaluations += 1
+        return max(js_divergence(run.reference, rerun_log_probs(self.adapter, self.cache, run, start_layer))
+                   for run in self.passes)
+
+
+def top_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (ascending) of the k highest scores per head of (1, kv_heads, n)."""
+    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+class RetentionPolicy(ABC):
+    @abstractmethod
+    def retain(self, state: FoldState) -> Retention:
+        """Choose each layer's kept chunk tokens; leave `state`'s tails as chosen."""

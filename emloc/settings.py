@@ -1,0 +1,145 @@
+"""Typed EMLoC settings and the presets the paper and its reference code use.
+
+Every field is checked when the object is built, so a wrong setting fails at load
+time with a message naming it, never halfway through a stream. Checks that need
+the model (does the group size divide its layer count?) run in `check_against`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+DEFAULT_PROBE = "Describe what happens in the video."
+
+
+class SettingsError(ValueError):
+    """A setting is impossible; the message names it and says what is allowed."""
+
+
+@dataclass(frozen=True)
+class EMLoCSettings:
+    """How a stream's context is folded and pruned.
+
+    layer_group_size: consecutive decoder layers that share one retention ratio
+        (1 = layer-wise). Must divide the model's layer count.
+    delta: Jensen-Shannon bound (nats) on the observer's output distribution.
+    ratios: retention candidates, tried in ascending order per group; a group
+        where none passes keeps its whole chunk.
+    chunk_frames: frames folded at a time (a multiple of the temporal patch).
+    observed_positions: the last `m` observer positions whose output must stay
+        within `delta` (the reference code uses 16).
+    smoothing_kernel: width of the average pool applied to importance along the
+        token axis (odd).
+    token_budget: optional hard cap of tokens per layer; when committing would
+        exceed it the lowest-importance tokens are evicted, never the sinks.
+    importance_decay: weight of past observer attention when a committed token's
+        importance is updated at a later fold (0 = only the newest observation).
+    probe_prompt: observer used when no question is waiting or standing.
+    system_prompt: the text at the start of the stream (it is the attention sink).
+    max_observers: how many waiting/standing questions act as observers per chunk.
+    """
+
+    layer_group_size: int = 14
+    delta: float = 0.04
+    ratios: tuple[float, ...] = (0.02, 0.1, 0.5, 1.0)
+    chunk_frames: int = 64
+    observed_positions: int = 16
+    smoothing_kernel: int = 5
+    token_budget: int | None = None
+    importance_decay: float = 0.5
+    probe_prompt: str = DEFAULT_PROBE
+    system_prompt: str = "You are a helpful assistant."
+    max_observers: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
+        _require(isinstance(self.layer_group_size, int) and self.layer_group_size >= 1,
+                 f"layer_group_size must be an integer >= 1, got {self.layer_group_size!r}")
+        _require(isinstance(self.delta, (int, float)) and math.isfinite(self.delta) and self.delta >= 0,
+                 f"delta must be a finite number >= 0, got {self.delta!r}")
+        _require(len(self.ratios) > 0, "ratios must not be empty: give at least one retention ratio, e.g. (0.1, 1.0)")
+        for r in self.ratios:
+            _require(0 < r <= 1, f"every ratio must lie in (0, 1], got {r} in {self.ratios}")
+        _require(all(a < b for a, b in zip(self.ratios, self.ratios[1:])),
+                 f"ratios must be strictly ascending (they are tried in order), got {self.ratios}")
+        _require(isinstance(self.chunk_frames, int) and self.chunk_frames >= 1,
+                 f"chunk_frames must be an integer >= 1, got {self.chunk_frames!r}")
+        _require(isinstance(self.observed_positions, int) and self.observed_positions >= 1,
+                 f"observed_positions must be an integer >= 1, got {self.observed_positions!r}")
+        kernel = self.smoothing_kernel
+        _require(isinstance(kernel, int) and kernel >= 1 and kernel % 2 == 1,
+                 f"smoothing_kernel must be an odd integer >= 1, got {self.smoothing_kernel!r}")
+        _require(self.token_budget is None or (isinstance(self.token_budget, int) and self.token_budget >= 1),
+                 f"token_budget must be None or an integer >= 1, got {self.token_budget!r}")
+        _require(0 <= self.importance_decay < 1, f"importance_decay must lie in [0, 1), got {self.importance_decay!r}")
+        _require(isinstance(self.probe_prompt, str) and self.probe_prompt.strip() != "",
+                 "probe_prompt must be a non-empty string")
+        _require(isinstance(self.max_observers, int) and self.max_observers >= 1,
+                 f"max_observers must be an integer >= 1, got {self.max_observers!r}")
+
+    def check_against(self, num_layers: int, temporal_patch: int) -> None:
+        """Checks that need the model: group size and chunk length must fit it."""
+        g = self.layer_group_size
+        if g > num_layers or num_layers % g:
+            divisors = [d for d in range(1, num_layers + 1) if num_layers % d == 0]
+            raise SettingsError(
+                f"layer_group_size={g} does not divide the model's {num_layers} decoder layers into equal groups; "
+                f"use one of {divisors}"
+            )
+        if self.chunk_frames % temporal_patch:
+            raise SettingsError(
+                f"chunk_frames={self.chunk_frames} must be a multiple of the model's temporal patch size "
+                f"{temporal_patch}, so that chunks join into one continuous video"
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EMLoCSettings:
+        """Builds settings from plain data (a YAML section); an unknown key is an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SettingsError(f"unknown EMLoC setting(s) {unknown}; known settings are {sorted(known)}")
+        data = dict(data)
+        if "ratios" in data:
+            if not isinstance(data["ratios"], (list, tuple)):
+                raise SettingsError(f"ratios must be a list of numbers, got {data['ratios']!r}")
+            data["ratios"] = tuple(data["ratios"])
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["ratios"] = list(self.ratios)
+        return out
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise SettingsError(message)
+
+
+def videomme_online(**overrides) -> EMLoCSettings:
+    """The paper's online VideoMME setting (Qwen2-VL-7B: 27.9k -> 2.3k tokens)."""
+    base = dict(layer_group_size=14, delta=0.04, ratios=(0.02, 0.1, 0.5, 1.0), chunk_frames=64)
+    return EMLoCSettings(**{**base, **overrides})
+
+
+def reference_code(**overrides) -> EMLoCSettings:
+    """The setting of the authors' video code path: groups of 7, delta 0.05, fallback keeps all."""
+    base = dict(layer_group_size=7, delta=0.05, ratios=(0.02, 0.05, 0.1, 1.0), chunk_frames=64)
+    return EMLoCSettings(**{**base, **overrides})
+
+
+def layer_wise(**overrides) -> EMLoCSettings:
+    """Layer-wise search with the paper's many-shot bound and ratios."""
+    base = dict(layer_group_size=1, delta=0.005, ratios=(0.1, 0.2, 0.5, 1.0), chunk_frames=64)
+    return EMLoCSettings(**{**base, **overrides})
+
+
+PRESETS = {"videomme_online": videomme_online, "reference_code": reference_code, "layer_wise": layer_wise}
+
+
+def preset(name: str, **overrides) -> EMLoCSettings:
+    if name not in PRESETS:
+        raise SettingsError(f"unknown preset {name!r}; presets are {sorted(PRESETS)}")
+    return PRESETS[name](**overrides)

@@ -1,0 +1,101 @@
+"""Tiny Qwen2-VL / Qwen2.5-VL models and a word-level tokenizer, built in code.
+
+They use the same classes as real checkpoints, so every code path (vision tower,
+M-RoPE, GQA attention, chat format) runs offline in seconds. Weights are random
+unless trained (see scripts/), so their answers carry no meaning.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>", "[UNK]"]
+WORDS = (
+    "system user assistant You are a helpful . ? , : ! Describe what happens in the video "
+    "What colour was triangle square circle star digit how many times did appear which came first "
+    "is on screen now at end red green blue yellow white purple orange black grey zero one two three "
+    "four five six seven eight nine ten yes no before after shape anyone door"
+).split()
+
+
+def tiny_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with Qwen's chat and vision special tokens (ids 0-7)."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(dict.fromkeys(words or WORDS)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="[UNK]")
+
+
+def _ids(tokenizer) -> dict:
+    get = tokenizer.convert_tokens_to_ids
+    return dict(image_token_id=get("<|image_pad|>"), video_token_id=get("<|video_pad|>"),
+                vision_start_token_id=get("<|vision_start|>"), vision_end_token_id=get("<|vision_end|>"),
+                bos_token_id=get("<|endoftext|>"), eos_token_id=get("<|im_end|>"), pad_token_id=get("<|endoftext|>"))
+
+
+def tiny_qwen2_vl(tokenizer=None, *, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                  seed: int = 0, dtype: torch.dtype = torch.float32,
+                  init_std: float | None = None) -> Qwen2VLForConditionalGeneration:
+    """A randomly initialised Qwen2-VL small enough for CPU tests (about 0.23M parameters)."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    config = Qwen2VLConfig(
+        text_config=_text_config(tokenizer, layers, hidden, heads, kv_heads),
+        vision_config=dict(depth=1, embed_dim=32, num_heads=2, hidden_size=hidden, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, mlp_ratio=2),
+        **_ids(tokenizer))
+    return _build(Qwen2VLForConditionalGeneration, config, seed, dtype, init_std)
+
+
+def tiny_qwen2_5_vl(tokenizer=None, *, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                    seed: int = 0, dtype: torch.dtype = torch.float32,
+                    init_std: float | None = None) -> Qwen2_5_VLForConditionalGeneration:
+    """A randomly initialised Qwen2.5-VL (window attention in the vision tower, time-spaced M-RoPE)."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    config = Qwen2_5_VLConfig(
+        text_config=_text_config(tokenizer, layers, hidden, heads, kv_heads),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1], tokens_per_second=2),
+        **_ids(tokenizer))
+    return _build(Qwen2_5_VLForConditionalGeneration, config, seed, dtype, init_std)
+
+
+def _text_config(tokenizer, layers: int, hidden: int, heads: int, kv_heads: int) -> dict:
+    return dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=32768, rope_parameters=_rope(hidden // heads), **_ids(tokenizer))
+
+
+def _rope(head_dim: int) -> dict:
+    # M-RoPE splits head_dim / 2 frequencies over (temporal, height, width)
+    half = head_dim // 2
+    spatial = half * 3 // 8
+    return {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [half - 2 * spatial, spatial, spatial]}
+
+
+def _build(cls, config, seed: int, dtype: torch.dtype, init_std: float | None):
+    """init_std: redraw matrix weights with this std. The default init (0.02) gives a random
+    model near-uniform outputs; a larger one makes its attention and predictions peaky, so
+    pruning visibly moves them (what tests of the JS bound need)."""
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = cls(config)
+        if init_std is not None:
+            with torch.no_grad():
+                for param in model.parameters():
+                    if param.dim() >= 2:
+                        param.normal_(0.0, init_std)
+    return model.to(dtype).eval()

@@ -1,0 +1,1 @@
+"""Time, sources and queues: feeds frames to `emloc` and answers to `sinks`."""

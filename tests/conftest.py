@@ -1,0 +1,30 @@
+import os
+
+# Tests never reach for a hub: everything is built in code or read from the repository.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from emloc.tiny import tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_tokenizer  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session", params=sorted(FAMILIES))
+def model(request, tokenizer):
+    """Each supported family, random weights sharp enough that pruning moves the output."""
+    return FAMILIES[request.param](tokenizer, init_std=0.15, seed=1)
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl(tokenizer):
+    return tiny_qwen2_vl(tokenizer, init_std=0.15, seed=1)

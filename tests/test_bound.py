@@ -1,0 +1,44 @@
+"""The Jensen-Shannon bound holds: for every accepted group, the observer's output over the
+committed cache (that group and those above pruned, those below whole) is within delta of
+its output over the unpruned chunk, recomputed independently of the search."""
+
+import torch
+
+from emloc import EMLoCSettings, StreamContext
+
+from .reference import chat_question, js, observer_log_probs, prefill_kv, random_frames
+
+
+def test_accepted_groups_are_within_delta(model, tokenizer):
+    settings = EMLoCSettings(layer_group_size=2, delta=0.05, ratios=(0.1, 0.3, 0.5, 1.0), chunk_frames=8)
+    context = StreamContext(model, tokenizer, settings)
+    adapter, steps, checked, rejected = context.adapter, 0, 0, 0
+    for seed in range(4):
+        frames = random_frames(8, seed=seed)
+        before = [(layer.keys.clone(), layer.values.clone()) for layer in context.cache.layers]
+        record = context.fold(frames)
+
+        pixels = adapter.preprocess(frames)
+        with torch.no_grad():
+            embeds = model.model.visual(pixels.pixel_values, grid_thw=torch.tensor([pixels.grid_thw])).pooler_output
+        whole = prefill_kv(model, before, embeds[None], adapter.video_positions(context.video_start, steps, pixels))
+        steps += pixels.grid_thw[0]
+        ids = chat_question(tokenizer, record.observers[0].text)
+        positions = adapter.text_positions(record.max_position + 1, len(ids))
+        observed = min(settings.observed_positions, len(ids))
+        reference = observer_log_probs(model, whole, ids, positions, observed)
+
+        for group in record.groups:
+            for ratio, value in group.tried:
+                rejected += ratio != group.ratio
+                assert (value <= settings.delta) == (ratio == group.ratio)
+            if group.ratio >= 1.0:
+                continue
+            kv = [whole[i] if i < group.first else (layer.keys, layer.values)
+                  for i, layer in enumerate(context.cache.layers)]
+            divergence = js(reference, observer_log_probs(model, kv, ids, positions, observed))
+            assert divergence <= settings.delta + 1e-5
+            assert abs(divergence - group.js) < 1e-4, "the search must report the divergence it accepted"
+            checked += 1
+    assert checked >= 3, "the test must see pruned groups"
+    assert rejected >= 1, "the test must see rejected candidates"

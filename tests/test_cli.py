@@ -1,0 +1,62 @@
+"""The `emloc-stream` console script, run for real in a subprocess, and its config files."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from emloc import EMLoCSettings
+from stream.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def console_script() -> str:
+    beside = Path(sys.executable).with_name("emloc-stream")
+    found = str(beside) if beside.exists() else shutil.which("emloc-stream")
+    assert found, "the emloc-stream console script is not installed (pip install -e .)"
+    return found
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([console_script(), *args], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_demo_folds_and_answers():
+    result = run_cli("demo", "--config", "configs/reference_code.yaml", "--frames", "96", "--size", "56",
+                     "--ask", "what colour was the square ?", "--budget", "40", "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "layer groups of 7, delta 0.05" in out and "budget 40/layer" in out
+    assert out.count("chunk ") == 2 and "[   96/96 frames]" in out
+    assert "Q: what colour was the square ?" in out and "tokens/layer" in out
+
+
+def test_bad_config_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("emloc:\n  preset: videomme_online\n  group_size: 7\n")
+    result = run_cli("demo", "--config", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}" in result.stderr and "group_size" in result.stderr
+
+
+def test_shipped_configs_load_and_validate(tmp_path):
+    online = load_config(ROOT / "configs" / "videomme_online.yaml")
+    assert online.emloc == EMLoCSettings(layer_group_size=14, delta=0.04, ratios=(0.02, 0.1, 0.5, 1.0),
+                                         chunk_frames=64)
+    assert online.model.max_frame_pixels == 336 * 336
+    assert load_config(ROOT / "configs" / "reference_code.yaml").emloc.layer_group_size == 7
+    override = tmp_path / "o.yaml"
+    override.write_text("emloc:\n  preset: reference_code\n  delta: 0.02\n  token_budget: 2048\n")
+    assert (load_config(override).emloc.delta, load_config(override).emloc.token_budget) == (0.02, 2048)
+    for text, message in [("model:\n  fps: 0\n", "fps must be > 0"), ("cameras: []\n", "unknown key"),
+                          ("emloc:\n  ratios: [0.5, 0.1]\n", "ascending"), ("- 1\n", "mapping"),
+                          ("emloc: [\n", "not valid YAML")]:
+        override.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(override)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
