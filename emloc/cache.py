@@ -87,6 +87,10 @@ class PrunedLayer(CacheLayerMixin):
     def values(self) -> torch.Tensor | None:
         return None if self._v is None else self._v[:, :, :self.length]
 
+    def all_keys(self) -> torch.Tensor:
+        """Committed and tail keys, as the last attention call saw them."""
+        return self._k[:, :, :self.length + self.tail]
+
     def tail_keys(self) -> torch.Tensor:
         return self._k[:, :, self.length:self.length + self.tail]
 

@@ -57,7 +57,7 @@ def attention_capture(adapter: ModelAdapter, cache: PrunedCache, n_queries: int)
         def hook(module, args, kwargs, output):
             hidden = kwargs["hidden_states"]
             queries = adapter.queries(index, hidden, kwargs["position_embeddings"])
-            keys = cache.layers[index]._k[:, :, :cache.layers[index].get_seq_length()]
+            keys = cache.layers[index].all_keys()
             captured[index] = observer_attention(queries, keys, adapter.attention_scale(index), n_queries)
         return hook
 
