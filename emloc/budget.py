@@ -8,10 +8,13 @@ import torch
 from .cache import PrunedCache
 
 
-def enforce_budget(cache: PrunedCache, budget: int, sink_tokens: int) -> list[int]:
-    """Evicts, per layer and KV head, the lowest-importance committed tokens until the
-    layer holds at most `budget`; tokens whose stream index is below `sink_tokens`
-    (the attention sinks) are never evicted. Returns tokens evicted per layer."""
+def enforce_budget(cache: PrunedCache, budget: int, sink_tokens: int, by: str = "importance") -> list[int]:
+    """Evicts, per layer and KV head, committed tokens until the layer holds at most `budget`:
+    the lowest-importance ones (by="importance") or the oldest (by="recency"). Tokens whose
+    stream index is below `sink_tokens` (the attention sinks) are never evicted.
+    Returns tokens evicted per layer."""
+    if by not in ("importance", "recency"):
+        raise ValueError(f"evict by 'importance' or 'recency', not {by!r}")
     if sink_tokens > budget:
         raise ValueError(f"a budget of {budget} tokens cannot hold the {sink_tokens} sink tokens")
     evicted = []
@@ -20,8 +23,9 @@ def enforce_budget(cache: PrunedCache, budget: int, sink_tokens: int) -> list[in
         if excess <= 0:
             evicted.append(0)
             continue
-        scores = layer.committed_importance().clone()
-        scores[layer.committed_origins() < sink_tokens] = torch.inf
+        origins = layer.committed_origins()
+        scores = (layer.committed_importance() if by == "importance" else origins.float()).clone()
+        scores[origins < sink_tokens] = torch.inf
         keep = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
         layer.keep_committed(keep)
         evicted.append(excess)

@@ -87,7 +87,7 @@ class StreamContext:
         n = embeds.shape[1]
         positions = adapter.video_positions(self.video_start, self._steps, pixels)
         before = cache.lengths()
-        observers = self._observers(questions)
+        observers = self._observers(questions) if self.policy.needs_observers else []
         try:
             clock = time.perf_counter()
             run_layers(adapter, cache, embeds, positions)
@@ -101,10 +101,13 @@ class StreamContext:
                 passes.append(observe(adapter, cache, observer, ids,
                                       adapter.text_positions(max_position + 1, len(ids)),
                                       settings.observed_positions))
-            chunk_attention = [sum(p.attention[i][..., before[i]:before[i] + n] for p in passes)
-                               for i in range(adapter.num_layers)]
-            prefix_attention = [sum(p.attention[i][..., :before[i]] for p in passes)
-                                for i in range(adapter.num_layers)]
+            chunk_attention, prefix_attention = [], []
+            for i in range(adapter.num_layers):  # observer attention onto [committed | chunk], summed
+                total = torch.zeros(1, adapter.num_kv_heads, before[i] + n, device=embeds.device)
+                for p in passes:
+                    total += p.attention[i]
+                prefix_attention.append(total[..., :before[i]])
+                chunk_attention.append(total[..., before[i]:])
             importance = [smooth(a, settings.smoothing_kernel) for a in chunk_attention]
             observe_s = time.perf_counter() - clock
 
@@ -118,8 +121,10 @@ class StreamContext:
         except BaseException:
             cache.drop_tails()
             raise
-        evicted = ([0] * adapter.num_layers if settings.token_budget is None
-                   else enforce_budget(cache, settings.token_budget, self.sink_tokens))
+        evicted = self.policy.evict(cache, self.sink_tokens)
+        if settings.token_budget is not None:
+            budget = enforce_budget(cache, settings.token_budget, self.sink_tokens)
+            evicted = [a + b for a, b in zip(evicted, budget)]
 
         first = int(positions[0].min())
         self._steps += pixels.grid_thw[0]

@@ -52,9 +52,10 @@ class FoldRecord:
         groups = " ".join(f"L{g.first}-{g.last}:{g.ratio:g}(js={g.js:.3f})" for g in self.groups)
         span = f" t={self.time_span[0]:.1f}-{self.time_span[1]:.1f}s" if self.time_span else ""
         cache = sum(self.tokens_after) / len(self.tokens_after)
+        observer = self.observers[0].kind if self.observers else "none"
         return (f"chunk {self.index}: {self.frames} frames, {self.chunk_tokens} tokens -> kept "
                 f"{100 * self.kept_fraction:.1f}% [{groups}] cache {cache:.0f} tok/layer{span}, "
-                f"observer={self.observers[0].kind}, prefill {self.vision_s + self.prefill_s:.3f}s "
+                f"observer={observer}, prefill {self.vision_s + self.prefill_s:.3f}s "
                 f"search {self.observe_s + self.search_s:.3f}s")
 
 

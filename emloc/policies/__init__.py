@@ -1,6 +1,14 @@
-"""Retention policies: which tokens of a chunk each layer keeps."""
+"""Retention policies: which tokens of a chunk each layer keeps.
 
-from .base import FoldState, GroupDecision, Retention, RetentionPolicy, top_tokens
+`JSBoundedSearch` is EMLoC; the others are the fidelity benchmark's baselines.
+"""
+
+from .base import FoldState, GroupDecision, Retention, RetentionPolicy, kept_count, top_tokens
 from .js_search import JSBoundedSearch
+from .observer_topk import ObserverTopK
+from .random_tokens import RandomTokens
+from .streaming_window import StreamingWindow
+from .uniform_frames import UniformFrames
 
-__all__ = ["FoldState", "GroupDecision", "JSBoundedSearch", "Retention", "RetentionPolicy", "top_tokens"]
+__all__ = ["FoldState", "GroupDecision", "JSBoundedSearch", "ObserverTopK", "RandomTokens", "Retention",
+           "RetentionPolicy", "StreamingWindow", "UniformFrames", "kept_count", "top_tokens"]

@@ -4,6 +4,7 @@ fidelity benchmark's baselines are others, and they share one test."""
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -75,7 +76,24 @@ def top_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
+def kept_count(ratio: float, n: int) -> int:
+    """Tokens a ratio keeps of n: at least one, at most all."""
+    return min(n, max(1, math.ceil(ratio * n)))
+
+
 class RetentionPolicy(ABC):
+    """Chooses what each layer keeps of a chunk.
+
+    needs_observers: False for policies that ignore observer attention; the fold then
+        skips the observer pass (importance is zero).
+    """
+
+    needs_observers: bool = True
+
     @abstractmethod
     def retain(self, state: FoldState) -> Retention:
-        """Choose each layer's kept chunk tokens; leave `state`'s tails as chosen."""
+        """Choose each layer's kept chunk tokens."""
+
+    def evict(self, cache: PrunedCache, sink_tokens: int) -> list[int]:
+        """After a commit, drop committed tokens the policy no longer wants (tokens per layer)."""
+        return [0] * len(cache.layers)

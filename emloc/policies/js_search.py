@@ -3,11 +3,10 @@ a Jensen-Shannon bound of the unpruned output (method.md, section 2)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..settings import EMLoCSettings
-from .base import FoldState, GroupDecision, Retention, RetentionPolicy, top_tokens
+from .base import FoldState, GroupDecision, Retention, RetentionPolicy, kept_count, top_tokens
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class JSBoundedSearch(RetentionPolicy):
             layers = range(first, first + size)
             tried, decision = [], None
             for ratio in self.ratios:
-                k = min(n, max(1, math.ceil(ratio * n)))
+                k = kept_count(ratio, n)
                 if k == n:  # keeping everything reproduces the reference exactly
                     break
                 selection = {layer: top_tokens(state.importance[layer], k) for layer in layers}

@@ -1,0 +1,296 @@
+"""Train the offline default model: a small Qwen2-VL (the real classes) on the synthetic task.
+
+    python scripts/train_tiny.py --out models/emloc-tiny-qwen2vl        # about 60 minutes on 2 CPU cores
+
+Recipe (see the model card the script writes): random init, AdamW with warm-up and cosine
+decay, loss on the answer token only, a curriculum over video length that moves on only
+once the held-out accuracy at the current length is high, and the best checkpoint (by
+held-out accuracy at the longest length reached) kept. Training seeds and evaluation seeds
+come from disjoint ranges; the benchmark and tests use seeds >= 1_000_000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration  # noqa: E402
+
+from emloc.adapters.qwen_vl import QwenVLAdapter  # noqa: E402
+from emloc.tiny import WORDS, tiny_tokenizer  # noqa: E402
+from stream.synthetic import COLOURS, COUNT_WORDS, QUESTION_TYPES, make_video  # noqa: E402
+
+SYSTEM = "You are a helpful assistant."
+TRAIN_SEEDS = 10_000_000  # training videos use seeds from here upwards; evaluation uses 1_000_000+
+
+
+def build_model(tokenizer, args) -> Qwen2VLForConditionalGeneration:
+    get = tokenizer.convert_tokens_to_ids
+    ids = dict(image_token_id=get("<|image_pad|>"), video_token_id=get("<|video_pad|>"),
+               vision_start_token_id=get("<|vision_start|>"), vision_end_token_id=get("<|vision_end|>"),
+               bos_token_id=get("<|endoftext|>"), eos_token_id=get("<|im_end|>"), pad_token_id=get("<|endoftext|>"))
+    head_dim = args.hidden // args.heads
+    half = head_dim // 2
+    spatial = half * 3 // 8
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, max_position_embeddings=32768,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [half - 2 * spatial, spatial, spatial]}, **ids),
+        vision_config=dict(depth=args.vision_depth, embed_dim=args.vision_dim, num_heads=4, hidden_size=args.hidden,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, mlp_ratio=4),
+        **ids)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(args.seed)
+    return Qwen2VLForConditionalGeneration(config)
+
+
+class Batcher:
+    """Turns seeds into model inputs laid out exactly as the runtime lays them out (same adapter,
+    same positions), with several question branches after one video.
+
+    Each branch sees the preamble and the video (up to its cut) but not the other branches,
+    as separate questions over one cache do. The end branches ask the four questions after
+    the whole video, plus the colour of the square and of the circle (more signal for binding
+    shapes to colours); the mid branches ask count and state after a random cut. Every branch
+    ends with its answer token, which must be followed by <|im_end|>, so the model stops.
+    """
+
+    def __init__(self, model, tokenizer) -> None:
+        self.adapter = QwenVLAdapter(model, tokenizer)
+        self.tokenizer = tokenizer
+        self.preamble = self.adapter.preamble_ids(SYSTEM)
+        self.video_token = model.config.video_token_id
+        self.stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def __call__(self, seeds: list[int], frames: int, mid: bool = True):
+        rows = [self._sample(seed, frames, mid) for seed in seeds]
+        ids = torch.stack([r[0] for r in rows])
+        positions = torch.stack([r[1] for r in rows], dim=1)
+        mask = torch.stack([r[2] for r in rows]).unsqueeze(1)
+        pixels = torch.cat([r[3] for r in rows])
+        grids = torch.tensor([r[4] for r in rows])
+        answers = torch.stack([r[5] for r in rows])  # (B, branches) answer ids
+        where = torch.stack([r[6] for r in rows])  # (B, branches) position of each branch's last question token
+        # targets at each question's end (the answer) and at the answer token (stop)
+        targets = torch.cat([answers, torch.full_like(answers, self.stop)], dim=1)
+        where = torch.cat([where, where + 1], dim=1)
+        kinds = rows[0][7]
+        labels = torch.cat([r[8] for r in rows])  # (all vision tokens, 3): shape, colour, digit
+        return dict(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values_videos=pixels,
+                    video_grid_thw=grids, cell_labels=labels), targets, where, kinds
+
+    def _sample(self, seed: int, frames: int, mid: bool):
+        video = make_video(seed, frames=frames)
+        pixels = self.adapter.preprocess(video.frames)
+        steps, per_step = pixels.grid_thw[0], pixels.pixel_values.shape[0] // 4 // pixels.grid_thw[0]
+        start = len(self.preamble)
+        video_pos = self.adapter.video_positions(start, 0, pixels)
+        pieces = [self.preamble, torch.full((steps * per_step,), self.video_token)]
+        positions = [self.adapter.text_positions(0, start), video_pos]
+        branches = [(kind, video.question(kind).text, video.question(kind).answer, steps) for kind in QUESTION_TYPES]
+        if mid:
+            for shape in ("square", "circle"):
+                colour = next(e.colour for e in video.events if e.shape == shape)
+                branches.append((f"colour:{shape}", f"what colour was the {shape} ?", colour, steps))
+            rng = np.random.default_rng(seed + 1)
+            cut = int(rng.integers(max(2, steps // 4), steps))
+            stars = sum(1 for e in video.events if e.shape == "star" and e.step < cut)
+            digit = [d for s, d in video.digits if s < cut][-1]
+            branches += [("count@cut", video.question("count").text, COUNT_WORDS[stars], cut),
+                         ("state@cut", video.question("state").text, COUNT_WORDS[digit], cut)]
+        spans, answers = [], []
+        length = start + steps * per_step
+        for _kind, text, answer, cut in branches:
+            answer_id = self.tokenizer.convert_tokens_to_ids(answer)
+            q = torch.cat([self.adapter.question_ids(text), torch.tensor([answer_id])])
+            first = int(video_pos[:, :cut * per_step].max()) + 1
+            pieces.append(q)
+            positions.append(self.adapter.text_positions(first, len(q)))
+            spans.append((length, length + len(q), cut))
+            length += len(q)
+            answers.append(answer_id)
+        mask = torch.zeros(length, length, dtype=torch.bool)
+        context = start + steps * per_step
+        mask[:context, :context] = torch.ones(context, context).tril().bool()
+        for lo, hi, cut in spans:
+            mask[lo:hi, :start + cut * per_step] = True
+            mask[lo:hi, lo:hi] = torch.ones(hi - lo, hi - lo).tril().bool()
+        where = torch.tensor([hi - 2 for _, hi, _ in spans])  # the last question token
+        return (torch.cat(pieces), torch.cat(positions, dim=1), mask, pixels.pixel_values, pixels.grid_thw,
+                torch.tensor(answers), where, [b[0] for b in branches], cell_labels(video, steps, per_step))
+
+
+SHAPES = ["none", "triangle", "square", "circle", "star", "display"]
+
+
+def cell_labels(video, steps: int, per_step: int) -> torch.Tensor:
+    """(steps * per_step, 5) labels of each vision token's cell: shape, colour (0 = none), digit (-100 = none),
+    and whether the square / the circle was shown at an earlier step (the features an order question needs)."""
+    labels = torch.zeros(steps, per_step, 5, dtype=torch.long)
+    labels[:, :, 2] = -100
+    labels[:, 0, 0] = SHAPES.index("display")
+    digit = 0
+    starts = dict(video.digits)
+    colours = list(COLOURS)
+    for step in range(steps):
+        digit = starts.get(step, digit)
+        labels[step, 0, 2] = digit
+    for event in video.events:
+        labels[event.step, event.cell, :3] = torch.tensor([SHAPES.index(event.shape), 1 + colours.index(event.colour),
+                                                          -100])
+        if event.shape in ("square", "circle"):
+            labels[event.step + 1:, :, 3 if event.shape == "square" else 4] = 1
+    return labels.reshape(-1, 5)
+
+
+class CellProbe(torch.nn.Module):
+    """Training-only linear probes on vision tokens: dense supervision that makes features form
+    quickly. Shape, colour and digit are read from the vision tower's output; "was the square /
+    circle shown earlier" from the decoder's middle layer, where attention to earlier tokens can
+    have written it (without it, the order question stayed at chance). Not part of the saved model."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(hidden, n) for n in (len(SHAPES), 1 + len(COLOURS), 10)])
+        self.seen = torch.nn.ModuleList([torch.nn.Linear(hidden, 2) for _ in range(2)])
+
+    def loss(self, vision: torch.Tensor, middle: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        heads = [(head, vision, i) for i, head in enumerate(self.heads)]
+        heads += [(head, middle, 3 + i) for i, head in enumerate(self.seen)]
+        losses = [F.cross_entropy(head(x).float(), labels[:, i], ignore_index=-100) for head, x, i in heads]
+        return sum(losses) / len(losses)
+
+
+def forward(model, inputs, where, probe: CellProbe | None = None):
+    """Answer logits (B, branches, vocab) at `where`, and the probe's loss on the vision tokens."""
+    inputs = dict(inputs)
+    labels = inputs.pop("cell_labels")
+    video = model.model.visual(inputs.pop("pixel_values_videos"), grid_thw=inputs.pop("video_grid_thw")).pooler_output
+    ids = inputs.pop("input_ids")
+    embeds = model.get_input_embeddings()(ids)
+    embeds = embeds.masked_scatter((ids == model.config.video_token_id).unsqueeze(-1), video.to(embeds.dtype))
+    out = model.model.language_model(inputs_embeds=embeds, output_hidden_states=probe is not None, **inputs)
+    hidden = out.last_hidden_state
+    picked = torch.gather(hidden, 1, where.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    aux = None
+    if probe is not None:
+        middle = out.hidden_states[len(out.hidden_states) // 2][ids == model.config.video_token_id]
+        aux = probe.loss(video, middle, labels)
+    return model.lm_head(picked).float(), aux
+
+
+def branch_logits(model, inputs, where):
+    return forward(model, inputs, where)[0]
+
+
+@torch.no_grad()
+def evaluate(model, batcher, frames: int, per_kind: int, batch: int) -> dict[str, float]:
+    """Accuracy of the four end-of-video questions on held-out seeds (never trained on)."""
+    model.eval()
+    correct = torch.zeros(len(QUESTION_TYPES))
+    seeds = [1_000_000 + i for i in range(per_kind)]
+    for lo in range(0, per_kind, batch):
+        inputs, targets, where, _ = batcher(seeds[lo:lo + batch], frames, mid=False)
+        answers = targets[:, :len(QUESTION_TYPES)]
+        logits = branch_logits(model, inputs, where[:, :len(QUESTION_TYPES)])
+        correct += (logits.argmax(-1) == answers).sum(0).float()
+    model.train()
+    return {kind: float(c) / per_kind for kind, c in zip(QUESTION_TYPES, correct)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--minutes", type=float, default=58.0, help="wall-clock budget for training")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128, 256],
+                        help="curriculum of video lengths (frames)")
+    parser.add_argument("--advance-at", type=float, default=0.9,
+                        help="mean held-out accuracy that moves the curriculum to the next length")
+    parser.add_argument("--stage-minutes", type=float, nargs="+", default=[14, 10, 12],
+                        help="longest time spent on each curriculum stage but the last before moving on anyway")
+    parser.add_argument("--batch", type=int, default=8, help="videos per step (six questions each)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-per-kind", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--vision-depth", type=int, default=2)
+    parser.add_argument("--vision-dim", type=int, default=96)
+    parser.add_argument("--probe-weight", type=float, default=1.0,
+                        help="weight of the training-only vision probe loss (0 = off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    tokenizer = tiny_tokenizer(WORDS)
+    model = build_model(tokenizer, args)
+    batcher = Batcher(model, tokenizer)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: {params / 1e6:.2f}M parameters; curriculum {args.lengths} frames", flush=True)
+    probe = CellProbe(args.hidden)
+    optimizer = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=args.lr, weight_decay=0.01)
+    budget_s = args.minutes * 60
+    rng = np.random.default_rng(args.seed)
+    stage, step, started = 0, 0, time.time()
+    stage_started = started
+    best, history = None, []
+    model.train()
+    while time.time() - started < budget_s:
+        frames = args.lengths[stage]
+        elapsed = (time.time() - started) / budget_s
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * elapsed)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        seeds = [TRAIN_SEEDS + int(s) for s in rng.integers(0, 2**31, args.batch)]
+        inputs, targets, where, _ = batcher(seeds, frames)
+        logits, aux = forward(model, inputs, where, probe if args.probe_weight > 0 else None)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        if aux is not None:
+            loss = loss + args.probe_weight * aux
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % args.eval_every == 0:
+            scores = evaluate(model, batcher, frames, args.eval_per_kind, args.batch)
+            mean = sum(scores.values()) / len(scores)
+            minutes = (time.time() - started) / 60
+            history.append(dict(step=step, minutes=round(minutes, 2), frames=frames, loss=round(loss.item(), 4),
+                                lr=lr, **scores))
+            print(f"step {step} {minutes:.1f} min frames {frames} loss {float(loss):.3f} lr {lr:.2e} "
+                  + " ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
+            if best is None or (stage, mean) > (best["stage"], best["mean"]):
+                best = dict(stage=stage, mean=mean, step=step, frames=frames, scores=scores)
+                model.save_pretrained(args.out)
+                tokenizer.save_pretrained(args.out)
+                batcher.adapter.image_processor.save_pretrained(args.out)
+            overdue = stage < len(args.stage_minutes) and time.time() - stage_started > 60 * args.stage_minutes[stage]
+            if (mean >= args.advance_at or overdue) and stage + 1 < len(args.lengths):
+                stage, stage_started = stage + 1, time.time()
+                print(f"curriculum: moving to {args.lengths[stage]} frames", flush=True)
+    total = (time.time() - started) / 60
+    (args.out / "training.json").write_text(json.dumps(
+        dict(args={k: str(v) for k, v in vars(args).items()}, parameters=params, steps=step,
+             minutes=round(total, 1), best=best, history=history), indent=2) + "\n")
+    print(f"done: {step} steps in {total:.1f} min; best {best}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Frame sources: video files (decord, PyAV as fallback), with every frame's timestamp.
+
+A source yields `Frame`s (RGB uint8 and presentation time in seconds); `sample` picks
+frames at a target rate by timestamp, so variable-frame-rate input is sampled right.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+
+class VideoError(RuntimeError):
+    """A video cannot be opened or decoded; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    time: float  # presentation time, seconds from the start
+
+
+class VideoFile:
+    """A video file. backend: 'auto' (decord, else PyAV), 'decord' or 'av'."""
+
+    def __init__(self, path: str | Path, backend: str = "auto") -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise VideoError(f"{self.path}: no such video file")
+        if backend not in ("auto", "decord", "av"):
+            raise ValueError(f"backend must be 'auto', 'decord' or 'av', got {backend!r}")
+        self.backend = backend
+
+    def frames(self, fps: float | None = None) -> Iterator[Frame]:
+        """Every frame, or frames sampled at `fps` by timestamp."""
+        errors = []
+        for name in (("decord", "av") if self.backend == "auto" else (self.backend,)):
+            try:
+                reader = _decord_frames if name == "decord" else _av_frames
+                yield from reader(self.path, fps)
+                return
+            except _Unreadable as error:  # nothing yielded yet: the next backend may read it
+                errors.append(f"{name}: {error}")
+        raise VideoError(f"{self.path}: cannot decode video ({'; '.join(errors)})")
+
+
+class _Unreadable(Exception):
+    pass
+
+
+class RateSampler:
+    """Keeps the first frame at or after each instant start + k / fps (k = 0, 1, ...)."""
+
+    def __init__(self, fps: float) -> None:
+        if fps <= 0:
+            raise ValueError(f"fps must be > 0, got {fps}")
+        self.fps = fps
+        self.next_time: float | None = None
+
+    def keep(self, time: float) -> bool:
+        if self.next_time is None:
+            self.next_time = time
+        if time + 1e-6 < self.next_time:
+            return False
+        self.next_time += (math.floor((time - self.next_time) * self.fps + 1e-6) + 1) / self.fps
+        return True
+
+
+def sample(frames: Iterable[Frame], fps: float) -> Iterator[Frame]:
+    """The frames a `RateSampler` keeps."""
+    sampler = RateSampler(fps)
+    return (frame for frame in frames if sampler.keep(frame.time))
+
+
+def _decord_frames(path: Path, fps: float | None) -> Iterator[Frame]:
+    try:
+        import decord
+    except ImportError as error:
+        raise _Unreadable("decord is not installed") from error
+    try:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+        times = reader.get_frame_timestamp(np.arange(len(reader)))[:, 0]
+    except Exception as error:  # decord raises its own DECORDError, and RuntimeError
+        raise _Unreadable(str(error).splitlines()[0] if str(error) else type(error).__name__) from error
+    if len(times) == 0:
+        raise _Unreadable("no frames")
+    if fps is None:
+        indices = list(range(len(times)))
+    else:
+        sampler = RateSampler(fps)
+        indices = [i for i, t in enumerate(times) if sampler.keep(float(t))]
+    first = True
+    for start in range(0, len(indices), 64):
+        batch = indices[start:start + 64]
+        try:
+            images = reader.get_batch(batch).asnumpy()
+        except Exception as error:
+            if first:
+                raise _Unreadable(str(error).splitlines()[0]) from error
+            raise VideoError(f"{path}: decoding failed at frame {batch[0]}: {error}") from error
+        first = False
+        for i, image in zip(batch, images):
+            yield Frame(image, float(times[i]))
+
+
+def _av_frames(path: Path, fps: float | None) -> Iterator[Frame]:
+    import av
+
+    try:
+        container = av.open(str(path))
+        stream = container.streams.video[0]
+    except (av.error.FFmpegError, IndexError) as error:
+        raise _Unreadable(str(error) or "no video stream") from error
+    yielded = False
+    try:
+        decoded = (Frame(f.to_ndarray(format="rgb24"), float(f.time or 0.0)) for f in container.decode(stream))
+        for frame in (sample(decoded, fps) if fps else decoded):
+            yielded = True
+            yield frame
+    except av.error.FFmpegError as error:
+        if not yielded:
+            raise _Unreadable(str(error)) from error
+        raise VideoError(f"{path}: decoding failed after some frames: {error}") from error
+    finally:
+        container.close()
+    if not yielded:
+        raise _Unreadable("no frames")
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 16) -> Path:
+    """Writes (T, H, W, 3) uint8 RGB frames as H.264 MP4 (PyAV's bundled libx264)."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
