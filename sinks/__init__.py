@@ -2,5 +2,6 @@
 
 from .base import AnswerEvent, Sink
 from .console import ConsoleSink
+from .jsonl import JsonLinesSink, read_answers
 
-__all__ = ["AnswerEvent", "ConsoleSink", "Sink"]
+__all__ = ["AnswerEvent", "ConsoleSink", "JsonLinesSink", "Sink", "read_answers"]

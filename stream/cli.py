@@ -7,66 +7,311 @@ import os
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
+from tempfile import TemporaryDirectory
 
 from emloc import InputError, SettingsError, StreamContext, UnsupportedModelError
 
 from .config import Config, ConfigError, load_config
-from .synthetic import moving_shapes
+from .offline import answer_video
+from .sources import VideoError, VideoFile, write_video
+from .synthetic import QUESTION_TYPES, make_video
 
-DEMO_QUESTIONS = ["What colour was the square?", "Describe what happens in the video."]
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "models" / "emloc-tiny-qwen2vl"
+RANDOM_MODEL = "builtin:random"  # a 28-layer tiny Qwen2-VL with random weights, for quick checks
 
 
-def build_context(config: Config, model_path: str | None) -> tuple[StreamContext, str]:
-    """The stream context for a config: a real checkpoint, or the built-in tiny model."""
+def build_context(config: Config, model: str | None, settings_given: bool) -> tuple[StreamContext, str]:
+    """The stream context: a checkpoint folder or hub id, the shipped model, or the random built-in one.
+
+    Without a config file the paper's online setting is used with its layer groups scaled
+    to the model's depth (14 of Qwen2-VL-7B's 28 layers: half the layers per group).
+    """
     options = dict(fps=config.model.fps, max_frame_pixels=config.model.max_frame_pixels)
-    path = model_path or config.model.path
-    if path:
+    name = model or config.model.path or str(DEFAULT_MODEL)
+    if name == RANDOM_MODEL:
+        from emloc.adapters import adapter_for
+        from emloc.tiny import tiny_qwen2_vl, tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+        adapter = adapter_for(tiny_qwen2_vl(tokenizer, layers=28, hidden=64, init_std=0.1), tokenizer, **options)
+        label = "built-in tiny Qwen2-VL (random weights: its answers mean nothing)"
+    else:
         from emloc import load_adapter
 
-        adapter = load_adapter(path, device=config.model.device, **options)
-        return StreamContext(adapter, settings=config.emloc), path
-    from emloc.tiny import tiny_qwen2_vl, tiny_tokenizer
+        if Path(name) == DEFAULT_MODEL and not DEFAULT_MODEL.is_dir():
+            raise InputError(f"the shipped model is missing at {DEFAULT_MODEL}; pass --model PATH_OR_ID")
+        adapter = load_adapter(name, device=config.model.device, **options)
+        label = name if Path(name) != DEFAULT_MODEL else f"{DEFAULT_MODEL.relative_to(ROOT)} (shipped, trained here)"
+    settings = config.emloc
+    if not settings_given:
+        layers = adapter.num_layers
+        settings = replace(settings, layer_group_size=layers // 2 if layers % 2 == 0 else 1)
+    return StreamContext(adapter, settings=settings), label
 
-    tokenizer = tiny_tokenizer()
-    # 28 layers, as Qwen2-VL-7B has, so the paper's layer groups apply unchanged
-    model = tiny_qwen2_vl(tokenizer, layers=28, hidden=64, init_std=0.1)
-    return StreamContext(model, tokenizer, config.emloc, **options), "built-in tiny Qwen2-VL (random weights)"
+
+def _config(args: argparse.Namespace) -> tuple[Config, bool]:
+    config = load_config(args.config) if args.config else Config()
+    if args.budget is not None:
+        config = replace(config, emloc=replace(config.emloc, token_budget=args.budget))
+    return config, bool(args.config)
+
+
+def _describe(context: StreamContext, label: str) -> str:
+    s = context.settings
+    return (f"{label}, {context.adapter.num_layers} layers; layer groups of {s.layer_group_size}, delta {s.delta}, "
+            f"ratios {list(s.ratios)}, {s.chunk_frames} frames a chunk"
+            + (f", budget {s.token_budget}/layer" if s.token_budget else ""))
+
+
+def _progress(total: int | None):
+    seen = [0]
+
+    def show(record) -> None:
+        seen[0] += record.frames
+        of = f"/{total}" if total else ""
+        print(f"[{seen[0]:>5}{of} frames] {record.summary()}", flush=True)
+    return show
+
+
+def _deliver(context: StreamContext, stream_id: str, questions: list[str], answers, expected=None) -> int:
+    from sinks import AnswerEvent, ConsoleSink
+
+    sink, correct = ConsoleSink(), 0
+    for i, (question, answer) in enumerate(zip(questions, answers)):
+        truth = expected[i] if expected else None
+        correct += truth is not None and answer.text.strip() == truth
+        sink.deliver(AnswerEvent(stream_id, f"q{i}", question, answer.text, answer.time_span, time.time(),
+                                 answer.cache_tokens, answer.latency_s, expected=truth))
+    return correct
+
+
+def _footer(context: StreamContext) -> str:
+    seen = context.tokens_seen - context.sink_tokens
+    kept = sum(context.cache.lengths()) / context.adapter.num_layers - context.sink_tokens
+    return (f"video tokens seen {seen}, kept {kept:.0f} per layer ({100 * kept / max(seen, 1):.1f}%), "
+            f"cache {context.cache.nbytes() / 1024:.0f} KiB")
 
 
 def demo(args: argparse.Namespace) -> int:
-    config = load_config(args.config) if args.config else Config()
-    settings = config.emloc
-    if args.budget is not None:
-        settings = replace(settings, token_budget=args.budget)
-    config = replace(config, emloc=settings)
-    context, name = build_context(config, args.model)
-    print(f"emloc-stream demo: {name}, {context.adapter.num_layers} layers; layer groups of "
-          f"{settings.layer_group_size}, delta {settings.delta}, ratios {list(settings.ratios)}, "
-          f"{settings.chunk_frames} frames a chunk" + (f", budget {settings.token_budget}/layer" if
-                                                        settings.token_budget else ""))
-    if not (args.model or config.model.path):
-        print("note: the built-in model is untrained, so its answers are placeholders; the folding, "
-              "pruning and budget below are real.")
-    video = moving_shapes(args.frames, args.size, args.size, seed=args.seed)
-    fps = config.model.fps
-    seen = 0
-    for start in range(0, len(video), settings.chunk_frames):
-        frames = video[start:start + settings.chunk_frames]
-        record = context.fold(frames, timestamps=[(start + i) / fps for i in range(len(frames))])
-        seen += record.chunk_tokens
-        print(f"[{start + len(frames):>5}/{len(video)} frames] {record.summary()}", flush=True)
-
-    from sinks import AnswerEvent, ConsoleSink
-
-    sink = ConsoleSink()
-    for i, question in enumerate(args.ask or DEMO_QUESTIONS):
-        answer = context.answer(question, max_new_tokens=args.max_new_tokens)
-        sink.deliver(AnswerEvent("demo", f"q{i}", question, answer.text, answer.time_span, time.time(),
-                                 answer.cache_tokens, answer.latency_s))
-    kept = sum(context.cache.lengths()) / context.adapter.num_layers - context.sink_tokens
-    print(f"video tokens seen {seen}, kept {kept:.0f} per layer ({100 * kept / max(seen, 1):.1f}%), "
-          f"cache {context.cache.nbytes() / 1024:.0f} KiB")
+    config, given = _config(args)
+    context, label = build_context(config, args.model, given)
+    print(f"emloc-stream demo: {_describe(context, label)}", flush=True)
+    video = make_video(args.seed, frames=args.frames, size=args.size)
+    with TemporaryDirectory() as tmp:
+        path = write_video(args.save_video or Path(tmp) / "demo.mp4", video.frames, fps=video.fps)
+        print(f"video: synthetic seed {args.seed}, {args.frames} frames at {video.fps:g} fps "
+              f"({args.frames / video.fps:.0f} s), {args.size}x{args.size}, written to {path}", flush=True)
+        questions = args.ask or [video.question(kind).text for kind in QUESTION_TYPES]
+        expected = None if args.ask else [video.question(kind).answer for kind in QUESTION_TYPES]
+        answers = answer_video(context, VideoFile(path).frames(fps=config.model.fps), questions,
+                               max_new_tokens=args.max_new_tokens, on_fold=_progress(args.frames))
+    correct = _deliver(context, "demo", questions, answers, expected)
+    if expected:
+        print(f"{correct}/{len(questions)} answers match the ground truth")
+    print(_footer(context))
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    config, given = _config(args)
+    if not args.ask:
+        raise InputError("give at least one question with --ask")
+    source = VideoFile(args.video)
+    context, label = build_context(config, args.model, given)
+    print(f"emloc-stream run: {_describe(context, label)}", flush=True)
+    answers = answer_video(context, source.frames(fps=config.model.fps), args.ask,
+                           query_aware=args.query_aware, max_new_tokens=args.max_new_tokens,
+                           on_fold=_progress(None))
+    _deliver(context, Path(args.video).name, args.ask, answers)
+    print(_footer(context))
+    return 0
+
+
+def live(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from sinks import ConsoleSink, JsonLinesSink
+
+    from .live import LiveSource
+    from .mqtt import BrokerOptions, MqttBridge
+    from .questions import BadQuestion, Question, QuestionQueue, QueueFull
+    from .runtime import StreamRunner
+
+    config, given = _config(args)
+    broker = None
+    if args.mqtt:
+        broker = BrokerOptions.parse(args.mqtt, username=args.mqtt_user, password=args.mqtt_password,
+                                     tls=args.mqtt_tls or bool(args.mqtt_ca), ca_file=args.mqtt_ca)
+    context, label = build_context(config, args.model, given)
+    print(f"emloc-stream live {args.url}: {_describe(context, label)}", flush=True)
+    queue = QuestionQueue(max_waiting=args.max_waiting)
+    first_chunk = context.settings.chunk_frames / config.model.fps
+    for text in args.ask or []:
+        queue.submit(Question(queue.new_id(), text, at=first_chunk, origin="cli"))
+    for text in args.standing or []:
+        queue.submit(Question(queue.new_id(), text, every=args.every, origin="cli"))
+    sinks: list = [ConsoleSink()]
+    if args.jsonl:
+        sinks.append(JsonLinesSink(args.jsonl))
+    bridge = MqttBridge(broker, args.stream_id, queue).start() if broker else None
+    if bridge:
+        sinks.append(bridge)
+
+    def report_error(qid: str, message: str) -> None:
+        print(f"{args.stream_id}: question {qid}: {message}", file=sys.stderr, flush=True)
+        if bridge:
+            bridge.publish_error(message, qid)
+
+    runner = StreamRunner(args.stream_id, context, queue, sinks, max_new_tokens=args.max_new_tokens,
+                          on_error=report_error)
+    if args.stdin:
+        def read_stdin() -> None:
+            for line in sys.stdin:
+                if line.strip():
+                    try:
+                        queue.submit(Question(queue.new_id(), line.strip(), origin="stdin"))
+                    except (BadQuestion, QueueFull) as error:
+                        print(f"{args.stream_id}: question refused: {error}", file=sys.stderr, flush=True)
+        threading.Thread(target=read_stdin, daemon=True).start()
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    source = LiveSource(args.url, fps=config.model.fps, format=args.format, buffer=args.buffer).start()
+    started = last_status = time.monotonic()
+    try:
+        while not stop.is_set():
+            if args.duration and time.monotonic() - started > args.duration:
+                break
+            frame = source.get(timeout=0.2)
+            if frame is not None:
+                runner.feed(frame)  # a fold runs to its end before Ctrl-C is looked at
+            else:
+                runner.poll()
+            status = runner.status
+            status.frames_dropped = source.dropped
+            status.lag_s = round(max(0.0, (source.newest_time or 0.0) - (status.stream_time or 0.0)), 2)
+            if source.state == "reconnecting":
+                status.state, status.detail = "reconnecting", source.last_error
+            if time.monotonic() - last_status >= args.status_every:
+                last_status = time.monotonic()
+                if bridge:
+                    bridge.publish_status(status.to_dict())
+                print(f"status: {status.state}, {status.frames_seen} frames, {status.chunks_folded} chunks, "
+                      f"{status.cache_tokens} tokens/layer, lag {status.lag_s:.1f} s, dropped {status.frames_dropped}",
+                      file=sys.stderr, flush=True)
+    finally:
+        source.stop()
+        runner.finish()
+        if bridge:
+            bridge.publish_status(runner.status.to_dict())
+        for sink in sinks:
+            sink.close()
+    print(f"stopped: {runner.status.frames_seen} frames, {runner.status.chunks_folded} chunks, "
+          f"{runner.status.answers} answers", flush=True)
+    return 0
+
+
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".ts", ".m4v", ".flv", ".mpg", ".mpeg"}
+
+
+def _batch_videos(source: str) -> list[Path]:
+    path = Path(source)
+    if path.is_dir():
+        videos = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
+        if not videos:
+            raise InputError(f"{path}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))})")
+        return videos
+    if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
+        return [path]
+    if path.is_file():  # a list: one video path per line, relative to the list's folder
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        return [(path.parent / line) for line in lines if line and not line.startswith("#")]
+    raise InputError(f"{path}: not a folder, a video file or a list of videos")
+
+
+def batch(args: argparse.Namespace) -> int:
+    from sinks import ConsoleSink, JsonLinesSink, read_answers
+
+    from .questions import QuestionQueue
+    from .runtime import StreamRunner
+    from .sources import VideoFile
+
+    config, given = _config(args)
+    videos = _batch_videos(args.videos)
+    questions = load_questions(args.questions)
+    done = {(a["stream_id"], a["question_id"]) for a in read_answers(args.out)}
+    context, label = build_context(config, args.model, given)
+    print(f"emloc-stream batch: {len(videos)} videos, {len(questions)} questions; {_describe(context, label)}",
+          flush=True)
+    sinks = [JsonLinesSink(args.out), ConsoleSink()]
+    failed = 0
+    try:
+        for i, path in enumerate(videos, 1):
+            stream_id = str(path)
+            todo = [q for q in questions if q.meta.get("video") in (None, path.name, str(path))
+                    and (stream_id, q.id) not in done]
+            if not todo:
+                print(f"[{i}/{len(videos)}] {path}: already answered, skipped", flush=True)
+                continue
+            context = StreamContext(context.adapter, settings=context.settings)
+            queue = QuestionQueue(max_waiting=max(len(todo), 1))
+            for q in todo:
+                queue.submit(q)
+            runner = StreamRunner(stream_id, context, queue, sinks, max_new_tokens=args.max_new_tokens)
+            try:
+                for frame in VideoFile(path).frames(fps=config.model.fps):
+                    runner.feed(frame)
+            except VideoError as error:
+                failed += 1
+                print(f"[{i}/{len(videos)}] error: {error}; its questions stay unanswered, a rerun retries it",
+                      file=sys.stderr, flush=True)
+                continue
+            runner.finish()
+            print(f"[{i}/{len(videos)}] {path}: {runner.status.frames_seen} frames, "
+                  f"{runner.status.chunks_folded} chunks, {runner.status.answers} answers", flush=True)
+    finally:
+        for sink in sinks:
+            sink.close()
+    return 1 if failed else 0
+
+
+def load_questions(path: str | Path) -> list:
+    """A questions file: JSON Lines of {"id", "question", optional "video", "at", "expected"}."""
+    import json
+
+    from .questions import BadQuestion, Question
+
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise InputError(f"{path}: cannot read questions: {error.strerror or error}") from error
+    out, ids = [], set()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+            if not isinstance(data, dict):
+                raise BadQuestion("each line must be a JSON object")
+            unknown = set(data) - {"id", "question", "video", "at", "expected"}
+            if unknown:
+                raise BadQuestion(f"unknown field(s) {sorted(unknown)}")
+            qid = str(data.get("id", f"q{number}"))
+            if qid in ids:
+                raise BadQuestion(f"duplicate id {qid!r}")
+            ids.add(qid)
+            meta = {k: data[k] for k in ("video", "expected") if k in data}
+            out.append(Question(qid, data.get("question"), at=data.get("at"), origin="file", meta=meta))
+        except (json.JSONDecodeError, BadQuestion) as error:
+            raise InputError(f"{path}:{number}: {error}") from error
+    if not out:
+        raise InputError(f"{path}: no questions")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,20 +319,62 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="emloc-stream", description="Answer questions about long or endless "
                                      "video with an EMLoC-pruned multimodal LLM.")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("demo", help="fold a synthetic video and answer questions (offline)")
-    p.add_argument("--config", help="YAML config (see configs/); default: the paper's online setting")
-    p.add_argument("--model", help="local checkpoint folder or hub id of a Qwen2-VL / Qwen2.5-VL model")
-    p.add_argument("--frames", type=int, default=256, help="length of the synthetic video")
-    p.add_argument("--size", type=int, default=112, help="frame side in pixels")
-    p.add_argument("--ask", action="append", help="a question (repeatable)")
-    p.add_argument("--budget", type=int, help="hard cap of tokens per layer")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="YAML config (see configs/); default: the paper's online setting, its "
+                       "layer groups scaled to the model's depth")
+        p.add_argument("--model", help=f"checkpoint folder or hub id of a Qwen2-VL / Qwen2.5-VL model "
+                       f"(default: the shipped {DEFAULT_MODEL.relative_to(ROOT)}; {RANDOM_MODEL}: random weights)")
+        p.add_argument("--ask", action="append", help="a question (repeatable)")
+        p.add_argument("--budget", type=int, help="hard cap of tokens per layer")
+        p.add_argument("--max-new-tokens", type=int, default=16)
+
+    p = commands.add_parser("demo", help="generate a synthetic video, fold it, answer its questions (offline)")
+    common(p)
+    p.add_argument("--frames", type=int, default=256, help="length of the synthetic video (even, >= 16)")
+    p.add_argument("--size", type=int, default=56, help="frame side in pixels (a multiple of 28)")
+    p.add_argument("--seed", type=int, default=7, help="which synthetic video")
+    p.add_argument("--save-video", type=Path, help="keep the generated video file here")
     p.set_defaults(run=demo)
+
+    p = commands.add_parser("run", help="fold a video file and answer questions about it")
+    common(p)
+    p.add_argument("video", help="video file (decord, else PyAV)")
+    p.add_argument("--query-aware", action="store_true",
+                   help="let the questions guide pruning (they are known before the video)")
+    p.set_defaults(run=run)
+
+    p = commands.add_parser("batch", help="answer questions about many videos, resumable")
+    common(p)
+    p.add_argument("videos", help="a folder of videos, one video, or a text file listing videos")
+    p.add_argument("--questions", required=True, help='JSON Lines: {"id", "question", optional "video", "at"}')
+    p.add_argument("--out", required=True, type=Path, help="answers, JSON Lines; answered pairs are skipped")
+    p.set_defaults(run=batch)
+
+    p = commands.add_parser("live", help="watch a live source until stopped (Ctrl-C finishes cleanly)")
+    common(p)
+    p.add_argument("url", help="rtsp://, udp://, tcp://, http:// URL or a device such as /dev/video0")
+    p.add_argument("--format", help="FFmpeg input format, e.g. v4l2 for a camera device")
+    p.add_argument("--stream-id", default="cam", help="names the stream in answers and MQTT topics")
+    p.add_argument("--standing", action="append", help="a question re-answered every --every chunks")
+    p.add_argument("--every", type=int, default=1, help="chunks between answers to standing questions")
+    p.add_argument("--stdin", action="store_true", help="read questions from standard input, one per line")
+    p.add_argument("--jsonl", type=Path, help="also append answers to this JSON Lines file")
+    p.add_argument("--mqtt", help="broker HOST:PORT: questions on emloc/<stream>/ask, answers, errors, status")
+    p.add_argument("--mqtt-user")
+    p.add_argument("--mqtt-password")
+    p.add_argument("--mqtt-tls", action="store_true")
+    p.add_argument("--mqtt-ca", help="CA file for the broker's TLS certificate (implies --mqtt-tls)")
+    p.add_argument("--status-every", type=float, default=5.0, help="seconds between status reports")
+    p.add_argument("--buffer", type=int, default=16, help="sampled frames held while folding; older ones drop")
+    p.add_argument("--max-waiting", type=int, default=64, help="questions that may wait; more are refused")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.set_defaults(run=live)
+
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, SettingsError, InputError, UnsupportedModelError) as error:
+    except (ConfigError, SettingsError, InputError, UnsupportedModelError, VideoError, ValueError) as error:
         print(f"emloc-stream: error: {error}", file=sys.stderr)
         return 2
 

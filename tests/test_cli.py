@@ -26,13 +26,43 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_demo_folds_and_answers():
-    result = run_cli("demo", "--config", "configs/reference_code.yaml", "--frames", "96", "--size", "56",
-                     "--ask", "what colour was the square ?", "--budget", "40", "--max-new-tokens", "3")
+    result = run_cli("demo", "--model", "builtin:random", "--config", "configs/reference_code.yaml", "--frames",
+                     "96", "--ask", "what colour was the square ?", "--budget", "40", "--max-new-tokens", "3")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "layer groups of 7, delta 0.05" in out and "budget 40/layer" in out
+    assert "28 layers; layer groups of 7, delta 0.05" in out and "budget 40/layer" in out
     assert out.count("chunk ") == 2 and "[   96/96 frames]" in out
     assert "Q: what colour was the square ?" in out and "tokens/layer" in out
+
+
+def test_default_demo_prints_answers_next_to_ground_truth(tmp_path):
+    """The README's main command: the shipped model on a generated video, written and decoded."""
+    video = tmp_path / "demo.mp4"
+    result = run_cli("demo", "--frames", "128", "--save-video", str(video))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "shipped, trained here" in out and "4 layers; layer groups of 2, delta 0.04" in out
+    assert out.count("(expected: ") == 4 and "answers match the ground truth" in out
+    assert video.stat().st_size > 0
+
+
+def test_run_answers_about_a_video_file(tmp_path):
+    from stream.sources import write_video
+    from stream.synthetic import make_video
+
+    video = make_video(3_100_000, frames=96)
+    path = write_video(tmp_path / "clip.mp4", video.frames, video.fps)
+    result = run_cli("run", str(path), "--ask", video.question("state").text, "--query-aware")
+    assert result.returncode == 0, result.stderr
+    assert "clip.mp4 [0.0-47.5s] Q: what digit is on screen now ?" in result.stdout
+    assert result.stdout.count("chunk ") == 2
+
+
+def test_run_names_a_broken_file(tmp_path):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 1000)
+    result = run_cli("run", str(broken), "--ask", "what digit is on screen now ?")
+    assert result.returncode == 2 and "broken.mp4" in result.stderr
 
 
 def test_bad_config_is_named(tmp_path):

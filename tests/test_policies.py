@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from emloc import EMLoCSettings, StreamContext
-from emloc.policies import JSBoundedSearch, ObserverTopK, RandomTokens, StreamingWindow, UniformFrames
+from emloc.policies import JSBoundedSearch, KeepAll, ObserverTopK, RandomTokens, StreamingWindow, UniformFrames
 
 from .reference import random_frames
 
@@ -13,6 +13,7 @@ SETTINGS = EMLoCSettings(layer_group_size=2, delta=0.05, ratios=(0.1, 0.3, 0.5, 
 
 POLICIES = {
     "emloc": lambda: JSBoundedSearch.from_settings(SETTINGS),
+    "keep_all": KeepAll,
     "observer_topk": lambda: ObserverTopK(0.25),
     "uniform_frames": lambda: UniformFrames(0.25),
     "random_tokens": lambda: RandomTokens(0.25, seed=1),
@@ -96,3 +97,10 @@ def test_random_tokens_is_reproducible(qwen2_vl, tokenizer):
 def test_policy_settings_are_checked(make):
     with pytest.raises(ValueError):
         make()
+
+
+def test_keep_all_keeps_every_token(qwen2_vl, tokenizer):
+    context = StreamContext(qwen2_vl, tokenizer, SETTINGS, policy=KeepAll())
+    for k in range(3):
+        context.fold(random_frames(8, seed=k))
+    assert context.cache.lengths() == [context.tokens_seen] * context.adapter.num_layers

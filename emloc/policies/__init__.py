@@ -5,10 +5,11 @@
 
 from .base import FoldState, GroupDecision, Retention, RetentionPolicy, kept_count, top_tokens
 from .js_search import JSBoundedSearch
+from .keep_all import KeepAll
 from .observer_topk import ObserverTopK
 from .random_tokens import RandomTokens
 from .streaming_window import StreamingWindow
 from .uniform_frames import UniformFrames
 
-__all__ = ["FoldState", "GroupDecision", "JSBoundedSearch", "ObserverTopK", "RandomTokens", "Retention",
+__all__ = ["FoldState", "GroupDecision", "JSBoundedSearch", "KeepAll", "ObserverTopK", "RandomTokens", "Retention",
            "RetentionPolicy", "StreamingWindow", "UniformFrames", "kept_count", "top_tokens"]

@@ -1,0 +1,113 @@
+"""Live sources (RTSP, UDP/TCP MPEG-TS, HTTP, V4L2 devices) read with PyAV in a thread.
+
+The reader samples frames at the target rate and keeps only the newest `buffer` of them:
+when folding is slower than the source, older frames are dropped (and counted), never
+queued without bound. When the source stops sending or fails, it is reopened with
+exponential backoff until `stop()`; timestamps keep increasing across reconnects.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+from .sources import Frame, RateSampler
+
+log = logging.getLogger("emloc_stream")
+
+
+class LiveSource:
+    """url: anything FFmpeg opens (rtsp://, udp://, tcp://, http://, /dev/video0 with format='v4l2')."""
+
+    def __init__(self, url: str, *, fps: float = 2.0, buffer: int = 16, format: str | None = None,
+                 options: dict[str, str] | None = None, open_timeout: float = 5.0, read_timeout: float = 3.0,
+                 backoff: tuple[float, float] = (0.5, 8.0)) -> None:
+        if buffer < 1:
+            raise ValueError(f"buffer must hold at least 1 frame, got {buffer}")
+        self.url, self.fps, self.format, self.options = url, fps, format, dict(options or {})
+        self.open_timeout, self.read_timeout, self.backoff = open_timeout, read_timeout, backoff
+        self._frames: deque[Frame] = deque()
+        self._buffer = buffer
+        self._ready = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.state = "starting"  # starting, connected, reconnecting, stopped
+        self.connects = 0
+        self.dropped = 0
+        self.last_error = ""
+        self.newest_time: float | None = None  # newest frame the source produced (kept or not)
+
+    def start(self) -> LiveSource:
+        self._thread = threading.Thread(target=self._run, name=f"live:{self.url}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._ready:
+            self._ready.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=self.read_timeout + self.open_timeout + 1)
+        self.state = "stopped"
+
+    def get(self, timeout: float | None = None) -> Frame | None:
+        """The oldest kept frame, waiting up to `timeout`; None on timeout or once stopped."""
+        with self._ready:
+            if not self._frames and not self._stop.is_set():
+                self._ready.wait(timeout)
+            return self._frames.popleft() if self._frames else None
+
+    # --- reader thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        delay, offset, last = self.backoff[0], 0.0, None
+        while not self._stop.is_set():
+            try:
+                produced = False
+                for time_s in self._read(offset):
+                    produced = True
+                    last = time_s
+                    delay = self.backoff[0]
+                if produced:
+                    self.last_error = "source ended"
+            except Exception as error:  # PyAV raises many kinds; each means: reconnect
+                self.last_error = f"{type(error).__name__}: {error}"
+            if self._stop.is_set():
+                break
+            self.state = "reconnecting"
+            log.warning("%s: %s; reconnecting in %.1f s", self.url, self.last_error, delay)
+            if last is not None:
+                offset = last + 1.0 / self.fps  # timestamps continue after a reconnect
+            self._stop.wait(delay)
+            delay = min(delay * 2, self.backoff[1])
+
+    def _read(self, offset: float):
+        import av
+
+        container = av.open(self.url, format=self.format, options=self.options,
+                            timeout=(self.open_timeout, self.read_timeout))
+        try:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            self.state, self.connects = "connected", self.connects + 1
+            sampler, first = RateSampler(self.fps), None
+            for frame in container.decode(stream):
+                if self._stop.is_set():
+                    return
+                pts = float(frame.time) if frame.time is not None else time.monotonic()
+                first = pts if first is None else first
+                t = offset + pts - first
+                self.newest_time = t
+                if not sampler.keep(t):
+                    continue
+                image = frame.to_ndarray(format="rgb24")
+                with self._ready:
+                    if len(self._frames) >= self._buffer:
+                        self._frames.popleft()
+                        self.dropped += 1
+                    self._frames.append(Frame(image, t))
+                    self._ready.notify()
+                yield t
+        finally:
+            container.close()

@@ -1,0 +1,107 @@
+"""One stream at run time: frames in, chunks folded, due questions answered, answers delivered.
+
+The runner is driven by whoever owns the frames (a file loop, a live reader thread's
+consumer): `feed` each sampled frame, `poll` between frames so that one-off questions are
+answered promptly (over the cache plus the frames not yet in a full chunk), and `finish`
+at the end of a finite source, which folds the last short chunk and answers every
+question still waiting. A failing sink is reported and the others still get the answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+from emloc import InputError, StreamContext
+from sinks import AnswerEvent, Sink
+
+from .chunker import Chunker
+from .questions import Question, QuestionQueue
+from .sources import Frame
+
+log = logging.getLogger("emloc_stream")
+
+
+@dataclass
+class StreamStatus:
+    stream_id: str
+    state: str = "starting"  # starting, running, reconnecting, ended, failed
+    frames_seen: int = 0  # frames the sampler kept
+    frames_dropped: int = 0  # frames dropped because folding fell behind a live source
+    chunks_folded: int = 0
+    cache_tokens: int = 0
+    stream_time: float | None = None  # timestamp of the newest frame fed
+    lag_s: float = 0.0  # how far the newest folded frame is behind the source's newest frame
+    answers: int = 0
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class StreamRunner:
+    def __init__(self, stream_id: str, context: StreamContext, queue: QuestionQueue, sinks: Sequence[Sink], *,
+                 max_new_tokens: int = 16, on_error: Callable[[str, str], None] | None = None) -> None:
+        self.stream_id, self.context, self.queue, self.sinks = stream_id, context, queue, list(sinks)
+        self.max_new_tokens = max_new_tokens
+        self.chunker = Chunker(context.settings.chunk_frames)
+        self.status = StreamStatus(stream_id)
+        self.on_error = on_error or (lambda qid, message: log.error("%s: question %s: %s", stream_id, qid, message))
+
+    def feed(self, frame: Frame) -> None:
+        self.status.frames_seen += 1
+        self.status.stream_time = frame.time
+        self.status.state = "running"
+        chunk = self.chunker.push(frame)
+        if chunk is not None:
+            self._fold(chunk.frames, chunk.times)
+            self._answer(self.queue.take_due(frame.time, self.context.chunks_folded, chunk_just_folded=True))
+        else:
+            self.poll()
+
+    def poll(self) -> None:
+        """Answers the questions due now (one-off, or scheduled at a time the stream has reached)."""
+        due = self.queue.take_due(self.status.stream_time, self.context.chunks_folded, chunk_just_folded=False)
+        if due:
+            self._answer(due)
+
+    def finish(self) -> None:
+        """End of a finite source: fold what is left, answer everything still waiting."""
+        last = self.chunker.flush()
+        if last is not None:
+            self._fold(last.frames, last.times)
+        self._answer(self.queue.take_due(self.status.stream_time, self.context.chunks_folded,
+                                         chunk_just_folded=last is not None) + self.queue.take_all())
+        self.status.state = "ended"
+
+    def _fold(self, frames, times) -> None:
+        self.context.fold(frames, questions=self.queue.observers(), timestamps=times)
+        self.status.chunks_folded = self.context.chunks_folded
+        self.status.cache_tokens = round(sum(self.context.cache.lengths()) / self.context.adapter.num_layers)
+
+    def _answer(self, questions: list[Question]) -> None:
+        pending = self.chunker.pending()
+        for question in questions:
+            try:
+                answer = self.context.answer(question.text, max_new_tokens=self.max_new_tokens,
+                                             partial_frames=pending.frames if pending else None)
+            except InputError as error:  # e.g. a question the tokenizer cannot take: that question fails alone
+                self.on_error(question.id, str(error))
+                continue
+            span = answer.time_span
+            if pending is not None:
+                span = (span[0] if span else pending.times[0], pending.times[-1])
+            event = AnswerEvent(self.stream_id, question.id, question.text, answer.text, span, time.time(),
+                                answer.cache_tokens, answer.latency_s, expected=question.meta.get("expected"))
+            self.status.answers += 1
+            self.deliver(event)
+
+    def deliver(self, event: AnswerEvent) -> None:
+        for sink in self.sinks:
+            try:
+                sink.deliver(event)
+            except Exception as error:  # one broken sink must not starve the others
+                log.error("%s: sink %s failed to deliver %s: %s", self.stream_id, type(sink).__name__,
+                          event.question_id, error)

@@ -1,0 +1,98 @@
+"""Live sources for real: ffmpeg streams MPEG-TS over UDP in real time (-re) to 127.0.0.1."""
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from stream.live import LiveSource
+
+from .broker import Broker, Client, free_port, needs_mosquitto
+from .test_cli import console_script
+
+pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
+
+
+def stream_to(port: int) -> subprocess.Popen:
+    return subprocess.Popen(["ffmpeg", "-v", "error", "-re", "-f", "lavfi", "-i", "testsrc=size=56x56:rate=10",
+                             "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", "10",
+                             "-pix_fmt", "yuv420p", "-f", "mpegts", f"udp://127.0.0.1:{port}?pkt_size=1316"])
+
+
+def until(condition, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_live_source_samples_and_survives_a_restart():
+    port = free_port(socket.SOCK_DGRAM)
+    source = LiveSource(f"udp://127.0.0.1:{port}", fps=2, read_timeout=1.5, backoff=(0.2, 1.0)).start()
+    ffmpeg = stream_to(port)
+    try:
+        times = []
+        assert until(lambda: (f := source.get(0.1)) is not None and times.append(f.time) is None
+                     and len(times) >= 6)
+        assert times[:6] == pytest.approx([0.5 * k for k in range(6)], abs=0.02)
+        ffmpeg.kill()
+        ffmpeg.wait()
+        assert until(lambda: source.state == "reconnecting", timeout=10)
+        while source.get(0.1) is not None:
+            pass
+        ffmpeg = stream_to(port)
+        later = []
+        assert until(lambda: (f := source.get(0.1)) is not None and later.append(f.time) is None
+                     and len(later) >= 3)
+        assert min(later) > max(times) and source.connects >= 2
+    finally:
+        ffmpeg.kill()
+        source.stop()
+
+
+@needs_mosquitto
+def test_live_cli_answers_over_mqtt_and_stops_cleanly(tmp_path):
+    broker = Broker(tmp_path).start()
+    config = tmp_path / "live.yaml"
+    config.write_text("emloc:\n  preset: videomme_online\n  layer_group_size: 2\n  chunk_frames: 8\n")
+    port = free_port(socket.SOCK_DGRAM)
+    client = Client(broker.port, ["emloc/door/answer", "emloc/door/status", "emloc/door/error"], name="live")
+    ffmpeg = stream_to(port)
+    live = subprocess.Popen([console_script(), "live", f"udp://127.0.0.1:{port}", "--config", str(config),
+                             "--stream-id", "door", "--mqtt", f"127.0.0.1:{broker.port}", "--status-every", "0.5",
+                             "--max-new-tokens", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    try:
+        status = lambda: client.got("emloc/door/status")[-1] if client.got("emloc/door/status") else {}  # noqa: E731
+        assert until(lambda: status().get("chunks_folded", 0) >= 1, timeout=90), status()
+        client.publish("emloc/door/ask", {"id": "mid", "question": "what digit is on screen now ?"})
+        client.publish("emloc/door/ask", b"{broken")
+        assert until(lambda: client.got("emloc/door/answer"), timeout=30)
+        answer = client.got("emloc/door/answer")[0]
+        assert answer["question_id"] == "mid" and answer["time_span"][1] > 0
+        assert "not JSON" in client.got("emloc/door/error")[0]["error"]
+        folded = status()["chunks_folded"]
+        ffmpeg.kill()
+        ffmpeg.wait()
+        assert until(lambda: status().get("state") == "reconnecting", timeout=20), status()
+        ffmpeg = stream_to(port)
+        assert until(lambda: status().get("chunks_folded", 0) >= folded + 2, timeout=60), status()
+        client.publish("emloc/door/ask", {"id": "late", "question": "what colour was the star ?", "at": 10000})
+        time.sleep(1.0)
+        live.send_signal(signal.SIGINT)  # finishes: folds what is left, answers what waits, exits 0
+        out, err = live.communicate(timeout=60)
+        assert live.returncode == 0, err
+        assert "stopped:" in out
+        assert until(lambda: {a["question_id"] for a in client.got("emloc/door/answer")} == {"mid", "late"}), \
+            client.got("emloc/door/answer")
+    finally:
+        ffmpeg.kill()
+        if live.poll() is None:
+            live.kill()
+        client.close()
+        broker.stop()

@@ -1,0 +1,111 @@
+"""MQTT-triggered questions against a real mosquitto broker."""
+
+import time
+
+import pytest
+
+from emloc import EMLoCSettings, StreamContext
+from stream.mqtt import BrokerOptions, MqttBridge
+from stream.questions import QuestionQueue
+from stream.runtime import StreamRunner
+from stream.sources import Frame
+
+from .broker import Broker, Client, needs_mosquitto
+from .reference import random_frames
+
+pytestmark = needs_mosquitto
+SETTINGS = EMLoCSettings(layer_group_size=2, delta=0.05, ratios=(0.1, 0.5, 1.0), chunk_frames=8)
+MALFORMED = [
+    (b"not json at all", "not JSON"),
+    (b"\xff\xfe", "not JSON"),
+    (b"[1, 2]", "JSON object"),
+    (b'{"id": "x1"}', "missing field 'question'"),
+    (b'{"id": "x2", "question": 7}', "'question' must be a string"),
+    (b'{"id": "x3", "question": "what ?", "at": "soon"}', "'at'"),
+    (b'{"id": "x4", "question": "what ?", "every": 0}', "'every'"),
+    (b'{"id": "x5", "question": "what ?", "colour": "red"}', "unknown field"),
+    (b'{"id": [1], "question": "what ?"}', "'id' must be"),
+    (b'{"id": "x7", "question": "' + b"a" * 9000 + b'"}', "exceeds the limit"),
+]
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path).start()
+    yield b
+    b.stop()
+
+
+def wait_for(condition, timeout=30.0, step=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        if step:
+            step()
+        else:
+            time.sleep(0.05)
+    return False
+
+
+class Stream:
+    """A runner fed synthetic frames on demand, with its MQTT bridge."""
+
+    def __init__(self, model, tokenizer, port):
+        self.queue = QuestionQueue(max_waiting=8)
+        self.bridge = MqttBridge(BrokerOptions(port=port, backoff=(0.1, 0.5)), "cam", self.queue).start()
+        context = StreamContext(model, tokenizer, SETTINGS)
+        self.runner = StreamRunner("cam", context, self.queue, [self.bridge], max_new_tokens=2,
+                                   on_error=lambda qid, msg: self.bridge.publish_error(msg, qid))
+        self.frames = iter(Frame(f, i / 2) for i, f in enumerate(random_frames(400, seed=3)))
+
+    def step(self):
+        self.runner.feed(next(self.frames))
+        time.sleep(0.01)
+
+
+def test_questions_answered_and_malformed_payloads_reported(broker, qwen2_vl, tokenizer):
+    client = Client(broker.port, ["emloc/cam/answer", "emloc/cam/error", "emloc/cam/status"])
+    stream = Stream(qwen2_vl, tokenizer, broker.port)
+    try:
+        assert stream.bridge.subscribed.wait(10)
+        for payload, _ in MALFORMED:
+            client.publish("emloc/cam/ask", payload)
+        client.publish("emloc/cam/ask", {"id": "good", "question": "what colour was the square ?"})
+        assert wait_for(lambda: client.got("emloc/cam/answer"), step=stream.step)
+        errors = client.got("emloc/cam/error")
+        assert wait_for(lambda: len(client.got("emloc/cam/error")) == len(MALFORMED))
+        errors = client.got("emloc/cam/error")
+        for (_, expected), error in zip(MALFORMED, errors):
+            assert expected in error["error"], (expected, error)
+        assert [e["id"] for e in errors[3:5]] == ["x1", "x2"]
+        answer = client.got("emloc/cam/answer")[0]
+        assert answer["question_id"] == "good" and answer["stream_id"] == "cam" and answer["cache_tokens"] > 0
+        stream.bridge.publish_status(stream.runner.status.to_dict())
+        assert wait_for(lambda: client.got("emloc/cam/status"))
+        assert client.got("emloc/cam/status")[-1]["frames_seen"] == stream.runner.status.frames_seen
+    finally:
+        stream.bridge.close()
+        client.close()
+
+
+def test_broker_restart_loses_no_accepted_question(broker, qwen2_vl, tokenizer):
+    client = Client(broker.port, ["emloc/cam/answer"], name="restart-client")
+    stream = Stream(qwen2_vl, tokenizer, broker.port)
+    try:
+        assert stream.bridge.subscribed.wait(10)
+        client.publish("emloc/cam/ask", {"id": "before", "question": "what digit is on screen now ?", "at": 6})
+        assert wait_for(lambda: stream.queue.waiting() == 1)  # accepted, due once the stream reaches 6 s
+        broker.stop()
+        assert wait_for(lambda: not stream.bridge.connected.is_set())
+        assert wait_for(lambda: stream.runner.status.answers == 1, step=stream.step)  # answered while down
+        assert stream.bridge.pending() >= 1
+        broker.start()
+        assert stream.bridge.subscribed.wait(15) and stream.bridge.connects == 2
+        client.publish("emloc/cam/ask", {"id": "after", "question": "what colour was the star ?"})
+        ids = lambda: [a["question_id"] for a in client.got("emloc/cam/answer")]  # noqa: E731
+        assert wait_for(lambda: set(ids()) == {"before", "after"}, step=stream.step), ids()
+        assert sorted(ids()) == ["after", "before"], "each answered exactly once"
+    finally:
+        stream.bridge.close()
+        client.close()

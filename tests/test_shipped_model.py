@@ -1,0 +1,68 @@
+"""The shipped default model answers freshly generated videos, read back from real files.
+
+Seeds 3_000_000+ were never trained on (training uses 10_000_000+), never used to pick
+the checkpoint (1_000_000+) and are not in the benchmark (2_000_000+).
+"""
+
+from pathlib import Path
+
+import pytest
+
+from emloc import StreamContext, load_adapter
+from emloc.policies import KeepAll
+from emloc.settings import videomme_online
+from stream.offline import answer_video
+from stream.sources import VideoFile, write_video
+from stream.synthetic import QUESTION_TYPES, make_video
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "emloc-tiny-qwen2vl"
+VIDEOS = 8
+# Thresholds over 8 videos x 4 questions, set below what the benchmark measured on 200 videos
+# (see models/emloc-tiny-qwen2vl/README.md), so that a broken model, loader or pipeline fails.
+MIN_NEEDLE = 7 / 8
+MIN_OVERALL = 0.75
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return load_adapter(str(MODEL))
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("videos")
+    out = []
+    for i in range(VIDEOS):
+        video = make_video(3_000_000 + i, frames=256)
+        out.append((video, list(VideoFile(write_video(folder / f"{i}.mp4", video.frames, video.fps)).frames(fps=2))))
+    return out
+
+
+def score(adapter, videos, policy):
+    correct = {kind: 0 for kind in QUESTION_TYPES}
+    for video, frames in videos:
+        context = StreamContext(adapter, settings=videomme_online(layer_group_size=2), policy=policy)
+        answers = answer_video(context, frames, [video.question(k).text for k in QUESTION_TYPES], max_new_tokens=4)
+        for kind, answer in zip(QUESTION_TYPES, answers):
+            correct[kind] += answer.text.strip() == video.question(kind).answer
+    return {kind: n / len(videos) for kind, n in correct.items()}
+
+
+def test_shipped_model_is_a_real_checkpoint():
+    assert (MODEL / "model.safetensors").is_file() and (MODEL / "config.json").is_file()
+    assert (MODEL / "README.md").is_file(), "the model card ships with the model"
+    assert (MODEL / "model.safetensors").stat().st_size < 50 * 2**20
+    assert not list(MODEL.glob("*.bin")) and not list(MODEL.glob("*.pt")), "no pickled weights"
+
+
+def test_full_context_answers_fresh_videos(adapter, videos):
+    accuracy = score(adapter, videos, KeepAll())
+    assert accuracy["needle"] >= MIN_NEEDLE, accuracy
+    assert sum(accuracy.values()) / len(accuracy) >= MIN_OVERALL, accuracy
+
+
+def test_emloc_keeps_the_answers(adapter, videos):
+    """Query-agnostic EMLoC (the paper's online setting at this depth) on the same videos."""
+    accuracy = score(adapter, videos, None)
+    assert accuracy["needle"] >= MIN_NEEDLE - 1 / 8, accuracy
+    assert sum(accuracy.values()) / len(accuracy) >= MIN_OVERALL - 0.1, accuracy
