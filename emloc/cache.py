@@ -139,6 +139,29 @@ class PrunedLayer(CacheLayerMixin):
         self.importance[:, :, :n] = torch.gather(self.importance[:, :, :self.length], 2, index)
         self.length = n
 
+    # --- snapshots --------------------------------------------------------------------
+    def export(self) -> dict[str, torch.Tensor]:
+        """The committed state as standalone tensors (for saving); empty if never written."""
+        if not self.is_initialized:
+            return {}
+        return {name: view.contiguous().clone() for name, view in (
+            ("keys", self.keys), ("values", self.values), ("origins", self.committed_origins()),
+            ("importance", self.committed_importance()))}
+
+    def restore(self, keys: torch.Tensor, values: torch.Tensor, origins: torch.Tensor,
+                importance: torch.Tensor) -> None:
+        """Replaces the layer by exported state (no tail)."""
+        n = keys.shape[2]
+        shapes = (values.shape[2], origins.shape[-1], importance.shape[-1])
+        if any(m != n for m in shapes) or keys.dim() != 4 or keys.shape[0] != 1:
+            raise ValueError(f"inconsistent layer state: keys {tuple(keys.shape)}, values {tuple(values.shape)}, "
+                             f"origins {tuple(origins.shape)}, importance {tuple(importance.shape)}")
+        self.lazy_initialization(keys[:, :, :0], values[:, :, :0])
+        self._reserve(n)
+        self._k[:, :, :n], self._v[:, :, :n] = keys, values
+        self.origins[:, :, :n], self.importance[:, :, :n] = origins, importance.float()
+        self.length, self.tail = n, 0
+
     def nbytes(self) -> int:
         """Bytes of the committed keys, values and their metadata."""
         if not self.is_initialized:
@@ -186,6 +209,18 @@ class PrunedCache(Cache):
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def export(self) -> dict[str, torch.Tensor]:
+        """Every layer's committed state, named `layers.<i>.<keys|values|origins|importance>`."""
+        return {f"layers.{i}.{name}": t for i, layer in enumerate(self.layers) for name, t in layer.export().items()}
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        for i, layer in enumerate(self.layers):
+            try:
+                parts = [tensors[f"layers.{i}.{name}"] for name in ("keys", "values", "origins", "importance")]
+            except KeyError as error:
+                raise ValueError(f"saved cache has no {error.args[0]!r}") from error
+            layer.restore(*parts)
 
     def capacity_nbytes(self) -> int:
         return sum(layer.capacity_nbytes() for layer in self.layers)

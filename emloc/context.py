@@ -167,6 +167,37 @@ class StreamContext:
             kept.append(origins.shape[-1])
         return kept
 
+    # --- snapshots ---------------------------------------------------------------------
+    STATE_FIELDS = ("chunks_folded", "_steps", "sink_tokens", "video_start", "max_position", "tokens_seen")
+
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The context as tensors (the committed cache) and plain data (positions, settings,
+        model identity): everything needed to go on folding exactly where it stopped."""
+        meta = {name.lstrip("_"): getattr(self, name) for name in self.STATE_FIELDS}
+        meta.update(time_span=list(self._time_span) if self._time_span else None, settings=self.settings.to_dict(),
+                    model=self.adapter.identity(), standing_questions=list(self.standing_questions))
+        return self.cache.export(), meta
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Loads a snapshot; refuses one made by another model or with other settings."""
+        mine = self.adapter.identity()
+        if meta.get("model") != mine:
+            theirs = meta.get("model") or {}
+            differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise SettingsError(f"the saved state was made by another model (differs in {differ}); "
+                                f"it cannot be resumed with this one")
+        settings = EMLoCSettings.from_dict({k: v for k, v in meta.get("settings", {}).items()})
+        if settings != self.settings:
+            ours, saved = self.settings.to_dict(), settings.to_dict()
+            differ = {k: (saved[k], ours[k]) for k in ours if ours[k] != saved[k]}
+            raise SettingsError(f"the saved state was made with other settings (saved vs now: {differ})")
+        device = self.adapter.device
+        self.cache.restore({k: v.to(device) for k, v in tensors.items()})
+        for name in self.STATE_FIELDS:
+            setattr(self, name, int(meta[name.lstrip("_")]))
+        self._time_span = tuple(meta["time_span"]) if meta.get("time_span") else None
+        self.standing_questions = list(meta.get("standing_questions", []))
+
     # --- answer ----------------------------------------------------------------------
     @torch.no_grad()
     def answer(self, question: str, *, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,

@@ -15,6 +15,7 @@ from emloc import InputError, SettingsError, StreamContext, UnsupportedModelErro
 from .config import Config, ConfigError, load_config
 from .offline import answer_video
 from .sources import VideoError, VideoFile, write_video
+from .state import StateError
 from .synthetic import QUESTION_TYPES, make_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,12 +119,32 @@ def run(args: argparse.Namespace) -> int:
     config, given = _config(args)
     if not args.ask:
         raise InputError("give at least one question with --ask")
+    from .state import has_state, load_state, save_state
+
     source = VideoFile(args.video)
     context, label = build_context(config, args.model, given)
     print(f"emloc-stream run: {_describe(context, label)}", flush=True)
-    answers = answer_video(context, source.frames(fps=config.model.fps), args.ask,
-                           query_aware=args.query_aware, max_new_tokens=args.max_new_tokens,
-                           on_fold=_progress(None))
+    frames = source.frames(fps=config.model.fps)
+    video_id = str(Path(args.video).resolve())
+    if args.state and has_state(args.state):
+        stream = load_state(args.state, context)
+        if stream.get("video") != video_id:
+            raise StateError(f"{args.state}: this state belongs to {stream.get('video')!r}, not {video_id!r}")
+        done = float(stream["last_time"])
+        frames = (f for f in frames if f.time > done + 1e-6)
+        print(f"resumed from {args.state}: {context.chunks_folded} chunks already folded, up to {done:.1f} s",
+              flush=True)
+    progress = _progress(None)
+
+    def on_fold(record) -> None:
+        progress(record)
+        if args.state and context.chunks_folded % args.save_every == 0:
+            save_state(args.state, context, dict(video=video_id, last_time=record.time_span[1]))
+
+    answers = answer_video(context, frames, args.ask, query_aware=args.query_aware,
+                           max_new_tokens=args.max_new_tokens, on_fold=on_fold)
+    if args.state and context.records:
+        save_state(args.state, context, dict(video=video_id, last_time=context.records[-1].time_span[1]))
     _deliver(context, Path(args.video).name, args.ask, answers)
     print(_footer(context))
     return 0
@@ -165,8 +186,30 @@ def live(args: argparse.Namespace) -> int:
         if bridge:
             bridge.publish_error(message, qid)
 
+    from .state import has_state, load_state, save_state
+
+    start_time = 0.0
+    if args.state and has_state(args.state):
+        stream = load_state(args.state, context)
+        if stream.get("stream_id") != args.stream_id:
+            raise StateError(f"{args.state}: this state belongs to stream {stream.get('stream_id')!r}, "
+                             f"not {args.stream_id!r}")
+        start_time = float(stream["last_time"]) + 1 / config.model.fps
+        for data in stream.get("questions", []):
+            queue.submit(Question(**data))
+        print(f"resumed from {args.state}: {context.chunks_folded} chunks folded, up to {start_time:.1f} s, "
+              f"{len(stream.get('questions', []))} questions restored", flush=True)
+
+    def save(runner: StreamRunner) -> None:
+        save_state(args.state, context, dict(stream_id=args.stream_id, last_time=runner.last_folded_time,
+                                             questions=queue.snapshot()))
+
+    def on_fold(runner: StreamRunner) -> None:
+        if args.state and context.chunks_folded % args.save_every == 0:
+            save(runner)
+
     runner = StreamRunner(args.stream_id, context, queue, sinks, max_new_tokens=args.max_new_tokens,
-                          on_error=report_error)
+                          on_error=report_error, on_fold=on_fold)
     if args.stdin:
         def read_stdin() -> None:
             for line in sys.stdin:
@@ -180,7 +223,8 @@ def live(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    source = LiveSource(args.url, fps=config.model.fps, format=args.format, buffer=args.buffer).start()
+    source = LiveSource(args.url, fps=config.model.fps, format=args.format, buffer=args.buffer,
+                        start_time=start_time).start()
     started = last_status = time.monotonic()
     try:
         while not stop.is_set():
@@ -206,6 +250,8 @@ def live(args: argparse.Namespace) -> int:
     finally:
         source.stop()
         runner.finish()
+        if args.state and runner.last_folded_time is not None:
+            save(runner)
         if bridge:
             bridge.publish_status(runner.status.to_dict())
         for sink in sinks:
@@ -342,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("video", help="video file (decord, else PyAV)")
     p.add_argument("--query-aware", action="store_true",
                    help="let the questions guide pruning (they are known before the video)")
+    p.add_argument("--state", type=Path, help="save the stream state here; resume from it if present")
+    p.add_argument("--save-every", type=int, default=1, help="chunks between saves of --state")
     p.set_defaults(run=run)
 
     p = commands.add_parser("batch", help="answer questions about many videos, resumable")
@@ -369,12 +417,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--buffer", type=int, default=16, help="sampled frames held while folding; older ones drop")
     p.add_argument("--max-waiting", type=int, default=64, help="questions that may wait; more are refused")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--state", type=Path, help="save the stream state here; resume from it if present")
+    p.add_argument("--save-every", type=int, default=1, help="chunks between saves of --state")
     p.set_defaults(run=live)
 
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, SettingsError, InputError, UnsupportedModelError, VideoError, ValueError) as error:
+    except (ConfigError, SettingsError, InputError, UnsupportedModelError, VideoError, ValueError,
+            StateError) as error:
         print(f"emloc-stream: error: {error}", file=sys.stderr)
         return 2
 

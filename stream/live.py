@@ -23,11 +23,12 @@ class LiveSource:
 
     def __init__(self, url: str, *, fps: float = 2.0, buffer: int = 16, format: str | None = None,
                  options: dict[str, str] | None = None, open_timeout: float = 5.0, read_timeout: float = 3.0,
-                 backoff: tuple[float, float] = (0.5, 8.0)) -> None:
+                 backoff: tuple[float, float] = (0.5, 8.0), start_time: float = 0.0) -> None:
         if buffer < 1:
             raise ValueError(f"buffer must hold at least 1 frame, got {buffer}")
         self.url, self.fps, self.format, self.options = url, fps, format, dict(options or {})
         self.open_timeout, self.read_timeout, self.backoff = open_timeout, read_timeout, backoff
+        self.start_time = start_time  # timestamp of the first frame (a resumed stream goes on from its last)
         self._frames: deque[Frame] = deque()
         self._buffer = buffer
         self._ready = threading.Condition()
@@ -61,7 +62,7 @@ class LiveSource:
 
     # --- reader thread ---------------------------------------------------------------
     def _run(self) -> None:
-        delay, offset, last = self.backoff[0], 0.0, None
+        delay, offset, last = self.backoff[0], self.start_time, None
         while not self._stop.is_set():
             try:
                 produced = False

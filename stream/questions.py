@@ -106,6 +106,12 @@ class QuestionQueue:
             out, self._waiting = self._waiting, []
             return out
 
+    def snapshot(self) -> list[dict]:
+        """Waiting and standing questions as plain data (for saved state)."""
+        with self._lock:
+            return [dict(id=q.id, text=q.text, at=q.at, every=q.every, origin=q.origin, meta=q.meta)
+                    for q in self._waiting + self._standing]
+
     def waiting(self) -> int:
         with self._lock:
             return len(self._waiting)

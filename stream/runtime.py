@@ -43,11 +43,14 @@ class StreamStatus:
 
 class StreamRunner:
     def __init__(self, stream_id: str, context: StreamContext, queue: QuestionQueue, sinks: Sequence[Sink], *,
-                 max_new_tokens: int = 16, on_error: Callable[[str, str], None] | None = None) -> None:
+                 max_new_tokens: int = 16, on_error: Callable[[str, str], None] | None = None,
+                 on_fold: Callable[[StreamRunner], None] | None = None) -> None:
         self.stream_id, self.context, self.queue, self.sinks = stream_id, context, queue, list(sinks)
         self.max_new_tokens = max_new_tokens
         self.chunker = Chunker(context.settings.chunk_frames)
         self.status = StreamStatus(stream_id)
+        self.last_folded_time: float | None = None
+        self.on_fold = on_fold
         self.on_error = on_error or (lambda qid, message: log.error("%s: question %s: %s", stream_id, qid, message))
 
     def feed(self, frame: Frame) -> None:
@@ -80,6 +83,9 @@ class StreamRunner:
         self.context.fold(frames, questions=self.queue.observers(), timestamps=times)
         self.status.chunks_folded = self.context.chunks_folded
         self.status.cache_tokens = round(sum(self.context.cache.lengths()) / self.context.adapter.num_layers)
+        self.last_folded_time = times[-1]
+        if self.on_fold is not None:
+            self.on_fold(self)
 
     def _answer(self, questions: list[Question]) -> None:
         pending = self.chunker.pending()

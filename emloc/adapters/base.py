@@ -120,6 +120,22 @@ class ModelAdapter(ABC):
     def decode(self, token_ids: list[int]) -> str:
         """Answer tokens -> text."""
 
+    def identity(self) -> dict:
+        """What a saved cache is only valid for: the family, the architecture, and the weights
+        (a digest of every parameter's name, shape and first values, cheap even for 7B)."""
+        import hashlib
+
+        config = self.model.config.to_dict()
+        for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "_attn_implementation"):
+            config.pop(volatile, None)
+        digest = hashlib.sha256()
+        for name, param in self.model.named_parameters():
+            digest.update(f"{name}{tuple(param.shape)}".encode())
+            digest.update(param.detach().flatten()[:64].float().cpu().numpy().tobytes())
+        text = repr(sorted((k, repr(v)) for k, v in config.items()))
+        return dict(family=type(self).__name__, model_type=self.model.config.model_type,
+                    config_sha256=hashlib.sha256(text.encode()).hexdigest(), weights_sha256=digest.hexdigest())
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
