@@ -13,6 +13,7 @@ from tempfile import TemporaryDirectory
 from emloc import InputError, SettingsError, StreamContext, UnsupportedModelError
 
 from .config import Config, ConfigError, load_config
+from .mqtt import BrokerOptions
 from .offline import answer_video
 from .sources import VideoError, VideoFile, write_video
 from .state import StateError
@@ -151,113 +152,59 @@ def run(args: argparse.Namespace) -> int:
 
 
 def live(args: argparse.Namespace) -> int:
+    from .config import MqttConfig, StreamConfig
+
+    config, given = _config(args)
+    mqtt = None
+    if args.mqtt:
+        broker = BrokerOptions.parse(args.mqtt)
+        mqtt = MqttConfig(host=broker.host, port=broker.port, username=args.mqtt_user, password=args.mqtt_password,
+                          tls=args.mqtt_tls, ca_file=args.mqtt_ca)
+    spec = StreamConfig(id=args.stream_id, source=args.url, format=args.format, ask=tuple(args.ask or ()),
+                        standing=tuple(args.standing or ()), every=args.every,
+                        jsonl=str(args.jsonl) if args.jsonl else None, state=str(args.state) if args.state else None,
+                        save_every=args.save_every, buffer=args.buffer, max_waiting=args.max_waiting)
+    return _serve(config, given, args, [spec], mqtt)
+
+
+def serve_config(args: argparse.Namespace) -> int:
+    config, given = load_config(args.config), True
+    if not config.streams:
+        raise ConfigError(f"{args.config}: no streams: list them under 'streams:' (id, source, ...)")
+    return _serve(config, given, args, list(config.streams), config.mqtt)
+
+
+def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, mqtt) -> int:
     import signal
     import threading
 
-    from sinks import ConsoleSink, JsonLinesSink
+    from .questions import BadQuestion, Question, QueueFull
+    from .service import LiveStream, serve
 
-    from .live import LiveSource
-    from .mqtt import BrokerOptions, MqttBridge
-    from .questions import BadQuestion, Question, QuestionQueue, QueueFull
-    from .runtime import StreamRunner
-
-    config, given = _config(args)
-    broker = None
-    if args.mqtt:
-        broker = BrokerOptions.parse(args.mqtt, username=args.mqtt_user, password=args.mqtt_password,
-                                     tls=args.mqtt_tls or bool(args.mqtt_ca), ca_file=args.mqtt_ca)
     context, label = build_context(config, args.model, given)
-    print(f"emloc-stream live {args.url}: {_describe(context, label)}", flush=True)
-    queue = QuestionQueue(max_waiting=args.max_waiting)
-    first_chunk = context.settings.chunk_frames / config.model.fps
-    for text in args.ask or []:
-        queue.submit(Question(queue.new_id(), text, at=first_chunk, origin="cli"))
-    for text in args.standing or []:
-        queue.submit(Question(queue.new_id(), text, every=args.every, origin="cli"))
-    sinks: list = [ConsoleSink()]
-    if args.jsonl:
-        sinks.append(JsonLinesSink(args.jsonl))
-    bridge = MqttBridge(broker, args.stream_id, queue).start() if broker else None
-    if bridge:
-        sinks.append(bridge)
+    print(f"emloc-stream: {len(specs)} stream(s) [{', '.join(s.id for s in specs)}]; {_describe(context, label)}",
+          flush=True)
+    streams = [LiveStream(spec, context.adapter, context.settings, fps=config.model.fps, mqtt=mqtt,
+                          max_new_tokens=args.max_new_tokens) for spec in specs]
+    if getattr(args, "stdin", False):
+        queue = streams[0].queue
 
-    def report_error(qid: str, message: str) -> None:
-        print(f"{args.stream_id}: question {qid}: {message}", file=sys.stderr, flush=True)
-        if bridge:
-            bridge.publish_error(message, qid)
-
-    from .state import has_state, load_state, save_state
-
-    start_time = 0.0
-    if args.state and has_state(args.state):
-        stream = load_state(args.state, context)
-        if stream.get("stream_id") != args.stream_id:
-            raise StateError(f"{args.state}: this state belongs to stream {stream.get('stream_id')!r}, "
-                             f"not {args.stream_id!r}")
-        start_time = float(stream["last_time"]) + 1 / config.model.fps
-        for data in stream.get("questions", []):
-            queue.submit(Question(**data))
-        print(f"resumed from {args.state}: {context.chunks_folded} chunks folded, up to {start_time:.1f} s, "
-              f"{len(stream.get('questions', []))} questions restored", flush=True)
-
-    def save(runner: StreamRunner) -> None:
-        save_state(args.state, context, dict(stream_id=args.stream_id, last_time=runner.last_folded_time,
-                                             questions=queue.snapshot()))
-
-    def on_fold(runner: StreamRunner) -> None:
-        if args.state and context.chunks_folded % args.save_every == 0:
-            save(runner)
-
-    runner = StreamRunner(args.stream_id, context, queue, sinks, max_new_tokens=args.max_new_tokens,
-                          on_error=report_error, on_fold=on_fold)
-    if args.stdin:
         def read_stdin() -> None:
             for line in sys.stdin:
                 if line.strip():
                     try:
                         queue.submit(Question(queue.new_id(), line.strip(), origin="stdin"))
                     except (BadQuestion, QueueFull) as error:
-                        print(f"{args.stream_id}: question refused: {error}", file=sys.stderr, flush=True)
+                        print(f"question refused: {error}", file=sys.stderr, flush=True)
         threading.Thread(target=read_stdin, daemon=True).start()
-
     stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())  # the fold under way finishes first
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    source = LiveSource(args.url, fps=config.model.fps, format=args.format, buffer=args.buffer,
-                        start_time=start_time).start()
-    started = last_status = time.monotonic()
-    try:
-        while not stop.is_set():
-            if args.duration and time.monotonic() - started > args.duration:
-                break
-            frame = source.get(timeout=0.2)
-            if frame is not None:
-                runner.feed(frame)  # a fold runs to its end before Ctrl-C is looked at
-            else:
-                runner.poll()
-            status = runner.status
-            status.frames_dropped = source.dropped
-            status.lag_s = round(max(0.0, (source.newest_time or 0.0) - (status.stream_time or 0.0)), 2)
-            if source.state == "reconnecting":
-                status.state, status.detail = "reconnecting", source.last_error
-            if time.monotonic() - last_status >= args.status_every:
-                last_status = time.monotonic()
-                if bridge:
-                    bridge.publish_status(status.to_dict())
-                print(f"status: {status.state}, {status.frames_seen} frames, {status.chunks_folded} chunks, "
-                      f"{status.cache_tokens} tokens/layer, lag {status.lag_s:.1f} s, dropped {status.frames_dropped}",
-                      file=sys.stderr, flush=True)
-    finally:
-        source.stop()
-        runner.finish()
-        if args.state and runner.last_folded_time is not None:
-            save(runner)
-        if bridge:
-            bridge.publish_status(runner.status.to_dict())
-        for sink in sinks:
-            sink.close()
-    print(f"stopped: {runner.status.frames_seen} frames, {runner.status.chunks_folded} chunks, "
-          f"{runner.status.answers} answers", flush=True)
+    serve(streams, stop, status_every=args.status_every, duration=args.duration)
+    for stream in streams:
+        status = stream.runner.status
+        print(f"stopped {stream.spec.id}: {status.frames_seen} frames, {status.chunks_folded} chunks, "
+              f"{status.answers} answers", flush=True)
     return 0
 
 
@@ -420,6 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state", type=Path, help="save the stream state here; resume from it if present")
     p.add_argument("--save-every", type=int, default=1, help="chunks between saves of --state")
     p.set_defaults(run=live)
+
+    p = commands.add_parser("serve", help="serve the live streams a config lists, sharing one model")
+    p.add_argument("--config", required=True, help="YAML with streams: [{id, source, ...}] and optional mqtt:")
+    p.add_argument("--model", help="overrides model.path of the config")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--status-every", type=float, default=5.0)
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.set_defaults(run=serve_config, budget=None)
 
     args = parser.parse_args(argv)
     try:

@@ -31,9 +31,62 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class MqttConfig:
+    """The broker all streams talk to: questions on <prefix>/<stream>/ask, answers, errors, status."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    prefix: str = "emloc"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise ConfigError(f"mqtt.port must be an integer in 1..65535, got {self.port!r}")
+        if not self.prefix or "#" in self.prefix or "+" in self.prefix:
+            raise ConfigError(f"mqtt.prefix must be a plain topic prefix, got {self.prefix!r}")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """One live stream: a URL or device, its questions and where its answers go."""
+
+    id: str
+    source: str
+    format: str | None = None  # FFmpeg input format, e.g. v4l2
+    ask: tuple[str, ...] = ()  # answered once the first chunk is folded
+    standing: tuple[str, ...] = ()  # re-answered every `every` chunks
+    every: int = 1
+    jsonl: str | None = None
+    state: str | None = None  # folder to save the stream's state in and resume from
+    save_every: int = 1
+    buffer: int = 16
+    max_waiting: int = 64
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id or any(c in self.id for c in "/#+ "):
+            raise ConfigError(f"stream id must be a non-empty name without '/', '#', '+' or spaces, got {self.id!r}")
+        if not isinstance(self.source, str) or not self.source:
+            raise ConfigError(f"stream {self.id}: source must be a URL or device path")
+        for name in ("every", "save_every", "buffer", "max_waiting"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"stream {self.id}: {name} must be an integer >= 1, got {value!r}")
+        for name in ("ask", "standing"):
+            value = getattr(self, name)
+            if not all(isinstance(q, str) and q.strip() for q in value):
+                raise ConfigError(f"stream {self.id}: {name} must be a list of questions")
+            object.__setattr__(self, name, tuple(value))
+
+
+@dataclass(frozen=True)
 class Config:
     emloc: EMLoCSettings = field(default_factory=EMLoCSettings)
     model: ModelConfig = field(default_factory=ModelConfig)
+    mqtt: MqttConfig | None = None
+    streams: tuple[StreamConfig, ...] = ()
 
 
 def load_config(path: str | Path) -> Config:
@@ -60,7 +113,27 @@ def config_from_dict(data: dict) -> Config:
     settings = preset(name, **emloc) if name else EMLoCSettings.from_dict(emloc)
     model = dict(data.get("model") or {})
     _check_keys("model", model, {f.name for f in fields(ModelConfig)})
-    return Config(emloc=settings, model=ModelConfig(**model))
+    mqtt = None
+    if data.get("mqtt") is not None:
+        if not isinstance(data["mqtt"], dict):
+            raise ConfigError("mqtt must be a mapping (host, port, ...)")
+        _check_keys("mqtt", data["mqtt"], {f.name for f in fields(MqttConfig)})
+        mqtt = MqttConfig(**data["mqtt"])
+    streams = data.get("streams") or []
+    if not isinstance(streams, list):
+        raise ConfigError("streams must be a list of streams")
+    parsed = []
+    for i, stream in enumerate(streams):
+        if not isinstance(stream, dict):
+            raise ConfigError(f"streams[{i}] must be a mapping")
+        _check_keys(f"streams[{i}]", stream, {f.name for f in fields(StreamConfig)})
+        if "id" not in stream or "source" not in stream:
+            raise ConfigError(f"streams[{i}] needs an id and a source")
+        parsed.append(StreamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stream.items()}))
+    ids = [s.id for s in parsed]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"stream ids must be unique, got {ids}")
+    return Config(emloc=settings, model=ModelConfig(**model), mqtt=mqtt, streams=tuple(parsed))
 
 
 def _check_keys(section: str, data: dict, known: set[str]) -> None:

@@ -90,3 +90,29 @@ def test_shipped_configs_load_and_validate(tmp_path):
             load_config(override)
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_stream_configs_are_validated(tmp_path):
+    site = tmp_path / "site.yaml"
+    site.write_text("mqtt:\n  host: broker.local\n  port: 8883\n  tls: true\n  username: cam\n"
+                    "streams:\n  - id: gate\n    source: rtsp://10.0.0.5/stream\n    standing: ['is anyone there ?']\n"
+                    "    every: 2\n  - id: yard\n    source: /dev/video0\n    format: v4l2\n")
+    config = load_config(site)
+    assert [s.id for s in config.streams] == ["gate", "yard"] and config.streams[0].standing == ("is anyone there ?",)
+    assert config.mqtt.port == 8883 and config.mqtt.tls
+    for text, message in [
+        ("streams:\n  - id: a\n    source: x\n    colour: red\n", "unknown key"),
+        ("streams:\n  - id: a\n", "needs an id and a source"),
+        ("streams:\n  - id: a\n    source: x\n  - id: a\n    source: y\n", "unique"),
+        ("streams:\n  - id: a/b\n    source: x\n", "stream id"),
+        ("streams:\n  - id: a\n    source: x\n    every: 0\n", "every must be"),
+        ("mqtt:\n  port: 99999\n", "mqtt.port"),
+        ("mqtt:\n  hostname: x\n", "unknown key"),
+    ]:
+        site.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(site)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("emloc:\n  preset: videomme_online\n")
+    result = run_cli("serve", "--config", str(empty))
+    assert result.returncode == 2 and "no streams" in result.stderr

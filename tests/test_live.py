@@ -87,12 +87,57 @@ def test_live_cli_answers_over_mqtt_and_stops_cleanly(tmp_path):
         live.send_signal(signal.SIGINT)  # finishes: folds what is left, answers what waits, exits 0
         out, err = live.communicate(timeout=60)
         assert live.returncode == 0, err
-        assert "stopped:" in out
+        assert "stopped door:" in out
         assert until(lambda: {a["question_id"] for a in client.got("emloc/door/answer")} == {"mid", "late"}), \
             client.got("emloc/door/answer")
     finally:
         ffmpeg.kill()
         if live.poll() is None:
             live.kill()
+        client.close()
+        broker.stop()
+
+
+@needs_mosquitto
+def test_serve_two_streams_one_model_one_source_killed(tmp_path):
+    broker = Broker(tmp_path).start()
+    ports = [free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)]
+    config = tmp_path / "site.yaml"
+    config.write_text(
+        "emloc:\n  preset: videomme_online\n  layer_group_size: 2\n  chunk_frames: 8\n"
+        f"mqtt:\n  host: 127.0.0.1\n  port: {broker.port}\n"
+        "streams:\n"
+        f"  - id: gate\n    source: udp://127.0.0.1:{ports[0]}\n    standing: ['what digit is on screen now ?']\n"
+        f"  - id: yard\n    source: udp://127.0.0.1:{ports[1]}\n    jsonl: {tmp_path}/yard.jsonl\n")
+    client = Client(broker.port, ["emloc/+/status", "emloc/+/answer"], name="site")
+    sources = [stream_to(port) for port in ports]
+    serve = subprocess.Popen([console_script(), "serve", "--config", str(config), "--status-every", "0.5",
+                              "--max-new-tokens", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    try:
+        def status(stream):
+            got = client.got(f"emloc/{stream}/status")
+            return got[-1] if got else {}
+        assert until(lambda: status("gate").get("chunks_folded", 0) >= 1 and status("yard").get("chunks_folded", 0)
+                     >= 1, timeout=90), (status("gate"), status("yard"))
+        sources[1].kill()  # the yard camera dies
+        sources[1].wait()
+        assert until(lambda: status("yard").get("state") == "reconnecting", timeout=20), status("yard")
+        folded = status("gate")["chunks_folded"]
+        assert until(lambda: status("gate").get("chunks_folded", 0) >= folded + 2, timeout=60), status("gate")
+        assert status("gate")["state"] == "running" and status("yard")["state"] == "reconnecting"
+        assert len(client.got("emloc/gate/answer")) >= 3  # the standing question, after every chunk
+        client.publish("emloc/yard/ask", {"id": "y1", "question": "what colour was the star ?"})
+        assert until(lambda: client.got("emloc/yard/answer"), timeout=30)  # a stream without a source still answers
+        serve.send_signal(signal.SIGINT)
+        out, err = serve.communicate(timeout=60)
+        assert serve.returncode == 0, err
+        assert "stopped gate:" in out and "stopped yard:" in out
+        assert '"question_id": "y1"' in (tmp_path / "yard.jsonl").read_text()
+    finally:
+        for s in sources:
+            s.kill()
+        if serve.poll() is None:
+            serve.kill()
         client.close()
         broker.stop()

@@ -1,0 +1,160 @@
+"""Live streams served by one process: one model, one compressed cache per stream.
+
+Every stream has its own source reader thread (which drops frames rather than fall
+behind), question queue, sinks, optional MQTT bridge and optional saved state. The
+serving loop visits the streams in turn and folds whatever each has ready, so the model
+runs one forward at a time and its weights are shared. A stream whose source dies is
+reported on its status and reconnected by its reader; a stream whose fold fails is
+reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+from emloc import ModelAdapter, StreamContext
+from sinks import ConsoleSink, JsonLinesSink
+
+from .config import MqttConfig, StreamConfig
+from .live import LiveSource
+from .mqtt import BrokerOptions, MqttBridge
+from .questions import Question, QuestionQueue
+from .runtime import StreamRunner
+from .state import StateError, has_state, load_state, save_state
+
+log = logging.getLogger("emloc_stream")
+
+
+class LiveStream:
+    def __init__(self, spec: StreamConfig, adapter: ModelAdapter, settings, *, fps: float,
+                 mqtt: MqttConfig | None = None, max_new_tokens: int = 16, console: bool = True) -> None:
+        self.spec, self.fps = spec, fps
+        self.context = StreamContext(adapter, settings=settings)
+        self.queue = QuestionQueue(max_waiting=spec.max_waiting)
+        self.sinks: list = [ConsoleSink()] if console else []
+        if spec.jsonl:
+            self.sinks.append(JsonLinesSink(spec.jsonl))
+        self.bridge = None
+        if mqtt is not None:
+            broker = BrokerOptions(host=mqtt.host, port=mqtt.port, username=mqtt.username, password=mqtt.password,
+                                   tls=mqtt.tls or bool(mqtt.ca_file), ca_file=mqtt.ca_file, prefix=mqtt.prefix)
+            self.bridge = MqttBridge(broker, spec.id, self.queue)
+            self.sinks.append(self.bridge)
+        self.runner = StreamRunner(spec.id, self.context, self.queue, self.sinks, max_new_tokens=max_new_tokens,
+                                   on_error=self.report_error, on_fold=self._on_fold)
+        start_time = self._resume() if spec.state and has_state(spec.state) else 0.0
+        first_chunk = start_time + settings.chunk_frames / fps
+        for text in spec.ask:
+            self.queue.submit(Question(self.queue.new_id(), text, at=first_chunk, origin="config"))
+        for text in spec.standing:
+            self.queue.submit(Question(self.queue.new_id(), text, every=spec.every, origin="config"))
+        self.source = LiveSource(spec.source, fps=fps, format=spec.format, buffer=spec.buffer, start_time=start_time)
+        self.failed = ""
+
+    def _resume(self) -> float:
+        stream = load_state(self.spec.state, self.context)
+        if stream.get("stream_id") != self.spec.id:
+            raise StateError(f"{self.spec.state}: this state belongs to stream {stream.get('stream_id')!r}, "
+                             f"not {self.spec.id!r}")
+        for data in stream.get("questions", []):
+            self.queue.submit(Question(**data))
+        print(f"{self.spec.id}: resumed from {self.spec.state}: {self.context.chunks_folded} chunks folded, up to "
+              f"{stream['last_time']:.1f} s, {len(stream.get('questions', []))} questions restored", flush=True)
+        return float(stream["last_time"]) + 1 / self.fps
+
+    def save(self) -> None:
+        if self.spec.state and self.runner.last_folded_time is not None:
+            save_state(Path(self.spec.state), self.context, dict(
+                stream_id=self.spec.id, last_time=self.runner.last_folded_time, questions=self.queue.snapshot()))
+
+    def _on_fold(self, runner: StreamRunner) -> None:
+        if self.context.chunks_folded % self.spec.save_every == 0:
+            self.save()
+
+    def report_error(self, question_id: str | None, message: str) -> None:
+        print(f"{self.spec.id}: {'question ' + question_id + ': ' if question_id else ''}{message}",
+              file=sys.stderr, flush=True)
+        if self.bridge:
+            self.bridge.publish_error(message, question_id)
+
+    def start(self) -> LiveStream:
+        if self.bridge:
+            self.bridge.start()
+        self.source.start()
+        return self
+
+    def step(self, timeout: float) -> bool:
+        """Feeds one ready frame (or answers what is due); True if a frame was folded in."""
+        frame = self.source.get(timeout=timeout)
+        try:
+            if frame is not None:
+                self.runner.feed(frame)
+            else:
+                self.runner.poll()
+            self.failed = ""
+        except Exception as error:  # this stream's fold failed: report it, keep serving the others
+            self.failed = f"{type(error).__name__}: {error}"
+            self.report_error(None, f"fold failed: {self.failed}")
+        return frame is not None
+
+    def status(self) -> dict:
+        status = self.runner.status
+        status.frames_dropped = self.source.dropped
+        status.lag_s = round(max(0.0, (self.source.newest_time or 0.0) - (status.stream_time or 0.0)), 2)
+        status.detail = ""
+        if self.source.state == "reconnecting":
+            status.state, status.detail = "reconnecting", self.source.last_error
+        elif self.failed:
+            status.state, status.detail = "failed", self.failed
+        elif self.source.state == "connected" and status.state == "starting":
+            status.state = "running"
+        return status.to_dict()
+
+    def publish_status(self) -> dict:
+        status = self.status()
+        if self.bridge:
+            self.bridge.publish_status(status)
+        print(f"status {self.spec.id}: {status['state']}, {status['frames_seen']} frames, "
+              f"{status['chunks_folded']} chunks, {status['cache_tokens']} tokens/layer, lag {status['lag_s']:.1f} s, "
+              f"dropped {status['frames_dropped']}" + (f" ({status['detail']})" if status["detail"] else ""),
+              file=sys.stderr, flush=True)
+        return status
+
+    def close(self) -> None:
+        """Stops reading, folds what is left, answers what waits, saves, flushes the sinks."""
+        self.source.stop()
+        try:
+            self.runner.finish()
+        finally:
+            self.save()
+            if self.bridge:
+                self.bridge.publish_status(self.status())
+            for sink in self.sinks:
+                sink.close()
+
+
+def serve(streams: list[LiveStream], stop: threading.Event, *, status_every: float = 5.0,
+          duration: float | None = None) -> None:
+    """Runs until `stop` is set (Ctrl-C) or `duration` seconds pass; then closes every stream."""
+    for stream in streams:
+        stream.start()
+    started = last_status = time.monotonic()
+    wait = 0.2 / max(1, len(streams))
+    try:
+        while not stop.is_set() and not (duration and time.monotonic() - started > duration):
+            for stream in streams:  # one forward at a time: the weights are shared
+                stream.step(timeout=wait)
+            if time.monotonic() - last_status >= status_every:
+                last_status = time.monotonic()
+                for stream in streams:
+                    stream.publish_status()
+    finally:
+        for stream in streams:
+            try:
+                stream.close()
+            except Exception as error:  # one stream's failure to close must not lose the others' answers
+                log.error("%s: closing failed: %s", stream.spec.id, error)
