@@ -13,7 +13,6 @@ from tempfile import TemporaryDirectory
 from emloc import InputError, SettingsError, StreamContext, UnsupportedModelError
 
 from .config import Config, ConfigError, load_config
-from .mqtt import BrokerOptions
 from .offline import answer_video
 from .sources import VideoError, VideoFile, write_video
 from .state import StateError
@@ -157,9 +156,8 @@ def live(args: argparse.Namespace) -> int:
     config, given = _config(args)
     mqtt = None
     if args.mqtt:
-        broker = BrokerOptions.parse(args.mqtt)
-        mqtt = MqttConfig(host=broker.host, port=broker.port, username=args.mqtt_user, password=args.mqtt_password,
-                          tls=args.mqtt_tls, ca_file=args.mqtt_ca)
+        mqtt = MqttConfig.parse(args.mqtt, username=args.mqtt_user, password=args.mqtt_password,
+                                tls=args.mqtt_tls, ca_file=args.mqtt_ca)
     spec = StreamConfig(id=args.stream_id, source=args.url, format=args.format, ask=tuple(args.ask or ()),
                         standing=tuple(args.standing or ()), every=args.every,
                         jsonl=str(args.jsonl) if args.jsonl else None, state=str(args.state) if args.state else None,

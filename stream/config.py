@@ -39,14 +39,30 @@ class MqttConfig:
     username: str | None = None
     password: str | None = None
     tls: bool = False
-    ca_file: str | None = None
+    ca_file: str | None = None  # CA bundle for TLS (implies tls); the system's by default
     prefix: str = "emloc"
+    max_payload: int = 8192  # bytes of an ask payload
+    backoff: tuple[float, float] = (0.5, 8.0)  # first and longest wait between reconnects, seconds
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 < self.port < 65536:
             raise ConfigError(f"mqtt.port must be an integer in 1..65535, got {self.port!r}")
         if not self.prefix or "#" in self.prefix or "+" in self.prefix:
             raise ConfigError(f"mqtt.prefix must be a plain topic prefix, got {self.prefix!r}")
+        backoff = tuple(self.backoff)
+        if len(backoff) != 2 or not 0 < backoff[0] <= backoff[1]:
+            raise ConfigError(f"mqtt.backoff must be [first, longest] seconds, got {self.backoff!r}")
+        object.__setattr__(self, "backoff", backoff)
+        if self.ca_file:
+            object.__setattr__(self, "tls", True)
+
+    @classmethod
+    def parse(cls, address: str, **options) -> MqttConfig:
+        """From HOST or HOST:PORT."""
+        host, _, port = address.rpartition(":") if ":" in address else (address, "", "1883")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"MQTT broker must be HOST or HOST:PORT, got {address!r}")
+        return cls(host=host, port=int(port), **options)
 
 
 @dataclass(frozen=True)

@@ -15,34 +15,14 @@ import logging
 import ssl
 import threading
 from collections import deque
-from dataclasses import dataclass
 
 from sinks import AnswerEvent, Sink
 
+from .config import MqttConfig
 from .questions import BadQuestion, Question, QuestionQueue, QueueFull
 
 log = logging.getLogger("emloc_stream")
 ASK_FIELDS = {"id", "question", "at", "every"}
-
-
-@dataclass(frozen=True)
-class BrokerOptions:
-    host: str = "127.0.0.1"
-    port: int = 1883
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-    ca_file: str | None = None  # CA bundle for TLS; the system's by default
-    prefix: str = "emloc"
-    max_payload: int = 8192  # bytes of an ask payload
-    backoff: tuple[float, float] = (0.5, 8.0)
-
-    @classmethod
-    def parse(cls, address: str, **options) -> BrokerOptions:
-        host, _, port = address.rpartition(":") if ":" in address else (address, "", "1883")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"MQTT broker must be HOST or HOST:PORT, got {address!r}")
-        return cls(host=host, port=int(port), **options)
 
 
 def parse_ask(payload: bytes, queue: QuestionQueue, max_payload: int) -> Question:
@@ -72,7 +52,7 @@ class MqttBridge(Sink):
     """One stream's MQTT side. As a Sink it publishes answers; `publish_status`/`publish_error`
     may be called from any thread."""
 
-    def __init__(self, broker: BrokerOptions, stream_id: str, queue: QuestionQueue) -> None:
+    def __init__(self, broker: MqttConfig, stream_id: str, queue: QuestionQueue) -> None:
         self.broker, self.stream_id, self.queue = broker, stream_id, queue
         base = f"{broker.prefix}/{stream_id}"
         self.topics = dict(ask=f"{base}/ask", answer=f"{base}/answer", error=f"{base}/error", status=f"{base}/status")

@@ -21,7 +21,7 @@ from sinks import ConsoleSink, JsonLinesSink
 
 from .config import MqttConfig, StreamConfig
 from .live import LiveSource
-from .mqtt import BrokerOptions, MqttBridge
+from .mqtt import MqttBridge
 from .questions import Question, QuestionQueue
 from .runtime import StreamRunner
 from .state import StateError, has_state, load_state, save_state
@@ -40,9 +40,7 @@ class LiveStream:
             self.sinks.append(JsonLinesSink(spec.jsonl))
         self.bridge = None
         if mqtt is not None:
-            broker = BrokerOptions(host=mqtt.host, port=mqtt.port, username=mqtt.username, password=mqtt.password,
-                                   tls=mqtt.tls or bool(mqtt.ca_file), ca_file=mqtt.ca_file, prefix=mqtt.prefix)
-            self.bridge = MqttBridge(broker, spec.id, self.queue)
+            self.bridge = MqttBridge(mqtt, spec.id, self.queue)
             self.sinks.append(self.bridge)
         self.runner = StreamRunner(spec.id, self.context, self.queue, self.sinks, max_new_tokens=max_new_tokens,
                                    on_error=self.report_error, on_fold=self._on_fold)

@@ -79,6 +79,8 @@ def test_shipped_configs_load_and_validate(tmp_path):
                                          chunk_frames=64)
     assert online.model.max_frame_pixels == 336 * 336
     assert load_config(ROOT / "configs" / "reference_code.yaml").emloc.layer_group_size == 7
+    site = load_config(ROOT / "configs" / "site.example.yaml")
+    assert [s.id for s in site.streams] == ["gate", "yard"] and site.emloc.token_budget == 4096
     override = tmp_path / "o.yaml"
     override.write_text("emloc:\n  preset: reference_code\n  delta: 0.02\n  token_budget: 2048\n")
     assert (load_config(override).emloc.delta, load_config(override).emloc.token_budget) == (0.02, 2048)

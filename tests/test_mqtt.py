@@ -5,7 +5,8 @@ import time
 import pytest
 
 from emloc import EMLoCSettings, StreamContext
-from stream.mqtt import BrokerOptions, MqttBridge
+from stream.config import MqttConfig
+from stream.mqtt import MqttBridge
 from stream.questions import QuestionQueue
 from stream.runtime import StreamRunner
 from stream.sources import Frame
@@ -53,7 +54,7 @@ class Stream:
 
     def __init__(self, model, tokenizer, port):
         self.queue = QuestionQueue(max_waiting=8)
-        self.bridge = MqttBridge(BrokerOptions(port=port, backoff=(0.1, 0.5)), "cam", self.queue).start()
+        self.bridge = MqttBridge(MqttConfig(port=port, backoff=(0.1, 0.5)), "cam", self.queue).start()
         context = StreamContext(model, tokenizer, SETTINGS)
         self.runner = StreamRunner("cam", context, self.queue, [self.bridge], max_new_tokens=2,
                                    on_error=lambda qid, msg: self.bridge.publish_error(msg, qid))
