@@ -162,7 +162,8 @@ def live(args: argparse.Namespace) -> int:
                         standing=tuple(args.standing or ()), every=args.every,
                         jsonl=str(args.jsonl) if args.jsonl else None, state=str(args.state) if args.state else None,
                         save_every=args.save_every, buffer=args.buffer, max_waiting=args.max_waiting)
-    return _serve(config, given, args, [spec], mqtt)
+    questions = load_questions(args.questions) if args.questions else []
+    return _serve(config, given, args, [spec], mqtt, questions)
 
 
 def serve_config(args: argparse.Namespace) -> int:
@@ -172,7 +173,7 @@ def serve_config(args: argparse.Namespace) -> int:
     return _serve(config, given, args, list(config.streams), config.mqtt)
 
 
-def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, mqtt) -> int:
+def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, mqtt, questions=()) -> int:
     import signal
     import threading
 
@@ -183,7 +184,8 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
     print(f"emloc-stream: {len(specs)} stream(s) [{', '.join(s.id for s in specs)}]; {_describe(context, label)}",
           flush=True)
     streams = [LiveStream(spec, context.adapter, context.settings, fps=config.model.fps, mqtt=mqtt,
-                          max_new_tokens=args.max_new_tokens) for spec in specs]
+                          max_new_tokens=args.max_new_tokens, questions=questions if i == 0 else ())
+               for i, spec in enumerate(specs)]
     if getattr(args, "stdin", False):
         queue = streams[0].queue
 
@@ -352,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--standing", action="append", help="a question re-answered every --every chunks")
     p.add_argument("--every", type=int, default=1, help="chunks between answers to standing questions")
     p.add_argument("--stdin", action="store_true", help="read questions from standard input, one per line")
+    p.add_argument("--questions", help='JSON Lines of {"id", "question", optional "at"} to ask this stream')
     p.add_argument("--jsonl", type=Path, help="also append answers to this JSON Lines file")
     p.add_argument("--mqtt", help="broker HOST:PORT: questions on emloc/<stream>/ask, answers, errors, status")
     p.add_argument("--mqtt-user")

@@ -31,7 +31,8 @@ log = logging.getLogger("emloc_stream")
 
 class LiveStream:
     def __init__(self, spec: StreamConfig, adapter: ModelAdapter, settings, *, fps: float,
-                 mqtt: MqttConfig | None = None, max_new_tokens: int = 16, console: bool = True) -> None:
+                 mqtt: MqttConfig | None = None, max_new_tokens: int = 16, console: bool = True,
+                 questions: list[Question] = ()) -> None:
         self.spec, self.fps = spec, fps
         self.context = StreamContext(adapter, settings=settings)
         self.queue = QuestionQueue(max_waiting=spec.max_waiting)
@@ -50,6 +51,8 @@ class LiveStream:
             self.queue.submit(Question(self.queue.new_id(), text, at=first_chunk, origin="config"))
         for text in spec.standing:
             self.queue.submit(Question(self.queue.new_id(), text, every=spec.every, origin="config"))
+        for question in questions:  # from a questions file: one-off, or scheduled with "at"
+            self.queue.submit(question)
         self.source = LiveSource(spec.source, fps=fps, format=spec.format, buffer=spec.buffer, start_time=start_time)
         self.failed = ""
 
