@@ -54,7 +54,7 @@ def fold_throughput(adapter, settings, chunks: int) -> dict:
             runner.feed(frame)
         fed += len(chunk)
     seconds = time.perf_counter() - t0
-    records = context.records[1:]
+    records = list(context.records)[1:]
     return dict(frames=fed, seconds=round(seconds, 3), frames_per_s=round(fed / seconds, 1),
                 fold_s_median=round(statistics.median(r.vision_s + r.prefill_s + r.observe_s + r.search_s
                                                       for r in records), 4),

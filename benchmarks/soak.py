@@ -50,11 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = videomme_online(layer_group_size=adapter.num_layers // 2, token_budget=args.budget)
     context = StreamContext(adapter, settings=settings)
     queue = QuestionQueue()
-    answers = []
+    class Count:  # only counts: an endless stream must not keep what it delivered
+        answers = 0
 
-    class Keep:
         def deliver(self, event):
-            answers.append(event)
+            Count.answers += 1
 
         def close(self):
             pass
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"chunk {k}: {s['frames']} frames, {s['seconds']} s, RSS {s['rss_bytes'] / 2**20:.1f} MiB, "
                   f"cache {s['cache_bytes'] / 1024:.0f} KiB, max layer {s['max_layer_tokens']} tokens", flush=True)
 
-    runner = StreamRunner("soak", context, queue, [Keep()], max_new_tokens=2, on_fold=on_fold)
+    runner = StreamRunner("soak", context, queue, [Count()], max_new_tokens=2, on_fold=on_fold)
     chunk = settings.chunk_frames
     t0 = time.perf_counter()
     for k in range(args.frames // chunk):
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     full = next(i for i, s in enumerate(samples) if s["max_layer_tokens"] >= args.budget - chunk * 2)
     after = [s["cache_bytes"] for s in samples[full:]]
     result = dict(frames=samples[-1]["frames"], chunks=n, budget=args.budget, seconds=samples[-1]["seconds"],
-                  answers=len(answers), rss_growth_last_80_percent=round(100 * growth, 2),
+                  answers=Count.answers, rss_growth_last_80_percent=round(100 * growth, 2),
                   rss_mib_first=round(samples[0]["rss_bytes"] / 2**20, 1),
                   rss_mib_last=round(samples[-1]["rss_bytes"] / 2**20, 1),
                   budget_reached_at_chunk=samples[full]["chunk"], cache_bytes_after_budget_min=min(after),

@@ -12,6 +12,7 @@ retention policy choose what each layer keeps, commit, and enforce the budget.
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import torch
 
@@ -33,6 +34,8 @@ class StreamContext:
     adapter_options: passed to the family adapter (fps, frame pixel limits).
     """
 
+    KEEP_RECORDS = 1024
+
     def __init__(self, model, tokenizer=None, settings: EMLoCSettings | None = None, *,
                  policy: RetentionPolicy | None = None, **adapter_options) -> None:
         self.adapter: ModelAdapter = model if isinstance(model, ModelAdapter) else adapter_for(
@@ -43,7 +46,7 @@ class StreamContext:
         self.cache = PrunedCache(self.adapter.num_layers)
         self.standing_questions: list[str] = []
         self.chunks_folded = 0
-        self.records: list[FoldRecord] = []
+        self.records: deque[FoldRecord] = deque(maxlen=self.KEEP_RECORDS)  # an endless stream keeps the newest
         self._steps = 0  # temporal steps (frame pairs) folded so far
         self._time_span: tuple[float, float] | None = None
         self._start_stream()

@@ -23,6 +23,7 @@ from .questions import BadQuestion, Question, QuestionQueue, QueueFull
 
 log = logging.getLogger("emloc_stream")
 ASK_FIELDS = {"id", "question", "at", "every"}
+MAX_OUTBOX = 10_000  # messages held while the broker is away; beyond that the oldest go, loudly
 
 
 def parse_ask(payload: bytes, queue: QuestionQueue, max_payload: int) -> Question:
@@ -103,6 +104,10 @@ class MqttBridge(Sink):
             if replace:  # only the newest status matters
                 self._outbox = deque(m for m in self._outbox if m[0] != topic)
             self._outbox.append((topic, payload, qos))
+            if len(self._outbox) > MAX_OUTBOX:
+                lost = self._outbox.popleft()
+                log.error("mqtt: broker unreachable and %d messages waiting: dropped the oldest, for %s "
+                          "(answers also go to the other sinks)", MAX_OUTBOX, lost[0])
         self._poke()
 
     def _poke(self) -> None:

@@ -23,13 +23,15 @@ def free_port(kind=socket.SOCK_STREAM) -> int:
 
 
 class Broker:
-    """Persistence on, so a restart keeps subscriptions and queued QoS 1 messages, as in production."""
+    """Persistence on, so a restart keeps subscriptions and queued QoS 1 messages, as in production.
+    `user root` keeps a broker started by root from dropping to a user that cannot write the test's folder
+    (it has no effect for other users)."""
 
     def __init__(self, folder: Path) -> None:
         self.port = free_port()
         self.folder = folder
         self.config = folder / "mosquitto.conf"
-        self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+        self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\nuser root\n"
                                f"persistence_location {folder}/\nautosave_interval 1\n")
         self.process = None
 
