@@ -13,6 +13,11 @@ through `stream.offline.answer_video`, the path `emloc-stream run` takes. Method
   query-aware (the question is the observer while folding, as in the paper: one pass per
   question) and query-agnostic (the probe prompt observes; one pass answers all questions,
   as a live stream must);
+- query-agnostic and query-aware online EMLoC at tighter bounds (delta 0.01, 0.0025), for
+  the accuracy / tokens-kept curve;
+- online EMLoC measuring the bound on the observer's last position only (m = 1: the
+  answer's distribution) instead of the paper's last 16 positions, and without the
+  importance smoothing (kernel 1 instead of 5);
 - baselines given, video by video, the same share of tokens the query-agnostic online EMLoC
   kept on that video: uniform frame subsampling, StreamingLLM (sinks + recent window),
   observer top-k (SnapKV-like, probe observer) and random dropping; and observer top-k with
@@ -28,7 +33,7 @@ import json
 import multiprocessing
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -63,6 +68,7 @@ class Method:
     query_aware: bool
     baseline: str | None = None  # policy built from a matched kept share; None = EMLoC's own search
     matched_to: str | None = None
+    overrides: tuple[tuple[str, object], ...] = ()  # settings changed from the preset (delta, observed_positions..)
 
 
 METHODS = [
@@ -71,6 +77,18 @@ METHODS = [
     Method("emloc_online_query", "EMLoC online, question observer", "online", True),
     Method("emloc_reference_probe", "EMLoC ref-code, probe observer", "reference", False),
     Method("emloc_reference_query", "EMLoC ref-code, question observer", "reference", True),
+    Method("emloc_online_probe_d0.01", "EMLoC online, probe, delta 0.01", "online", False,
+           overrides=(("delta", 0.01),)),
+    Method("emloc_online_probe_d0.0025", "EMLoC online, probe, delta 0.0025", "online", False,
+           overrides=(("delta", 0.0025),)),
+    Method("emloc_online_query_d0.01", "EMLoC online, question, delta 0.01", "online", True,
+           overrides=(("delta", 0.01),)),
+    Method("emloc_online_query_m1", "EMLoC online, question, last position only", "online", True,
+           overrides=(("observed_positions", 1),)),
+    Method("emloc_online_probe_m1", "EMLoC online, probe, last position only", "online", False,
+           overrides=(("observed_positions", 1),)),
+    Method("emloc_online_query_k1", "EMLoC online, question, no smoothing", "online", True,
+           overrides=(("smoothing_kernel", 1),)),
     Method("uniform_frames", "uniform frames", "online", False, "uniform_frames", "emloc_online_probe"),
     Method("streaming_window", "StreamingLLM (sinks + window)", "online", False, "streaming_window",
            "emloc_online_probe"),
@@ -199,6 +217,7 @@ def _run_video(job) -> dict:
 
 def run_method_sized(adapter, method, frames, video, share, total_tokens, max_new_tokens):
     settings = settings_for(method.preset, adapter.num_layers)
+    settings = replace(settings, **dict(method.overrides))
     questions = [video.question(kind) for kind in QUESTION_TYPES]
     groups = [[q] for q in questions] if method.query_aware else [questions]
     out = dict(answers={}, kept=[], seen=0, peak=0.0, wall=0.0)

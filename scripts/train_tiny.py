@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vision-dim", type=int, default=96)
     parser.add_argument("--probe-weight", type=float, default=1.0,
                         help="weight of the training-only vision probe loss (0 = off)")
+    parser.add_argument("--stop-when-perfect", type=int, default=3,
+                        help="stop once this many evaluations in a row at the last length score 1.0 on every "
+                        "question type (no later checkpoint could be selected over the best)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -249,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     stage, step, started = 0, 0, time.time()
     stage_started = started
+    perfect = 0
     best, history = None, []
     model.train()
     while time.time() - started < budget_s:
@@ -281,6 +285,10 @@ def main(argv: list[str] | None = None) -> None:
                 model.save_pretrained(args.out)
                 tokenizer.save_pretrained(args.out)
                 batcher.adapter.image_processor.save_pretrained(args.out)
+            perfect = perfect + 1 if stage + 1 == len(args.lengths) and min(scores.values()) == 1.0 else 0
+            if args.stop_when_perfect and perfect >= args.stop_when_perfect:
+                print(f"held-out accuracy perfect {perfect} times in a row at {frames} frames: stopping", flush=True)
+                break
             overdue = stage < len(args.stage_minutes) and time.time() - stage_started > 60 * args.stage_minutes[stage]
             if (mean >= args.advance_at or overdue) and stage + 1 < len(args.lengths):
                 stage, stage_started = stage + 1, time.time()

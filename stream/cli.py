@@ -14,7 +14,7 @@ from emloc import InputError, SettingsError, StreamContext, UnsupportedModelErro
 
 from .config import Config, ConfigError, load_config
 from .offline import answer_video
-from .sources import VideoError, VideoFile, write_video
+from .sources import IMAGE_SUFFIXES, VideoError, VideoFile, open_source, write_video
 from .state import StateError
 from .synthetic import QUESTION_TYPES, make_video
 
@@ -66,13 +66,17 @@ def _describe(context: StreamContext, label: str) -> str:
             + (f", budget {s.token_budget}/layer" if s.token_budget else ""))
 
 
-def _progress(total: int | None):
+def _progress(total: int | None, duration: float | None = None):
+    """Prints each folded chunk: frames so far, and how far through the video."""
     seen = [0]
 
     def show(record) -> None:
         seen[0] += record.frames
         of = f"/{total}" if total else ""
-        print(f"[{seen[0]:>5}{of} frames] {record.summary()}", flush=True)
+        done = ""
+        if duration and record.time_span:
+            done = f" {min(100.0, 100 * record.time_span[1] / duration):5.1f}%"
+        print(f"[{seen[0]:>5}{of} frames{done}] {record.summary()}", flush=True)
     return show
 
 
@@ -121,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("give at least one question with --ask")
     from .state import has_state, load_state, save_state
 
-    source = VideoFile(args.video)
+    source = open_source(args.video, args.image_fps)
     context, label = build_context(config, args.model, given)
     print(f"emloc-stream run: {_describe(context, label)}", flush=True)
     frames = source.frames(fps=config.model.fps)
@@ -134,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         frames = (f for f in frames if f.time > done + 1e-6)
         print(f"resumed from {args.state}: {context.chunks_folded} chunks already folded, up to {done:.1f} s",
               flush=True)
-    progress = _progress(None)
+    progress = _progress(None, source.duration() if isinstance(source, VideoFile) else len(source.files) /
+                         source.fps)
 
     def on_fold(record) -> None:
         progress(record)
@@ -215,8 +220,10 @@ def _batch_videos(source: str) -> list[Path]:
     path = Path(source)
     if path.is_dir():
         videos = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
+        videos += sorted(p for p in path.iterdir() if p.is_dir() and any(  # sub-folders of images: one video each
+            f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir()))
         if not videos:
-            raise InputError(f"{path}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))})")
+            raise InputError(f"{path}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))}) or image folders")
         return videos
     if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
         return [path]
@@ -231,7 +238,6 @@ def batch(args: argparse.Namespace) -> int:
 
     from .questions import QuestionQueue
     from .runtime import StreamRunner
-    from .sources import VideoFile
 
     config, given = _config(args)
     videos = _batch_videos(args.videos)
@@ -256,7 +262,7 @@ def batch(args: argparse.Namespace) -> int:
                 queue.submit(q)
             runner = StreamRunner(stream_id, context, queue, sinks, max_new_tokens=args.max_new_tokens)
             try:
-                for frame in VideoFile(path).frames(fps=config.model.fps):
+                for frame in open_source(path).frames(fps=config.model.fps):
                     runner.feed(frame)
             except VideoError as error:
                 failed += 1
@@ -332,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("run", help="fold a video file and answer questions about it")
     common(p)
-    p.add_argument("video", help="video file (decord, else PyAV)")
+    p.add_argument("video", help="video file (decord, else PyAV) or a folder of images")
+    p.add_argument("--image-fps", type=float, default=2.0, help="frames per second of a folder of images")
     p.add_argument("--query-aware", action="store_true",
                    help="let the questions guide pruning (they are known before the video)")
     p.add_argument("--state", type=Path, help="save the stream state here; resume from it if present")

@@ -35,18 +35,81 @@ class VideoFile:
         if backend not in ("auto", "decord", "av"):
             raise ValueError(f"backend must be 'auto', 'decord' or 'av', got {backend!r}")
         self.backend = backend
+        self.used: str | None = None  # the backend that read the file
+
+    def duration(self) -> float | None:
+        """Length in seconds from the container's header, if it says (for progress only)."""
+        import av
+
+        try:
+            with av.open(str(self.path)) as container:
+                if container.duration:
+                    return container.duration / 1_000_000
+                stream = container.streams.video[0]
+                return float(stream.duration * stream.time_base) if stream.duration else None
+        except (av.error.FFmpegError, IndexError):
+            return None
 
     def frames(self, fps: float | None = None) -> Iterator[Frame]:
         """Every frame, or frames sampled at `fps` by timestamp."""
         errors = []
         for name in (("decord", "av") if self.backend == "auto" else (self.backend,)):
             try:
+                self.used = name
                 reader = _decord_frames if name == "decord" else _av_frames
                 yield from reader(self.path, fps)
                 return
             except _Unreadable as error:  # nothing yielded yet: the next backend may read it
                 errors.append(f"{name}: {error}")
         raise VideoError(f"{self.path}: cannot decode video ({'; '.join(errors)})")
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+class ImageFolder:
+    """A folder of images, one frame each in file-name order, `fps` frames per second of
+    stream time (the sampler then picks frames at the model's rate)."""
+
+    def __init__(self, path: str | Path, fps: float = 2.0) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise VideoError(f"{self.path}: not a folder of images")
+        if fps <= 0:
+            raise ValueError(f"image folder fps must be > 0, got {fps}")
+        self.files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise VideoError(f"{self.path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        self.fps = fps
+
+    def frames(self, fps: float | None = None) -> Iterator[Frame]:
+        from PIL import Image, UnidentifiedImageError
+
+        size = None
+
+        def read(i: int, file: Path) -> Frame:  # RateSampler is defined below; used at call time
+            nonlocal size
+            try:
+                with Image.open(file) as image:
+                    array = np.asarray(image.convert("RGB"))
+            except (OSError, UnidentifiedImageError) as error:
+                raise VideoError(f"{file}: cannot read image: {error}") from error
+            if size is None:
+                size = array.shape
+            elif array.shape != size:
+                raise VideoError(f"{file}: image is {array.shape[1]}x{array.shape[0]}, the folder's first image is "
+                                 f"{size[1]}x{size[0]}; a stream's frames must share one size")
+            return Frame(array, i / self.fps)
+
+        sampler = RateSampler(fps) if fps else None
+        for i, file in enumerate(self.files):  # sampled by time before decoding: skipped files are never read
+            if sampler is None or sampler.keep(i / self.fps):
+                yield read(i, file)
+
+
+def open_source(path: str | Path, fps_for_images: float = 2.0):
+    """A video file or a folder of images."""
+    return ImageFolder(path, fps_for_images) if Path(path).is_dir() else VideoFile(path)
 
 
 class _Unreadable(Exception):

@@ -38,13 +38,16 @@ def videos(tmp_path_factory):
     return out
 
 
-def score(adapter, videos, policy):
+def score(adapter, videos, policy, query_aware=False):
     correct = {kind: 0 for kind in QUESTION_TYPES}
     for video, frames in videos:
-        context = StreamContext(adapter, settings=videomme_online(layer_group_size=2), policy=policy)
-        answers = answer_video(context, frames, [video.question(k).text for k in QUESTION_TYPES], max_new_tokens=4)
-        for kind, answer in zip(QUESTION_TYPES, answers):
-            correct[kind] += answer.text.strip() == video.question(kind).answer
+        groups = [[k] for k in QUESTION_TYPES] if query_aware else [list(QUESTION_TYPES)]
+        for kinds in groups:  # query-aware: each question guides the pruning of its own pass
+            context = StreamContext(adapter, settings=videomme_online(layer_group_size=2), policy=policy)
+            answers = answer_video(context, frames, [video.question(k).text for k in kinds], max_new_tokens=4,
+                                   query_aware=query_aware)
+            for kind, answer in zip(kinds, answers):
+                correct[kind] += answer.text.strip() == video.question(kind).answer
     return {kind: n / len(videos) for kind, n in correct.items()}
 
 
@@ -61,8 +64,9 @@ def test_full_context_answers_fresh_videos(adapter, videos):
     assert sum(accuracy.values()) / len(accuracy) >= MIN_OVERALL, accuracy
 
 
-def test_emloc_keeps_the_answers(adapter, videos):
-    """Query-agnostic EMLoC (the paper's online setting at this depth) on the same videos."""
-    accuracy = score(adapter, videos, None)
-    assert accuracy["needle"] >= MIN_NEEDLE - 1 / 8, accuracy
-    assert sum(accuracy.values()) / len(accuracy) >= MIN_OVERALL - 0.1, accuracy
+def test_query_aware_emloc_keeps_the_answers(adapter, videos):
+    """EMLoC with the paper's online setting at this depth, the question as observer, on the
+    same videos (the benchmark measured 99.5% needle, 88.8% mean on 200 videos)."""
+    accuracy = score(adapter, videos, None, query_aware=True)
+    assert accuracy["needle"] >= MIN_NEEDLE, accuracy
+    assert sum(accuracy.values()) / len(accuracy) >= MIN_OVERALL - 0.05, accuracy

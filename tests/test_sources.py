@@ -76,3 +76,39 @@ def test_truncated_file_names_the_file(tmp_path):
         list(VideoFile(junk).frames())
     with pytest.raises(VideoError, match="missing.mp4"):
         VideoFile(tmp_path / "missing.mp4")
+
+
+@ffmpeg
+def test_container_decord_cannot_read_falls_back_to_pyav(tmp_path):
+    path = tmp_path / "clip.gif"
+    run_ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x64:rate=10:duration=3", str(path))
+    with pytest.raises(VideoError, match="clip.gif"):
+        list(VideoFile(path, backend="decord").frames())
+    source = VideoFile(path)
+    times = [f.time for f in source.frames(fps=2)]
+    assert source.used == "av" and times == pytest.approx([0.5 * k for k in range(6)], abs=1e-3)
+
+
+def test_image_folder_is_a_stream(tmp_path):
+    from PIL import Image
+
+    from stream.sources import ImageFolder, open_source
+
+    video = make_video(4, frames=16)
+    for i, image in enumerate(video.frames):
+        Image.fromarray(image).save(tmp_path / f"frame_{i:04d}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    frames = list(open_source(tmp_path, fps_for_images=4).frames(fps=2))
+    assert [f.time for f in frames] == [0.5 * k for k in range(8)]
+    assert np.array_equal(frames[1].image, video.frames[2])  # PNG is lossless
+    Image.fromarray(video.frames[0][:28]).save(tmp_path / "frame_9999.png")
+    with pytest.raises(VideoError, match="frame_9999.png.*one size"):
+        list(ImageFolder(tmp_path).frames())
+    (tmp_path / "frame_9999.png").write_bytes(b"broken")
+    with pytest.raises(VideoError, match="frame_9999.png: cannot read image"):
+        list(ImageFolder(tmp_path).frames())
+    with pytest.raises(VideoError, match="not a folder of images"):
+        ImageFolder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VideoError, match="no images"):
+        ImageFolder(tmp_path / "empty")
