@@ -152,8 +152,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=[m.name for m in METHODS])
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
+    parser.add_argument("--replot", action="store_true", help="rewrite the table and plot from --out/fidelity.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     args = parser.parse_args(argv)
+    if args.replot:
+        saved = json.loads((args.out / "fidelity.json").read_text())
+        write_json(args.out / "fidelity.json", saved["meta"], saved["summary"], saved["videos"])
+        (args.out / "fidelity.md").write_text(markdown(saved["meta"], saved["summary"]))
+        plot(saved["summary"], args.out / "fidelity.png")
+        return
     unknown = set(args.methods) - {m.name for m in METHODS}
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}")
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         ROOT) else args.model, videos=args.videos, frames=args.frames, seeds=f"{SEEDS}..{SEEDS + args.videos - 1}",
         layers=layers, workers=args.workers, minutes=round((time.time() - started) / 60, 1),
         command="python benchmarks/fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-    (args.out / "fidelity.json").write_text(json.dumps(dict(meta=meta, summary=summary, videos=rows), indent=1) + "\n")
+    write_json(args.out / "fidelity.json", meta, summary, rows)
     (args.out / "fidelity.md").write_text(markdown(meta, summary))
     plot(summary, args.out / "fidelity.png")
     print(markdown(meta, summary))
@@ -232,6 +239,13 @@ def run_method_sized(adapter, method, frames, video, share, total_tokens, max_ne
     out["share"] = out["kept"] / max(out["seen"], 1)
     out["correct"] = {q.kind: out["answers"][q.kind] == q.answer for q in questions}
     return out
+
+
+def write_json(path: Path, meta, summary, rows) -> None:
+    """Summary readable, one compact line per video."""
+    head = json.dumps(dict(meta=meta, summary=summary), indent=1)[:-2]
+    videos = ",\n  ".join(json.dumps(r, separators=(",", ":")) for r in rows)
+    path.write_text(f'{head},\n "videos": [\n  {videos}\n ]\n}}\n')
 
 
 def accuracy(rows, name) -> dict[str, float]:
@@ -284,10 +298,10 @@ def plot(summary, path: Path) -> None:
         print("matplotlib is not installed (pip install -e '.[bench]'): no plot written", flush=True)
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s in summary:
+    for i, s in enumerate(summary):
         marker = "*" if s["name"].startswith("emloc") else ("s" if s["name"] == "full" else "o")
-        ax.scatter(s["kept_percent"], 100 * s["accuracy"]["mean"], marker=marker, s=90 if marker == "*" else 45,
-                   label=s["label"])
+        ax.scatter(s["kept_percent"], 100 * s["accuracy"]["mean"], marker=marker, s=110 if marker == "*" else 45,
+                   label=s["label"], color=plt.cm.tab20(i % 20))
     ax.set_xscale("log")
     ax.set_xlabel("video tokens kept (% of full, log scale)")
     ax.set_ylabel("mean exact-match accuracy (%)")

@@ -50,7 +50,8 @@ def build(shape: dict, device: torch.device, dtype: torch.dtype):
     tokenizer = tiny_tokenizer()  # word-level, Qwen's special tokens: the token ids do not matter here
     get = tokenizer.convert_tokens_to_ids
     ids = dict(image_token_id=get("<|image_pad|>"), video_token_id=get("<|video_pad|>"),
-               vision_start_token_id=get("<|vision_start|>"), vision_end_token_id=get("<|vision_end|>"))
+               vision_start_token_id=get("<|vision_start|>"), vision_end_token_id=get("<|vision_end|>"),
+               eos_token_id=get("<|im_end|>"), bos_token_id=get("<|endoftext|>"), pad_token_id=get("<|endoftext|>"))
     head_dim = shape["hidden_size"] // shape["num_attention_heads"]
     half = head_dim // 2
     section = [16, 24, 24] if half == 64 else [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
