@@ -13,6 +13,8 @@ through `stream.offline.answer_video`, the path `emloc-stream run` takes. Method
   query-aware (the question is the observer while folding, as in the paper: one pass per
   question) and query-agnostic (the probe prompt observes; one pass answers all questions,
   as a live stream must);
+- online EMLoC with the four question types as standing observers of one pass (one cache
+  answers them all, as a live stream with standing questions runs);
 - query-agnostic and query-aware online EMLoC at tighter bounds (delta 0.01, 0.0025), for
   the accuracy / tokens-kept curve;
 - online EMLoC measuring the bound on the observer's last position only (m = 1: the
@@ -69,12 +71,15 @@ class Method:
     baseline: str | None = None  # policy built from a matched kept share; None = EMLoC's own search
     matched_to: str | None = None
     overrides: tuple[tuple[str, object], ...] = ()  # settings changed from the preset (delta, observed_positions..)
+    shared: bool = False  # query-aware with every question observing one pass (standing questions of a live stream)
 
 
 METHODS = [
     Method("full", "full context", "online", False, baseline="keep_all"),
     Method("emloc_online_probe", "EMLoC online, probe observer", "online", False),
     Method("emloc_online_query", "EMLoC online, question observer", "online", True),
+    Method("emloc_online_standing", "EMLoC online, the 4 questions as standing observers", "online", True,
+           shared=True),
     Method("emloc_reference_probe", "EMLoC ref-code, probe observer", "reference", False),
     Method("emloc_reference_query", "EMLoC ref-code, question observer", "reference", True),
     Method("emloc_online_probe_d0.01", "EMLoC online, probe, delta 0.01", "online", False,
@@ -226,7 +231,7 @@ def run_method_sized(adapter, method, frames, video, share, total_tokens, max_ne
     settings = settings_for(method.preset, adapter.num_layers)
     settings = replace(settings, **dict(method.overrides))
     questions = [video.question(kind) for kind in QUESTION_TYPES]
-    groups = [[q] for q in questions] if method.query_aware else [questions]
+    groups = [[q] for q in questions] if method.query_aware and not method.shared else [questions]
     out = dict(answers={}, kept=[], seen=0, peak=0.0, wall=0.0)
     for group in groups:
         policy = None if method.baseline is None else baseline_policy(method.baseline, share, total_tokens, video.seed)

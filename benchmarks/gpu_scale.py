@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     label = "Qwen2-VL-7B architecture" if not reduced else "Qwen2-VL-7B shapes, narrow (reduced) layers"
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'})"
     print(f"{label} on {machine}, {dtype}; {args.frames} frames at 336x336, 64 a chunk", flush=True)
+    run(adapter, settings, KeepAll(), video[:settings.chunk_frames], device)  # warm-up: allocator, kernels
     results = {}
     for name, policy in [("full", KeepAll()), ("emloc_js_search", None),
                          ("emloc_paper_pattern", ObserverTopK(PAPER_SHARE))]:

@@ -67,8 +67,9 @@ def test_live_cli_answers_over_mqtt_and_stops_cleanly(tmp_path):
     ffmpeg = stream_to(port)
     live = subprocess.Popen([console_script(), "live", f"udp://127.0.0.1:{port}", "--config", str(config),
                              "--stream-id", "door", "--mqtt", f"127.0.0.1:{broker.port}", "--status-every", "0.5",
-                             "--questions", str(questions),
-                             "--max-new-tokens", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             "--questions", str(questions), "--stdin",
+                             "--max-new-tokens", "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
                             env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     try:
         status = lambda: client.got("emloc/door/status")[-1] if client.got("emloc/door/status") else {}  # noqa: E731
@@ -80,6 +81,10 @@ def test_live_cli_answers_over_mqtt_and_stops_cleanly(tmp_path):
         answer = next(a for a in client.got("emloc/door/answer") if a["question_id"] == "mid")
         assert answer["time_span"][1] > 0
         assert "not JSON" in client.got("emloc/door/error")[0]["error"]
+        live.stdin.write("how many times did a star appear ?\n")  # a question typed at the terminal
+        live.stdin.flush()
+        assert until(lambda: any(a["question"] == "how many times did a star appear ?"
+                                 for a in client.got("emloc/door/answer")), timeout=30)
         folded = status()["chunks_folded"]
         ffmpeg.kill()
         ffmpeg.wait()
@@ -92,8 +97,9 @@ def test_live_cli_answers_over_mqtt_and_stops_cleanly(tmp_path):
         out, err = live.communicate(timeout=60)
         assert live.returncode == 0, err
         assert "stopped door:" in out
-        assert until(lambda: {a["question_id"] for a in client.got("emloc/door/answer")} == {"mid", "late", "file1"}), \
-            client.got("emloc/door/answer")
+        assert until(lambda: len(client.got("emloc/door/answer")) == 4), client.got("emloc/door/answer")
+        ids = [a["question_id"] for a in client.got("emloc/door/answer")]
+        assert {"mid", "late", "file1"} <= set(ids) and len(set(ids)) == 4, "each question answered exactly once"
     finally:
         ffmpeg.kill()
         if live.poll() is None:
