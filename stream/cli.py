@@ -110,8 +110,12 @@ def demo(args: argparse.Namespace) -> int:
               f"({args.frames / video.fps:.0f} s), {args.size}x{args.size}, written to {path}", flush=True)
         questions = args.ask or [video.question(kind).text for kind in QUESTION_TYPES]
         expected = None if args.ask else [video.question(kind).answer for kind in QUESTION_TYPES]
+        if not args.probe:
+            print("observers: the questions, known before the video (--probe: the probe prompt only, as a live "
+                  "stream without standing questions)", flush=True)
         answers = answer_video(context, VideoFile(path).frames(fps=config.model.fps), questions,
-                               max_new_tokens=args.max_new_tokens, on_fold=_progress(args.frames))
+                               query_aware=not args.probe, max_new_tokens=args.max_new_tokens,
+                               on_fold=_progress(args.frames))
     correct = _deliver(context, "demo", questions, answers, expected)
     if expected:
         print(f"{correct}/{len(questions)} answers match the ground truth")
@@ -334,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=56, help="frame side in pixels (a multiple of 28)")
     p.add_argument("--seed", type=int, default=7, help="which synthetic video")
     p.add_argument("--save-video", type=Path, help="keep the generated video file here")
+    p.add_argument("--probe", action="store_true", help="prune guided by the probe prompt instead of the questions")
     p.set_defaults(run=demo)
 
     p = commands.add_parser("run", help="fold a video file and answer questions about it")

@@ -43,6 +43,7 @@ def test_default_demo_prints_answers_next_to_ground_truth(tmp_path):
     out = result.stdout
     assert "shipped, trained here" in out and "4 layers; layer groups of 2, delta 0.04" in out
     assert out.count("(expected: ") == 4 and "answers match the ground truth" in out
+    assert out.count("observer=question") == 2  # the questions guide pruning unless --probe
     assert video.stat().st_size > 0
 
 
