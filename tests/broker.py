@@ -27,12 +27,13 @@ class Broker:
     `user root` keeps a broker started by root from dropping to a user that cannot write the test's folder
     (it has no effect for other users)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, extra: str = "", anonymous: bool = True) -> None:
         self.port = free_port()
         self.folder = folder
         self.config = folder / "mosquitto.conf"
-        self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\nuser root\n"
-                               f"persistence_location {folder}/\nautosave_interval 1\n")
+        self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous {str(anonymous).lower()}\n"
+                               f"persistence true\nuser root\npersistence_location {folder}/\nautosave_interval 1\n"
+                               + extra)
         self.process = None
 
     def start(self) -> Broker:

@@ -112,3 +112,51 @@ def test_broker_restart_loses_no_accepted_question(broker, qwen2_vl, tokenizer):
     finally:
         stream.bridge.close()
         client.close()
+
+
+def test_password_and_tls(tmp_path, qwen2_vl, tokenizer):
+    """A broker that wants a password over TLS: the right ones are answered, a wrong password is refused."""
+    import shutil
+    import subprocess
+
+    if not (shutil.which("openssl") and shutil.which("mosquitto_passwd")):
+        pytest.skip("openssl and mosquitto_passwd are needed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    passwords = tmp_path / "passwords"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "cam", "s3cret"], check=True, capture_output=True)
+    broker = Broker(tmp_path, anonymous=False, extra=f"password_file {passwords}\ncertfile {cert}\nkeyfile {key}\n")
+    broker.start()
+    queue = QuestionQueue()
+    good = MqttBridge(MqttConfig(port=broker.port, username="cam", password="s3cret", ca_file=str(cert),
+                                 backoff=(0.1, 0.5)), "cam", queue).start()
+    bad = MqttBridge(MqttConfig(port=broker.port, username="cam", password="wrong", ca_file=str(cert),
+                                backoff=(0.1, 0.5)), "other", QuestionQueue()).start()
+    try:
+        assert good.subscribed.wait(10), good.last_error
+        assert wait_for(lambda: bad.last_error != "", timeout=10) and not bad.connected.is_set()
+        context = StreamContext(qwen2_vl, tokenizer, SETTINGS)
+        runner = StreamRunner("cam", context, queue, [good], max_new_tokens=2)
+        import paho.mqtt.client as mqtt
+
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="tls-test")
+        client.username_pw_set("cam", "s3cret")
+        client.tls_set(ca_certs=str(cert))
+        got = []
+        client.on_message = lambda c, u, m: got.append(m.payload)
+        client.on_connect = lambda c, *_: c.subscribe("emloc/cam/answer", qos=1)
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        assert wait_for(client.is_connected, timeout=10)
+        time.sleep(0.3)
+        client.publish("emloc/cam/ask", '{"id": "t1", "question": "what ?"}', qos=1).wait_for_publish(10)
+        frames = iter(Frame(f, i / 2) for i, f in enumerate(random_frames(64, seed=5)))
+        assert wait_for(lambda: got, step=lambda: runner.feed(next(frames)))
+        assert b'"question_id": "t1"' in got[0]
+        client.loop_stop()
+    finally:
+        good.close()
+        bad.close(timeout=1)
+        broker.stop()
