@@ -63,7 +63,12 @@ class QuestionQueue:
         self._ids = itertools.count(1)
 
     def new_id(self) -> str:
-        return f"q{next(self._ids)}"
+        """An id no question in the queue has (restored questions keep theirs)."""
+        with self._lock:
+            taken = {q.id for q in self._waiting + self._standing}
+        while (candidate := f"q{next(self._ids)}") in taken:
+            pass
+        return candidate
 
     def submit(self, question: Question) -> Question:
         """Accepts a question or raises `QueueFull`; an accepted question will be answered."""

@@ -49,8 +49,10 @@ class LiveStream:
         first_chunk = start_time + settings.chunk_frames / fps
         for text in spec.ask:
             self.queue.submit(Question(self.queue.new_id(), text, at=first_chunk, origin="config"))
-        for text in spec.standing:
-            self.queue.submit(Question(self.queue.new_id(), text, every=spec.every, origin="config"))
+        restored = {q["text"] for q in self.queue.snapshot() if q["every"]}
+        for text in spec.standing:  # a resumed stream already holds its standing questions
+            if text not in restored:
+                self.queue.submit(Question(self.queue.new_id(), text, every=spec.every, origin="config"))
         for question in questions:  # from a questions file: one-off, or scheduled with "at"
             self.queue.submit(question)
         self.source = LiveSource(spec.source, fps=fps, format=spec.format, buffer=spec.buffer, start_time=start_time)

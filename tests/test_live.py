@@ -1,5 +1,6 @@
 """Live sources for real: ffmpeg streams MPEG-TS over UDP in real time (-re) to 127.0.0.1."""
 
+import json
 import shutil
 import signal
 import socket
@@ -151,3 +152,38 @@ def test_serve_two_streams_one_model_one_source_killed(tmp_path):
             serve.kill()
         client.close()
         broker.stop()
+
+
+def test_live_state_is_saved_on_exit_and_resumed(tmp_path):
+    config = tmp_path / "live.yaml"
+    config.write_text("emloc:\n  preset: videomme_online\n  layer_group_size: 2\n  chunk_frames: 8\n"
+                      "  token_budget: 40\n")
+    port = free_port(socket.SOCK_DGRAM)
+    state = tmp_path / "state"
+    command = [console_script(), "live", f"udp://127.0.0.1:{port}", "--config", str(config), "--stream-id", "door",
+               "--state", str(state), "--standing", "what digit is on screen now ?", "--every", "100",
+               "--duration", "9", "--max-new-tokens", "2"]
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    ffmpeg = stream_to(port)
+    try:
+        first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        assert first.returncode == 0, first.stderr
+        manifest = json.loads((state / "manifest.json").read_text())
+        saved = manifest["stream"]
+        assert saved["stream_id"] == "door" and saved["last_time"] > 0
+        assert [q["text"] for q in saved["questions"]] == ["what digit is on screen now ?"]
+        chunks = manifest["context"]["chunks_folded"]
+        assert chunks >= 1
+        second = subprocess.run(command[:-4] + ["--duration", "6", "--max-new-tokens", "2"], capture_output=True,
+                                text=True, env=env, timeout=120)
+        assert second.returncode == 0, second.stderr
+        assert f"resumed from {state}: {chunks} chunks folded" in second.stdout
+        assert "1 questions restored" in second.stdout
+        after = json.loads((state / "manifest.json").read_text())
+        assert len(after["stream"]["questions"]) == 1, "the standing question given again is not doubled"
+        assert after["context"]["chunks_folded"] > chunks and after["stream"]["last_time"] > saved["last_time"]
+        other = subprocess.run([*command[:5], "--stream-id", "gate", "--state", str(state), "--duration", "1"],
+                               capture_output=True, text=True, env=env, timeout=120)
+        assert other.returncode == 2 and "belongs to stream 'door'" in other.stderr
+    finally:
+        ffmpeg.kill()
