@@ -13,6 +13,8 @@ through `stream.offline.answer_video`, the path `emloc-stream run` takes. Method
   query-aware (the question is the observer while folding, as in the paper: one pass per
   question) and query-agnostic (the probe prompt observes; one pass answers all questions,
   as a live stream must);
+- online EMLoC whose probe observer carries the model's own answer to the probe (up to 16
+  tokens, over the unpruned chunk): still query-agnostic;
 - online EMLoC with the four question types as standing observers of one pass (one cache
   answers them all, as a live stream with standing questions runs);
 - query-agnostic and query-aware online EMLoC at tighter bounds (delta 0.01, 0.0025), for
@@ -78,6 +80,8 @@ METHODS = [
     Method("full", "full context", "online", False, baseline="keep_all"),
     Method("emloc_online_probe", "EMLoC online, probe observer", "online", False),
     Method("emloc_online_query", "EMLoC online, question observer", "online", True),
+    Method("emloc_online_probe_answer", "EMLoC online, probe + its own answer", "online", False,
+           overrides=(("probe_answer_tokens", 16),)),
     Method("emloc_online_standing", "EMLoC online, the 4 questions as standing observers", "online", True,
            shared=True),
     Method("emloc_reference_probe", "EMLoC ref-code, probe observer", "reference", False),

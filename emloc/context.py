@@ -99,8 +99,11 @@ class StreamContext:
             clock = time.perf_counter()
             max_position = max(self.max_position, int(positions.max()))
             passes = []
-            for observer in observers:
+            for k, observer in enumerate(observers):
                 ids = adapter.question_ids(observer.text)
+                if observer.kind == "probe" and settings.probe_answer_tokens:
+                    observer = observers[k] = self._with_own_answer(observer, ids, max_position + 1, n)
+                    ids = torch.cat([ids, torch.tensor(observer.answer_ids, dtype=ids.dtype)])
                 passes.append(observe(adapter, cache, observer, ids,
                                       adapter.text_positions(max_position + 1, len(ids)),
                                       settings.observed_positions))
@@ -145,6 +148,14 @@ class StreamContext:
         self.chunks_folded += 1
         self.records.append(record)
         return record
+
+    def _with_own_answer(self, observer: Observer, ids: torch.Tensor, start: int, chunk_len: int) -> Observer:
+        """The probe followed by the model's greedy answer to it over the unpruned chunk (then forgotten)."""
+        tokens, _ = generate(self.adapter, self.cache, ids, self.adapter.text_positions(start, len(ids)),
+                             self.settings.probe_answer_tokens)
+        for layer in self.cache.layers:
+            layer.drop_tail(keep=chunk_len)
+        return Observer(observer.kind, observer.text, tuple(tokens))
 
     def _observers(self, questions) -> list[Observer]:
         found = ([Observer("question", q) for q in questions]

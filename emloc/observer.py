@@ -21,10 +21,14 @@ from .forward import run_layers
 
 @dataclass(frozen=True)
 class Observer:
-    """kind: 'question' (waiting), 'standing' (re-asked), or 'probe' (generic prompt)."""
+    """kind: 'question' (waiting), 'standing' (re-asked), or 'probe' (generic prompt).
+
+    answer_ids: the model's own answer appended to the prompt (probe answers, when enabled).
+    """
 
     kind: str
     text: str
+    answer_ids: tuple[int, ...] = ()
 
 
 @dataclass

@@ -38,6 +38,10 @@ class EMLoCSettings:
     probe_prompt: observer used when no question is waiting or standing.
     system_prompt: the text at the start of the stream (it is the attention sink).
     max_observers: how many waiting/standing questions act as observers per chunk.
+    probe_answer_tokens: when > 0, the probe observer is followed by the model's own greedy
+        answer to it (up to this many tokens) over the unpruned chunk, so the bound covers
+        what the model says about the video and not only the prompt's next-token guesses
+        (0 = the paper's observer, the prompt alone).
     """
 
     layer_group_size: int = 14
@@ -51,6 +55,7 @@ class EMLoCSettings:
     probe_prompt: str = DEFAULT_PROBE
     system_prompt: str = "You are a helpful assistant."
     max_observers: int = 4
+    probe_answer_tokens: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
@@ -75,6 +80,8 @@ class EMLoCSettings:
         _require(0 <= self.importance_decay < 1, f"importance_decay must lie in [0, 1), got {self.importance_decay!r}")
         _require(isinstance(self.probe_prompt, str) and self.probe_prompt.strip() != "",
                  "probe_prompt must be a non-empty string")
+        _require(isinstance(self.probe_answer_tokens, int) and self.probe_answer_tokens >= 0,
+                 f"probe_answer_tokens must be an integer >= 0, got {self.probe_answer_tokens!r}")
         _require(isinstance(self.max_observers, int) and self.max_observers >= 1,
                  f"max_observers must be an integer >= 1, got {self.max_observers!r}")
 

@@ -28,7 +28,7 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration  # noqa:
 
 from emloc.adapters.qwen_vl import QwenVLAdapter  # noqa: E402
 from emloc.tiny import WORDS, tiny_tokenizer  # noqa: E402
-from stream.synthetic import COLOURS, COUNT_WORDS, QUESTION_TYPES, make_video  # noqa: E402
+from stream.synthetic import COLOURS, COUNT_WORDS, PROBE, QUESTION_TYPES, make_video  # noqa: E402
 
 SYSTEM = "You are a helpful assistant."
 TRAIN_SEEDS = 10_000_000  # training videos use seeds from here upwards; evaluation uses 1_000_000+
@@ -67,7 +67,8 @@ class Batcher:
     ends with its answer token, which must be followed by <|im_end|>, so the model stops.
     """
 
-    def __init__(self, model, tokenizer) -> None:
+    def __init__(self, model, tokenizer, describe: bool = False) -> None:
+        self.describe = describe
         self.adapter = QwenVLAdapter(model, tokenizer)
         self.tokenizer = tokenizer
         self.preamble = self.adapter.preamble_ids(SYSTEM)
@@ -81,11 +82,10 @@ class Batcher:
         mask = torch.stack([r[2] for r in rows]).unsqueeze(1)
         pixels = torch.cat([r[3] for r in rows])
         grids = torch.tensor([r[4] for r in rows])
-        answers = torch.stack([r[5] for r in rows])  # (B, branches) answer ids
-        where = torch.stack([r[6] for r in rows])  # (B, branches) position of each branch's last question token
-        # targets at each question's end (the answer) and at the answer token (stop)
-        targets = torch.cat([answers, torch.full_like(answers, self.stop)], dim=1)
-        where = torch.cat([where, where + 1], dim=1)
+        # first the answer's first token at each branch's last question token (evaluation reads these),
+        # then every later answer token and the stop after the answer
+        targets = torch.stack([torch.tensor([t for t, _ in r[5]] + [t for t, _ in r[6]]) for r in rows])
+        where = torch.stack([torch.tensor([w for _, w in r[5]] + [w for _, w in r[6]]) for r in rows])
         kinds = rows[0][7]
         labels = torch.cat([r[8] for r in rows])  # (all vision tokens, 3): shape, colour, digit
         return dict(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values_videos=pixels,
@@ -110,26 +110,30 @@ class Batcher:
             digit = [d for s, d in video.digits if s < cut][-1]
             branches += [("count@cut", video.question("count").text, COUNT_WORDS[stars], cut),
                          ("state@cut", video.question("state").text, COUNT_WORDS[digit], cut)]
-        spans, answers = [], []
+        if self.describe:
+            branches.append(("describe", PROBE, video.description(), steps))
+        spans, heads, rest = [], [], []
         length = start + steps * per_step
         for _kind, text, answer, cut in branches:
-            answer_id = self.tokenizer.convert_tokens_to_ids(answer)
-            q = torch.cat([self.adapter.question_ids(text), torch.tensor([answer_id])])
+            answer_ids = self.tokenizer.convert_tokens_to_ids(answer.split())
+            question = self.adapter.question_ids(text)
+            q = torch.cat([question, torch.tensor(answer_ids)])
             first = int(video_pos[:, :cut * per_step].max()) + 1
             pieces.append(q)
             positions.append(self.adapter.text_positions(first, len(q)))
             spans.append((length, length + len(q), cut))
+            last = length + len(question) - 1  # predicts the answer's first token
+            heads.append((answer_ids[0], last))
+            rest += [(t, last + 1 + j) for j, t in enumerate(answer_ids[1:] + [self.stop])]
             length += len(q)
-            answers.append(answer_id)
         mask = torch.zeros(length, length, dtype=torch.bool)
         context = start + steps * per_step
         mask[:context, :context] = torch.ones(context, context).tril().bool()
         for lo, hi, cut in spans:
             mask[lo:hi, :start + cut * per_step] = True
             mask[lo:hi, lo:hi] = torch.ones(hi - lo, hi - lo).tril().bool()
-        where = torch.tensor([hi - 2 for _, hi, _ in spans])  # the last question token
         return (torch.cat(pieces), torch.cat(positions, dim=1), mask, pixels.pixel_values, pixels.grid_thw,
-                torch.tensor(answers), where, [b[0] for b in branches], cell_labels(video, steps, per_step))
+                heads, rest, [b[0] for b in branches], cell_labels(video, steps, per_step))
 
 
 SHAPES = ["none", "triangle", "square", "circle", "star", "display"]
@@ -199,15 +203,22 @@ def branch_logits(model, inputs, where):
 def evaluate(model, batcher, frames: int, per_kind: int, batch: int) -> dict[str, float]:
     """Accuracy of the four end-of-video questions on held-out seeds (never trained on)."""
     model.eval()
-    correct = torch.zeros(len(QUESTION_TYPES))
+    n = len(QUESTION_TYPES)
+    correct = torch.zeros(n)
+    described = 0.0  # videos whose whole probe answer is right, token by token (teacher forced)
     seeds = [1_000_000 + i for i in range(per_kind)]
     for lo in range(0, per_kind, batch):
         inputs, targets, where, _ = batcher(seeds[lo:lo + batch], frames, mid=False)
-        answers = targets[:, :len(QUESTION_TYPES)]
-        logits = branch_logits(model, inputs, where[:, :len(QUESTION_TYPES)])
-        correct += (logits.argmax(-1) == answers).sum(0).float()
+        logits = branch_logits(model, inputs, where)
+        hit = logits.argmax(-1) == targets
+        correct += hit[:, :n].sum(0).float()
+        if batcher.describe:  # columns: n + 1 heads, n stops, then the rest of the description
+            described += float(torch.cat([hit[:, n:n + 1], hit[:, 2 * n + 1:]], dim=1).all(dim=1).sum())
     model.train()
-    return {kind: float(c) / per_kind for kind, c in zip(QUESTION_TYPES, correct)}
+    scores = {kind: float(c) / per_kind for kind, c in zip(QUESTION_TYPES, correct)}
+    if batcher.describe:
+        scores["describe"] = described / per_kind
+    return scores
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -236,6 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stop-when-perfect", type=int, default=3,
                         help="stop once this many evaluations in a row at the last length score 1.0 on every "
                         "question type (no later checkpoint could be selected over the best)")
+    parser.add_argument("--describe", action="store_true",
+                        help="also teach an answer to the probe prompt (every slot of the task, in a fixed order)")
+    parser.add_argument("--init", type=Path, help="start from this checkpoint instead of random weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -243,7 +257,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     tokenizer = tiny_tokenizer(WORDS)
     model = build_model(tokenizer, args)
-    batcher = Batcher(model, tokenizer)
+    if args.init:
+        model = Qwen2VLForConditionalGeneration.from_pretrained(args.init)
+        model.config._attn_implementation = "sdpa"
+    batcher = Batcher(model, tokenizer, describe=args.describe)
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params / 1e6:.2f}M parameters; curriculum {args.lengths} frames", flush=True)
     probe = CellProbe(args.hidden)

@@ -20,7 +20,10 @@ from .synthetic import QUESTION_TYPES, make_video
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "emloc-tiny-qwen2vl"
-RANDOM_MODEL = "builtin:random"  # a 28-layer tiny Qwen2-VL with random weights, for quick checks
+RANDOM_MODEL = "builtin:random"
+# With no config file, the probe observer carries the model's own answer to the probe: on the fidelity
+# benchmark that took query-agnostic pruning from 51% to 77% (docs/benchmarks/fidelity.md).
+DEFAULT_PROBE_ANSWER_TOKENS = 16  # a 28-layer tiny Qwen2-VL with random weights, for quick checks
 
 
 def build_context(config: Config, model: str | None, settings_given: bool) -> tuple[StreamContext, str]:
@@ -46,9 +49,10 @@ def build_context(config: Config, model: str | None, settings_given: bool) -> tu
         adapter = load_adapter(name, device=config.model.device, **options)
         label = name if Path(name) != DEFAULT_MODEL else f"{DEFAULT_MODEL.relative_to(ROOT)} (shipped, trained here)"
     settings = config.emloc
-    if not settings_given:
+    if not settings_given:  # the product default: the paper's online setting, plus the probe's own answer
         layers = adapter.num_layers
-        settings = replace(settings, layer_group_size=layers // 2 if layers % 2 == 0 else 1)
+        settings = replace(settings, layer_group_size=layers // 2 if layers % 2 == 0 else 1,
+                           probe_answer_tokens=DEFAULT_PROBE_ANSWER_TOKENS)
     return StreamContext(adapter, settings=settings), label
 
 
@@ -63,7 +67,9 @@ def _describe(context: StreamContext, label: str) -> str:
     s = context.settings
     return (f"{label}, {context.adapter.num_layers} layers; layer groups of {s.layer_group_size}, delta {s.delta}, "
             f"ratios {list(s.ratios)}, {s.chunk_frames} frames a chunk"
-            + (f", budget {s.token_budget}/layer" if s.token_budget else ""))
+            + (f", budget {s.token_budget}/layer" if s.token_budget else "")
+            + (f", probe observer with its own answer (up to {s.probe_answer_tokens} tokens)"
+               if s.probe_answer_tokens else ""))
 
 
 def _progress(total: int | None, duration: float | None = None):
@@ -325,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", help="YAML config (see configs/); default: the paper's online setting, its "
-                       "layer groups scaled to the model's depth")
+                       "layer groups scaled to the model's depth, the probe observer with its own answer")
         p.add_argument("--model", help=f"checkpoint folder or hub id of a Qwen2-VL / Qwen2.5-VL model "
                        f"(default: the shipped {DEFAULT_MODEL.relative_to(ROOT)}; {RANDOM_MODEL}: random weights)")
         p.add_argument("--ask", action="append", help="a question (repeatable)")

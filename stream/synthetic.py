@@ -61,6 +61,15 @@ class SyntheticVideo:
     def question(self, kind: str) -> Question:
         return next(q for q in self.questions if q.kind == kind)
 
+    def description(self) -> str:
+        """The answer to the probe prompt: every slot the questions ask about, in a fixed order, so
+        that a model's output on the probe depends on all of the video's content."""
+        colour = {e.shape: e.colour for e in self.events if e.shape != "star"}
+        stars = sum(1 for e in self.events if e.shape == "star")
+        first = next(e.shape for e in self.events if e.shape in ("square", "circle"))
+        return (f"triangle {colour['triangle']} square {colour['square']} circle {colour['circle']} "
+                f"star {COUNT_WORDS[stars]} {first} first digit {COUNT_WORDS[self.digits[-1][1]]}")
+
 
 def answer_vocabulary() -> dict[str, list[str]]:
     return {"needle": list(COLOURS), "count": COUNT_WORDS[1:5], "order": ["square", "circle"],

@@ -2,9 +2,10 @@
 committed cache (that group and those above pruned, those below whole) is within delta of
 its output over the unpruned chunk, recomputed independently of the search."""
 
+import pytest
 import torch
 
-from emloc import EMLoCSettings, StreamContext
+from emloc import EMLoCSettings, SettingsError, StreamContext
 
 from .reference import chat_question, js, observer_log_probs, prefill_kv, random_frames
 
@@ -42,3 +43,23 @@ def test_accepted_groups_are_within_delta(model, tokenizer):
             checked += 1
     assert checked >= 3, "the test must see pruned groups"
     assert rejected >= 1, "the test must see rejected candidates"
+
+
+def test_probe_observer_can_carry_the_models_own_answer(qwen2_vl, tokenizer):
+    """With probe_answer_tokens, the probe observer is the prompt plus the model's greedy answer over
+    the unpruned chunk: the same tokens `answer` gives with the chunk as partial frames."""
+    settings = EMLoCSettings(layer_group_size=2, delta=0.05, ratios=(0.1, 0.5, 1.0), chunk_frames=8,
+                             probe_answer_tokens=4)
+    context = StreamContext(qwen2_vl, tokenizer, settings)
+    context.fold(random_frames(8, seed=0))
+    chunk = random_frames(8, seed=1)
+    expected = context.answer(settings.probe_prompt, max_new_tokens=4, partial_frames=chunk).token_ids
+    before = context.cache.lengths()
+    record = context.fold(chunk)
+    [observer] = record.observers
+    assert observer.kind == "probe" and list(observer.answer_ids) == expected and len(expected) > 0
+    assert [b + k for b, k in zip(before, record.kept)] == context.cache.lengths()
+    for group in record.groups:
+        assert group.js <= settings.delta + 1e-5 or group.ratio == 1.0
+    with pytest.raises(SettingsError, match="probe_answer_tokens"):
+        EMLoCSettings(probe_answer_tokens=-1)
