@@ -200,7 +200,7 @@ class StreamContext:
             differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise SettingsError(f"the saved state was made by another model (differs in {differ}); "
                                 f"it cannot be resumed with this one")
-        settings = EMLoCSettings.from_dict({k: v for k, v in meta.get("settings", {}).items()})
+        settings = EMLoCSettings.from_dict(meta.get("settings", {}))
         if settings != self.settings:
             ours, saved = self.settings.to_dict(), settings.to_dict()
             differ = {k: (saved[k], ours[k]) for k in ours if ours[k] != saved[k]}

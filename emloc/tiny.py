@@ -23,7 +23,7 @@ WORDS = (
     "system user assistant You are a helpful . ? , : ! Describe what happens in the video "
     "What colour was triangle square circle star digit how many times did appear which came first "
     "is on screen now at end red green blue yellow white purple orange black grey zero one two three "
-    "four five six seven eight nine ten yes no before after shape anyone door or digit"
+    "four five six seven eight nine ten yes no before after shape anyone door or"
 ).split()
 
 

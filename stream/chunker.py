@@ -15,10 +15,6 @@ class Chunk:
     frames: np.ndarray  # (T, H, W, 3) uint8 RGB
     times: list[float]  # presentation time of each frame, seconds
 
-    @property
-    def span(self) -> tuple[float, float]:
-        return self.times[0], self.times[-1]
-
 
 class Chunker:
     """Collects frames until `size` are waiting, then hands them out as one chunk.

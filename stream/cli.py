@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from emloc import InputError, SettingsError, StreamContext, UnsupportedModelError
+from emloc import EMLoCSettings, InputError, ModelAdapter, SettingsError, StreamContext, UnsupportedModelError
 
 from .config import Config, ConfigError, load_config
 from .offline import answer_video
@@ -20,14 +20,15 @@ from .synthetic import QUESTION_TYPES, make_video
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "emloc-tiny-qwen2vl"
-RANDOM_MODEL = "builtin:random"
+RANDOM_MODEL = "builtin:random"  # a 28-layer tiny Qwen2-VL with random weights, for quick checks
 # With no config file, the probe observer carries the model's own answer to the probe: on the fidelity
 # benchmark that took query-agnostic pruning from 51% to 77% (docs/benchmarks/fidelity.md).
-DEFAULT_PROBE_ANSWER_TOKENS = 16  # a 28-layer tiny Qwen2-VL with random weights, for quick checks
+DEFAULT_PROBE_ANSWER_TOKENS = 16
 
 
-def build_context(config: Config, model: str | None, settings_given: bool) -> tuple[StreamContext, str]:
-    """The stream context: a checkpoint folder or hub id, the shipped model, or the random built-in one.
+def build_model(config: Config, model: str | None, settings_given: bool) -> tuple[ModelAdapter, EMLoCSettings, str]:
+    """The model (a checkpoint folder or hub id, the shipped model, or the random built-in one), the
+    settings every stream of it folds with, and a label for both.
 
     Without a config file the paper's online setting is used with its layer groups scaled
     to the model's depth (14 of Qwen2-VL-7B's 28 layers: half the layers per group).
@@ -53,7 +54,8 @@ def build_context(config: Config, model: str | None, settings_given: bool) -> tu
         layers = adapter.num_layers
         settings = replace(settings, layer_group_size=layers // 2 if layers % 2 == 0 else 1,
                            probe_answer_tokens=DEFAULT_PROBE_ANSWER_TOKENS)
-    return StreamContext(adapter, settings=settings), label
+    settings.check_against(adapter.num_layers, adapter.temporal_patch)  # before any video is read
+    return adapter, settings, f"{label}, {adapter.num_layers} layers; {_describe(settings)}"
 
 
 def _config(args: argparse.Namespace) -> tuple[Config, bool]:
@@ -63,9 +65,8 @@ def _config(args: argparse.Namespace) -> tuple[Config, bool]:
     return config, bool(args.config)
 
 
-def _describe(context: StreamContext, label: str) -> str:
-    s = context.settings
-    return (f"{label}, {context.adapter.num_layers} layers; layer groups of {s.layer_group_size}, delta {s.delta}, "
+def _describe(s: EMLoCSettings) -> str:
+    return (f"layer groups of {s.layer_group_size}, delta {s.delta}, "
             f"ratios {list(s.ratios)}, {s.chunk_frames} frames a chunk"
             + (f", budget {s.token_budget}/layer" if s.token_budget else "")
             + (f", probe observer with its own answer (up to {s.probe_answer_tokens} tokens)"
@@ -107,8 +108,9 @@ def _footer(context: StreamContext) -> str:
 
 def demo(args: argparse.Namespace) -> int:
     config, given = _config(args)
-    context, label = build_context(config, args.model, given)
-    print(f"emloc-stream demo: {_describe(context, label)}", flush=True)
+    adapter, settings, label = build_model(config, args.model, given)
+    context = StreamContext(adapter, settings=settings)
+    print(f"emloc-stream demo: {label}", flush=True)
     video = make_video(args.seed, frames=args.frames, size=args.size)
     with TemporaryDirectory() as tmp:
         path = write_video(args.save_video or Path(tmp) / "demo.mp4", video.frames, fps=video.fps)
@@ -136,8 +138,9 @@ def run(args: argparse.Namespace) -> int:
     from .state import has_state, load_state, save_state
 
     source = open_source(args.video, args.image_fps)
-    context, label = build_context(config, args.model, given)
-    print(f"emloc-stream run: {_describe(context, label)}", flush=True)
+    adapter, settings, label = build_model(config, args.model, given)
+    context = StreamContext(adapter, settings=settings)
+    print(f"emloc-stream run: {label}", flush=True)
     frames = source.frames(fps=config.model.fps)
     video_id = str(Path(args.video).resolve())
     if args.state and has_state(args.state):
@@ -148,8 +151,7 @@ def run(args: argparse.Namespace) -> int:
         frames = (f for f in frames if f.time > done + 1e-6)
         print(f"resumed from {args.state}: {context.chunks_folded} chunks already folded, up to {done:.1f} s",
               flush=True)
-    progress = _progress(None, source.duration() if isinstance(source, VideoFile) else len(source.files) /
-                         source.fps)
+    progress = _progress(None, source.duration())
 
     def on_fold(record) -> None:
         progress(record)
@@ -158,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
 
     answers = answer_video(context, frames, args.ask, query_aware=args.query_aware,
                            max_new_tokens=args.max_new_tokens, on_fold=on_fold)
-    if args.state and context.records:
+    if args.state and context.records and context.chunks_folded % args.save_every:  # else the last fold saved
         save_state(args.state, context, dict(video=video_id, last_time=context.records[-1].time_span[1]))
     _deliver(context, Path(args.video).name, args.ask, answers)
     print(_footer(context))
@@ -195,10 +197,9 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
     from .questions import BadQuestion, Question, QueueFull
     from .service import LiveStream, serve
 
-    context, label = build_context(config, args.model, given)
-    print(f"emloc-stream: {len(specs)} stream(s) [{', '.join(s.id for s in specs)}]; {_describe(context, label)}",
-          flush=True)
-    streams = [LiveStream(spec, context.adapter, context.settings, fps=config.model.fps, mqtt=mqtt,
+    adapter, settings, label = build_model(config, args.model, given)
+    print(f"emloc-stream: {len(specs)} stream(s) [{', '.join(s.id for s in specs)}]; {label}", flush=True)
+    streams = [LiveStream(spec, adapter, settings, fps=config.model.fps, mqtt=mqtt,
                           max_new_tokens=args.max_new_tokens, questions=questions if i == 0 else ())
                for i, spec in enumerate(specs)]
     if getattr(args, "stdin", False):
@@ -253,9 +254,8 @@ def batch(args: argparse.Namespace) -> int:
     videos = _batch_videos(args.videos)
     questions = load_questions(args.questions)
     done = {(a["stream_id"], a["question_id"]) for a in read_answers(args.out)}
-    context, label = build_context(config, args.model, given)
-    print(f"emloc-stream batch: {len(videos)} videos, {len(questions)} questions; {_describe(context, label)}",
-          flush=True)
+    adapter, settings, label = build_model(config, args.model, given)
+    print(f"emloc-stream batch: {len(videos)} videos, {len(questions)} questions; {label}", flush=True)
     sinks = [JsonLinesSink(args.out), ConsoleSink()]
     failed = 0
     try:
@@ -266,7 +266,7 @@ def batch(args: argparse.Namespace) -> int:
             if not todo:
                 print(f"[{i}/{len(videos)}] {path}: already answered, skipped", flush=True)
                 continue
-            context = StreamContext(context.adapter, settings=context.settings)
+            context = StreamContext(adapter, settings=settings)
             queue = QuestionQueue(max_waiting=max(len(todo), 1))
             for q in todo:
                 queue.submit(q)

@@ -4,7 +4,7 @@ A question is
 - one-off: answered at the next opportunity (now, over the cache and any partial chunk);
 - scheduled (`at` seconds of stream time): answered once the stream reaches `at`, as in
   VideoMME's online setting;
-- standing (`every` K chunks): re-answered after every K-th folded chunk until removed.
+- standing (`every` K chunks): re-answered after every K-th folded chunk for as long as the stream runs.
 
 Waiting and standing questions are also the observers that guide pruning.
 """
@@ -81,12 +81,6 @@ class QuestionQueue:
                                 f"question {question.id!r} was not accepted, retry later")
             self._waiting.append(question)
             return question
-
-    def remove_standing(self, question_id: str) -> bool:
-        with self._lock:
-            before = len(self._standing)
-            self._standing = [q for q in self._standing if q.id != question_id]
-            return len(self._standing) < before
 
     def observers(self) -> list[str]:
         """Texts of the waiting and standing questions, waiting first."""

@@ -82,12 +82,15 @@ class ImageFolder:
             raise VideoError(f"{self.path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         self.fps = fps
 
+    def duration(self) -> float:
+        return len(self.files) / self.fps
+
     def frames(self, fps: float | None = None) -> Iterator[Frame]:
         from PIL import Image, UnidentifiedImageError
 
         size = None
 
-        def read(i: int, file: Path) -> Frame:  # RateSampler is defined below; used at call time
+        def read(i: int, file: Path) -> Frame:
             nonlocal size
             try:
                 with Image.open(file) as image:

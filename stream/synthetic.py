@@ -71,11 +71,6 @@ class SyntheticVideo:
                 f"star {COUNT_WORDS[stars]} {first} first digit {COUNT_WORDS[self.digits[-1][1]]}")
 
 
-def answer_vocabulary() -> dict[str, list[str]]:
-    return {"needle": list(COLOURS), "count": COUNT_WORDS[1:5], "order": ["square", "circle"],
-            "state": COUNT_WORDS}
-
-
 def make_video(seed: int, frames: int = 256, size: int = 56, fps: float = 2.0, max_stars: int = 4,
                digit_changes: tuple[int, int] = (2, 5)) -> SyntheticVideo:
     """The video and its four questions for `seed`. `frames` must be even and >= 16."""
@@ -174,18 +169,3 @@ def _digit_sprite(digit: int) -> np.ndarray:
         y0, y1, x0, x1 = bars[segment]
         cell[y0:y1, x0:x1] = 235
     return cell
-
-
-def moving_shapes(frames: int, height: int = 112, width: int = 112, seed: int = 0) -> np.ndarray:
-    """(frames, height, width, 3) uint8: one square per colour, each drifting in its own direction."""
-    rng = np.random.default_rng(seed)
-    video = rng.integers(90, 140, (frames, height, width, 3), dtype=np.uint8)
-    side = max(4, min(height, width) // 6)
-    starts = rng.uniform(0, 1, (len(COLOURS), 2))
-    speeds = rng.uniform(-0.02, 0.02, (len(COLOURS), 2))
-    for t in range(frames):
-        for (y0, x0), (vy, vx), colour in zip(starts, speeds, COLOURS.values()):
-            y = int(((y0 + vy * t) % 1.0) * (height - side))
-            x = int(((x0 + vx * t) % 1.0) * (width - side))
-            video[t, y:y + side, x:x + side] = colour
-    return video

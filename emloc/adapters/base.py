@@ -122,8 +122,12 @@ class ModelAdapter(ABC):
 
     def identity(self) -> dict:
         """What a saved cache is only valid for: the family, the architecture, and the weights
-        (a digest of every parameter's name, shape and first values, cheap even for 7B)."""
+        (a digest of every parameter's name, shape and first values, cheap even for 7B). Computed
+        once: a stream saves its state every chunk and the weights do not change under it."""
         import hashlib
+
+        if getattr(self, "_identity", None) is not None:
+            return self._identity
 
         config = self.model.config.to_dict()
         for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "_attn_implementation"):
@@ -133,8 +137,10 @@ class ModelAdapter(ABC):
             digest.update(f"{name}{tuple(param.shape)}".encode())
             digest.update(param.detach().flatten()[:64].float().cpu().numpy().tobytes())
         text = repr(sorted((k, repr(v)) for k, v in config.items()))
-        return dict(family=type(self).__name__, model_type=self.model.config.model_type,
-                    config_sha256=hashlib.sha256(text.encode()).hexdigest(), weights_sha256=digest.hexdigest())
+        self._identity = dict(family=type(self).__name__, model_type=self.model.config.model_type,
+                              config_sha256=hashlib.sha256(text.encode()).hexdigest(),
+                              weights_sha256=digest.hexdigest())
+        return self._identity
 
     @property
     def device(self) -> torch.device:

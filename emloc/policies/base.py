@@ -76,6 +76,11 @@ def top_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
+def check_ratio(ratio: float) -> None:
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must lie in (0, 1], got {ratio}")
+
+
 def kept_count(ratio: float, n: int) -> int:
     """Tokens a ratio keeps of n: at least one, at most all."""
     return min(n, max(1, math.ceil(ratio * n)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import FoldState, GroupDecision, Retention, RetentionPolicy, kept_count, top_tokens
+from .base import FoldState, GroupDecision, Retention, RetentionPolicy, check_ratio, kept_count, top_tokens
 
 
 @dataclass(frozen=True)
@@ -13,8 +13,7 @@ class ObserverTopK(RetentionPolicy):
     ratio: float
 
     def __post_init__(self) -> None:
-        if not 0 < self.ratio <= 1:
-            raise ValueError(f"ratio must lie in (0, 1], got {self.ratio}")
+        check_ratio(self.ratio)
 
     def retain(self, state: FoldState) -> Retention:
         k = kept_count(self.ratio, state.chunk_len)

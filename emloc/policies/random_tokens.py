@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import FoldState, GroupDecision, Retention, RetentionPolicy, kept_count
+from .base import FoldState, GroupDecision, Retention, RetentionPolicy, check_ratio, kept_count
 
 
 @dataclass
@@ -17,8 +17,7 @@ class RandomTokens(RetentionPolicy):
     generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not 0 < self.ratio <= 1:
-            raise ValueError(f"ratio must lie in (0, 1], got {self.ratio}")
+        check_ratio(self.ratio)
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def retain(self, state: FoldState) -> Retention:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import FoldState, GroupDecision, Retention, RetentionPolicy
+from .base import FoldState, GroupDecision, Retention, RetentionPolicy, check_ratio
 
 
 @dataclass(frozen=True)
@@ -15,8 +15,7 @@ class UniformFrames(RetentionPolicy):
     needs_observers = False
 
     def __post_init__(self) -> None:
-        if not 0 < self.ratio <= 1:
-            raise ValueError(f"ratio must lie in (0, 1], got {self.ratio}")
+        check_ratio(self.ratio)
 
     def retain(self, state: FoldState) -> Retention:
         steps = int(state.token_steps.max()) + 1
