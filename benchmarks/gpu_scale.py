@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -113,26 +114,31 @@ def main(argv: list[str] | None = None) -> None:
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'})"
     print(f"{label} on {machine}, {dtype}; {args.frames} frames at 336x336, 64 a chunk", flush=True)
     run(adapter, settings, KeepAll(), video[:settings.chunk_frames], device)  # warm-up: allocator, kernels
+    meta = dict(model=label, machine=machine, dtype=str(dtype), reduced=reduced, frames=args.frames,
+                torch=torch.__version__, transformers=transformers.__version__,
+                command="python benchmarks/gpu_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     results = {}
     for name, policy in [("full", KeepAll()), ("emloc_js_search", None),
                          ("emloc_paper_pattern", ObserverTopK(PAPER_SHARE))]:
         results[name] = run(adapter, settings, policy, video, device)
         print(name, {k: v for k, v in results[name].items() if k != "groups"}, flush=True)
-    meta = dict(model=label, machine=machine, dtype=str(dtype), reduced=reduced, frames=args.frames,
-                torch=torch.__version__, command="python benchmarks/gpu_scale.py " + " ".join(
-                    argv if argv is not None else sys.argv[1:]))
-    name = "gpu_scale" if not reduced else "gpu_scale_reduced_cpu"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1) + "\n")
+        write(args.out, meta, results)  # after each run: a cut-off run keeps what it measured
+
+
+def write(out: Path, meta: dict, results: dict) -> None:
+    name = "gpu_scale" if not meta["reduced"] else "gpu_scale_reduced_cpu"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1) + "\n")
     rows = ["| run | video tokens | kept/layer | prefill s | search s | search/prefill | fold frames/s "
             "| answer s | cache MiB | peak GPU GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         rows.append(f"| {key} | {r['video_tokens']} | {r['kept_tokens_per_layer']} | {r['prefill_s']} | "
                     f"{r['search_s']} | {r['search_over_prefill']} | {r['frames_per_s']} | {r['answer_latency_s']} | "
                     f"{r['cache_mib']} | {r.get('peak_gpu_gib', 'n/a')} |")
-    (args.out / f"{name}.md").write_text(
-        f"# Real-scale cost: {label}\n\n`{meta['command']}` on {machine}, {dtype}, torch {torch.__version__}; "
-        f"{args.frames} frames at 336x336 (144 tokens per frame pair), the paper's online setting.\n\n"
+    (out / f"{name}.md").write_text(
+        f"# Real-scale cost: {meta['model']}\n\n`{meta['command']}` on {meta['machine']}, {meta['dtype']}, "
+        f"torch {meta['torch']}, transformers {meta['transformers']}; "
+        f"{meta['frames']} frames at 336x336 (144 tokens per frame pair), the paper's online setting.\n\n"
         + "\n".join(rows) + "\n\nemloc_paper_pattern forces the paper's compression (8.3% of each chunk, top "
         "observer attention) because random weights make the JS search's choices meaningless; "
         "emloc_js_search is the search itself, timed as it runs.\n")
