@@ -1,0 +1,136 @@
+"""What every command shares: the model and settings, progress lines, delivering answers, question files."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from emloc import EMLoCSettings, InputError, ModelAdapter, StreamContext
+
+from ..config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = ROOT / "models" / "emloc-tiny-qwen2vl"
+RANDOM_MODEL = "builtin:random"  # a 28-layer tiny Qwen2-VL with random weights, for quick checks
+# With no config file, the probe observer carries the model's own answer to the probe: on the fidelity
+# benchmark that took query-agnostic pruning from 51% to 77% (docs/benchmarks/fidelity.md).
+DEFAULT_PROBE_ANSWER_TOKENS = 16
+
+
+def build_model(config: Config, model: str | None, settings_given: bool) -> tuple[ModelAdapter, EMLoCSettings, str]:
+    """The model (a checkpoint folder or hub id, the shipped model, or the random built-in one), the
+    settings every stream of it folds with, and a label for both.
+
+    Without a config file the paper's online setting is used with its layer groups scaled
+    to the model's depth (14 of Qwen2-VL-7B's 28 layers: half the layers per group).
+    """
+    options = dict(fps=config.model.fps, max_frame_pixels=config.model.max_frame_pixels)
+    name = model or config.model.path or str(DEFAULT_MODEL)
+    if name == RANDOM_MODEL:
+        from emloc.adapters import adapter_for
+        from emloc.tiny import tiny_qwen2_vl, tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+        adapter = adapter_for(tiny_qwen2_vl(tokenizer, layers=28, hidden=64, init_std=0.1), tokenizer, **options)
+        label = "built-in tiny Qwen2-VL (random weights: its answers mean nothing)"
+    else:
+        from emloc import load_adapter
+
+        if Path(name) == DEFAULT_MODEL and not DEFAULT_MODEL.is_dir():
+            raise InputError(f"the shipped model is missing at {DEFAULT_MODEL}; pass --model PATH_OR_ID")
+        adapter = load_adapter(name, device=config.model.device, **options)
+        label = name if Path(name) != DEFAULT_MODEL else f"{DEFAULT_MODEL.relative_to(ROOT)} (shipped, trained here)"
+    settings = config.emloc
+    if not settings_given:  # the product default: the paper's online setting, plus the probe's own answer
+        layers = adapter.num_layers
+        settings = replace(settings, layer_group_size=layers // 2 if layers % 2 == 0 else 1,
+                           probe_answer_tokens=DEFAULT_PROBE_ANSWER_TOKENS)
+    settings.check_against(adapter.num_layers, adapter.temporal_patch)  # before any video is read
+    return adapter, settings, f"{label}, {adapter.num_layers} layers; {describe(settings)}"
+
+
+def config_from(args: argparse.Namespace) -> tuple[Config, bool]:
+    config = load_config(args.config) if args.config else Config()
+    if args.budget is not None:
+        config = replace(config, emloc=replace(config.emloc, token_budget=args.budget))
+    return config, bool(args.config)
+
+
+def describe(s: EMLoCSettings) -> str:
+    return (f"layer groups of {s.layer_group_size}, delta {s.delta}, "
+            f"ratios {list(s.ratios)}, {s.chunk_frames} frames a chunk"
+            + (f", budget {s.token_budget}/layer" if s.token_budget else "")
+            + (f", probe observer with its own answer (up to {s.probe_answer_tokens} tokens)"
+               if s.probe_answer_tokens else ""))
+
+
+def progress_printer(total: int | None, duration: float | None = None):
+    """Prints each folded chunk: frames so far, and how far through the video."""
+    seen = [0]
+
+    def show(record) -> None:
+        seen[0] += record.frames
+        of = f"/{total}" if total else ""
+        done = ""
+        if duration and record.time_span:
+            done = f" {min(100.0, 100 * record.time_span[1] / duration):5.1f}%"
+        print(f"[{seen[0]:>5}{of} frames{done}] {record.summary()}", flush=True)
+    return show
+
+
+def deliver(context: StreamContext, stream_id: str, questions: list[str], answers, expected=None) -> int:
+    from sinks import AnswerEvent, ConsoleSink
+
+    sink, correct = ConsoleSink(), 0
+    for i, (question, answer) in enumerate(zip(questions, answers)):
+        truth = expected[i] if expected else None
+        correct += truth is not None and answer.text.strip() == truth
+        sink.deliver(AnswerEvent(stream_id, f"q{i}", question, answer.text, answer.time_span, time.time(),
+                                 answer.cache_tokens, answer.latency_s, expected=truth))
+    return correct
+
+
+def footer(context: StreamContext) -> str:
+    seen = context.tokens_seen - context.sink_tokens
+    kept = sum(context.cache.lengths()) / context.adapter.num_layers - context.sink_tokens
+    return (f"video tokens seen {seen}, kept {kept:.0f} per layer ({100 * kept / max(seen, 1):.1f}%), "
+            f"cache {context.cache.nbytes() / 1024:.0f} KiB")
+
+
+def load_questions(path: str | Path) -> list:
+    """A questions file: JSON Lines of {"id", "question", optional "video", "at", "expected"}."""
+    import json
+
+    from ..questions import BadQuestion, Question
+
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise InputError(f"{path}: cannot read questions: {error.strerror or error}") from error
+    out, ids = [], set()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+            if not isinstance(data, dict):
+                raise BadQuestion("each line must be a JSON object")
+            unknown = set(data) - {"id", "question", "video", "at", "expected"}
+            if unknown:
+                raise BadQuestion(f"unknown field(s) {sorted(unknown)}")
+            qid = str(data.get("id", f"q{number}"))
+            if qid in ids:
+                raise BadQuestion(f"duplicate id {qid!r}")
+            ids.add(qid)
+            meta = {k: data[k] for k in ("video", "expected") if k in data}
+            out.append(Question(qid, data.get("question"), at=data.get("at"), origin="file", meta=meta))
+        except (json.JSONDecodeError, BadQuestion) as error:
+            raise InputError(f"{path}:{number}: {error}") from error
+    if not out:
+        raise InputError(f"{path}: no questions")
+    return out
+
+

@@ -1,0 +1,50 @@
+"""`emloc-stream demo`: a synthetic video, folded and answered next to its ground truth (offline)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+from emloc import StreamContext
+
+from ..offline import answer_video
+from ..sources import VideoFile, write_video
+from ..synthetic import QUESTION_TYPES, make_video
+from .common import build_model, config_from, deliver, footer, progress_printer
+
+
+def demo(args: argparse.Namespace) -> int:
+    config, given = config_from(args)
+    adapter, settings, label = build_model(config, args.model, given)
+    context = StreamContext(adapter, settings=settings)
+    print(f"emloc-stream demo: {label}", flush=True)
+    video = make_video(args.seed, frames=args.frames, size=args.size)
+    with TemporaryDirectory() as tmp:
+        path = write_video(args.save_video or Path(tmp) / "demo.mp4", video.frames, fps=video.fps)
+        print(f"video: synthetic seed {args.seed}, {args.frames} frames at {video.fps:g} fps "
+              f"({args.frames / video.fps:.0f} s), {args.size}x{args.size}, written to {path}", flush=True)
+        questions = args.ask or [video.question(kind).text for kind in QUESTION_TYPES]
+        expected = None if args.ask else [video.question(kind).answer for kind in QUESTION_TYPES]
+        if not args.probe:
+            print("observers: the questions, known before the video (--probe: the probe prompt only, as a live "
+                  "stream without standing questions)", flush=True)
+        answers = answer_video(context, VideoFile(path).frames(fps=config.model.fps), questions,
+                               query_aware=not args.probe, max_new_tokens=args.max_new_tokens,
+                               on_fold=progress_printer(args.frames))
+    correct = deliver(context, "demo", questions, answers, expected)
+    if expected:
+        print(f"{correct}/{len(questions)} answers match the ground truth")
+    print(footer(context))
+    return 0
+
+
+def register(commands, common) -> None:
+    p = commands.add_parser("demo", help="generate a synthetic video, fold it, answer its questions (offline)")
+    common(p)
+    p.add_argument("--frames", type=int, default=256, help="length of the synthetic video (even, >= 16)")
+    p.add_argument("--size", type=int, default=56, help="frame side in pixels (a multiple of 28)")
+    p.add_argument("--seed", type=int, default=7, help="which synthetic video")
+    p.add_argument("--save-video", type=Path, help="keep the generated video file here")
+    p.add_argument("--probe", action="store_true", help="prune guided by the probe prompt instead of the questions")
+    p.set_defaults(run=demo)
