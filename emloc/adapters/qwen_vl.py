@@ -10,7 +10,7 @@ from torch import nn
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
-from .base import InputError, ModelAdapter, VideoPixels
+from .base import InputError, ModelAdapter, VideoPixels, check_attention
 
 # The paper's video setting: 144 tokens per frame pair (336 x 336 frames).
 DEFAULT_MAX_FRAME_PIXELS = 144 * 28 * 28
@@ -43,7 +43,6 @@ class QwenVLAdapter(ModelAdapter):
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.temporal_patch = vision.temporal_patch_size
         self.merge = vision.spatial_merge_size
-        self.uses_flash_attention = str(model.config._attn_implementation).startswith("flash_attention")
         tokens_per_second = getattr(vision, "tokens_per_second", None)
         # Qwen2-VL: one position per temporal step; Qwen2.5-VL: positions follow seconds.
         self.time_interval = 1.0 if tokens_per_second is None else tokens_per_second * self.temporal_patch / fps
@@ -51,6 +50,7 @@ class QwenVLAdapter(ModelAdapter):
             patch_size=vision.patch_size, temporal_patch_size=self.temporal_patch, merge_size=self.merge)
         self.min_frame_pixels, self.max_frame_pixels = min_frame_pixels, max_frame_pixels
         self._decoder = model.model.language_model
+        check_attention(self.attention_implementation)
         self._special = {name: tokenizer.convert_tokens_to_ids(name) for name in (
             "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>")}
 
@@ -100,6 +100,10 @@ class QwenVLAdapter(ModelAdapter):
         return torch.stack([tt, hh, ww]).reshape(3, -1) + video_start
 
     # --- the decoder --------------------------------------------------------------
+    @property
+    def attention_implementation(self) -> str:
+        return self._decoder.config._attn_implementation
+
     def rotary(self, hidden, positions):
         return self._decoder.rotary_emb(hidden, positions.to(hidden.device).unsqueeze(1))
 
