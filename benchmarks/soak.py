@@ -2,12 +2,19 @@
 
     python benchmarks/soak.py                      # 20,480 sampled frames, writes docs/benchmarks/soak.*
     python benchmarks/soak.py --frames 2048 --out /tmp/soak   # a quick look
+    python benchmarks/soak.py --video 360p                     # `emloc-stream run` on a real-size file
 
 Streams synthetic video (a new 64-frame clip per chunk, timestamps continuing) through
 `StreamRunner` with the shipped tiny model and a per-layer token budget, answers a
 question every 10 chunks, and samples the process RSS and the cache bytes after every
 chunk. Prints the RSS growth over the last 80% of the run (target < 5%) and the spread
 of cache bytes once the budget is reached (target: flat).
+
+With --video (360p, 1080p or a file) it measures what a user runs instead: the CLI's
+`run` on a video file at its real resolution (made with ffmpeg's test pattern, 20 minutes
+by default), its RSS sampled from /proc every half second and tied to the frames folded
+(soak-<name>.{md,json,png}; targets: peak at most 1.5 GB at 360p and 2.5 GB at 1080p,
+the last 80% within 5%).
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ class QwenVLAdapter(ModelAdapter):
         normalize, spatial patch layout); built from the config when omitted.
     """
 
+    VISION_PATCHES_PER_CALL = 4096
+
     def __init__(self, model: nn.Module, tokenizer, *, fps: float = 2.0,
                  image_processor: Qwen2VLImageProcessorPil | None = None,
                  min_frame_pixels: int = DEFAULT_MIN_FRAME_PIXELS,
@@ -65,29 +67,40 @@ class QwenVLAdapter(ModelAdapter):
 
     # --- inputs ------------------------------------------------------------------
     def preprocess(self, frames) -> VideoPixels:
+        """Frame by frame through the image processor (resize, rescale, normalize), each written
+        straight into its slot of the output, so memory holds the output and one frame's copies
+        rather than every frame's intermediates at once."""
         frames = _as_uint8_frames(frames)
-        padded = (-len(frames)) % self.temporal_patch
-        if padded:  # as the library's processors do: repeat the last frame
-            frames = np.concatenate([frames, np.repeat(frames[-1:], padded, axis=0)])
-        out = self.image_processor(
-            images=list(frames), return_tensors="np",
-            size={"shortest_edge": self.min_frame_pixels, "longest_edge": self.max_frame_pixels})
-        grid = out["image_grid_thw"]
-        _, gh, gw = (int(x) for x in grid[0])
         n, tp = len(frames), self.temporal_patch
-        # The image processor lays each frame out as (patches, C, tp, ph, pw) with the frame
-        # repeated over tp; a video patch takes slot i from frame i of its temporal group.
-        patches = out["pixel_values"].reshape(n, gh * gw, 3, tp, -1)[:, :, :, 0]
-        patches = patches.reshape(n // tp, tp, gh * gw, 3, -1).transpose(0, 2, 3, 1, 4)
-        pixel_values = torch.from_numpy(np.ascontiguousarray(patches).reshape(n // tp * gh * gw, -1))
-        return VideoPixels(pixel_values, (n // tp, gh, gw), padded)
+        padded = (-n) % tp  # as the library's processors do: repeat the last frame
+        size = {"shortest_edge": self.min_frame_pixels, "longest_edge": self.max_frame_pixels}
+        out = None
+        for i in range(n + padded):
+            one = self.image_processor(images=[frames[min(i, n - 1)]], return_tensors="np", size=size)
+            if out is None:
+                _, gh, gw = (int(x) for x in one["image_grid_thw"][0])
+                # a video patch takes slot s of its temporal group from frame s of the group
+                out = torch.empty((n + padded) // tp, gh * gw, 3, tp, self.image_processor.patch_size ** 2)
+            # the image processor lays a frame out as (patches, C, tp, ph * pw), repeated over tp
+            patches = one["pixel_values"].reshape(gh * gw, 3, tp, -1)[:, :, 0]
+            out[i // tp, :, :, i % tp] = torch.from_numpy(patches)
+        return VideoPixels(out.view(out.shape[0] * gh * gw, -1), (out.shape[0], gh, gw), padded)
 
     @torch.no_grad()
     def encode_video(self, pixels: VideoPixels) -> torch.Tensor:
+        """The vision tower a few temporal steps at a time (about `VISION_PATCHES_PER_CALL`
+        patches): its attention never crosses a temporal step (Qwen2-VL attends within a frame
+        pair, Qwen2.5-VL's windows and full-attention blocks too), so the pieces give the whole
+        chunk's embeddings while holding a fraction of its activations."""
         visual = self.model.model.visual
-        grid = torch.tensor([pixels.grid_thw], device=self.device)
-        out = visual(pixels.pixel_values.to(self.device, self.dtype), grid_thw=grid)
-        return out.pooler_output.unsqueeze(0)
+        t, h, w = pixels.grid_thw
+        steps = max(1, self.VISION_PATCHES_PER_CALL // (h * w))
+        pieces = []
+        for first in range(0, t, steps):
+            k = min(steps, t - first)
+            patches = pixels.pixel_values[first * h * w:(first + k) * h * w].to(self.device, self.dtype)
+            pieces.append(visual(patches, grid_thw=torch.tensor([[k, h, w]], device=self.device)).pooler_output)
+        return torch.cat(pieces).unsqueeze(0)
 
     def embed_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(token_ids.to(self.device)).unsqueeze(0)
