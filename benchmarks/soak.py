@@ -2,12 +2,19 @@
 
     python benchmarks/soak.py                      # 20,480 sampled frames, writes docs/benchmarks/soak.*
     python benchmarks/soak.py --frames 2048 --out /tmp/soak   # a quick look
+    python benchmarks/soak.py --video 360p                     # `emloc-stream run` on a real-size file
 
 Streams synthetic video (a new 64-frame clip per chunk, timestamps continuing) through
 `StreamRunner` with the shipped tiny model and a per-layer token budget, answers a
 question every 10 chunks, and samples the process RSS and the cache bytes after every
 chunk. Prints the RSS growth over the last 80% of the run (target < 5%) and the spread
 of cache bytes once the budget is reached (target: flat).
+
+With --video (360p, 1080p or a file) it measures what a user runs instead: the CLI's
+`run` on a video file at its real resolution (made with ffmpeg's test pattern, 20 minutes
+by default), its RSS sampled from /proc every half second and tied to the frames folded
+(soak-<name>.{md,json,png}; targets: peak at most 1.5 GB at 360p and 2.5 GB at 1080p,
+the last 80% within 5%).
 """
 
 from __future__ import annotations
@@ -15,7 +22,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import re
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,12 +50,133 @@ def rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+SIZES = {"360p": (640, 360), "1080p": (1920, 1080)}
+QUESTION = "what digit is on screen now ?"
+
+
+def test_video(name: str, minutes: float, folder: Path) -> Path:
+    """ffmpeg's testsrc2 pattern at 25 fps, H.264 (made once, then reused)."""
+    width, height = SIZES[name]
+    path = folder / f"testsrc2-{width}x{height}-{minutes:g}min.mp4"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        part = path.with_suffix(".part.mp4")
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+                        f"testsrc2=size={width}x{height}:rate=25", "-t", str(minutes * 60), "-c:v", "libx264",
+                        "-preset", "ultrafast", "-crf", "30", "-pix_fmt", "yuv420p", str(part)], check=True)
+        part.rename(path)
+    return path
+
+
+def vm_rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return None
+
+
+def soak_video(args: argparse.Namespace, argv: list[str] | None) -> None:
+    """`emloc-stream run` on one file, its RSS sampled every half second."""
+    name = args.video if args.video in SIZES else Path(args.video).stem
+    path = test_video(args.video, args.minutes, args.videos) if args.video in SIZES else Path(args.video)
+    tree = args.tree or ROOT
+    budget = args.budget or 2000
+    command = [sys.executable, "-m", "stream", "run", str(path), "--budget", str(budget), "--ask", QUESTION]
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    proc = subprocess.Popen(command, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    folded = [0]  # frames folded so far, from the progress lines "[  128 frames ...]"
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            match = re.match(r"\[\s*(\d+)", line)
+            if match:
+                folded[0] = int(match.group(1))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    samples, t0 = [], time.perf_counter()
+    while proc.poll() is None:
+        rss = vm_rss_mib(proc.pid)
+        seconds = time.perf_counter() - t0
+        if rss is not None:
+            samples.append(dict(seconds=round(seconds, 1), rss_mib=round(rss, 1), frames_folded=folded[0]))
+        if args.limit_s and seconds > args.limit_s:
+            proc.terminate()
+            break
+        time.sleep(0.5)
+    proc.wait()
+    reader.join(timeout=10)
+    total = max(s["frames_folded"] for s in samples)
+    # the peak of each fold (samples grouped by the frames folded when they were taken), over the
+    # last 80% of the frames: flat means these peaks stay within 5% of each other
+    peaks: dict[int, float] = {}
+    for s in samples:
+        peaks[s["frames_folded"]] = max(peaks.get(s["frames_folded"], 0.0), s["rss_mib"])
+    tail = [peak for frames, peak in peaks.items() if frames >= 0.2 * total and frames < total]
+    result = dict(video=str(path.name), budget=budget, frames_folded=total, seconds=samples[-1]["seconds"],
+                  returncode=proc.returncode, stopped_after_s=args.limit_s if proc.returncode != 0 else None,
+                  peak_rss_mib=max(s["rss_mib"] for s in samples),
+                  fold_peaks_last_80_percent_min_max_mib=[min(tail), max(tail)] if tail else None,
+                  fold_peaks_spread_last_80_percent=round(100 * (max(tail) - min(tail)) / min(tail), 1)
+                  if tail else None,
+                  tree=str(tree), command="python benchmarks/soak.py " + " ".join(
+                      argv if argv is not None else sys.argv[1:]), run=" ".join(command[1:]),
+                  last_lines=lines[-4:])
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"soak-{name}{args.suffix}"
+    (args.out / f"{stem}.json").write_text(json.dumps(dict(result, samples=samples), indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(
+        f"# Soak at real resolution: `emloc-stream run` on {path.name}\n\n"
+        f"`{result['command']}` (runs `{result['run']}`), shipped tiny model, CPU: {total} frames folded "
+        f"in {result['seconds']:.0f} s.\n\n| figure | value |\n|---|---|\n"
+        f"| peak RSS | {result['peak_rss_mib']:.0f} MiB |\n"
+        f"| peak RSS of each fold over the last 80% of frames, min / max | "
+        f"{' / '.join(f'{x:.0f}' for x in result['fold_peaks_last_80_percent_min_max_mib'] or [])} MiB |\n"
+        f"| their spread | {result['fold_peaks_spread_last_80_percent']}% |\n\n![RSS over the stream]({stem}.png)\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([s["seconds"] for s in samples], [s["rss_mib"] for s in samples], label="RSS (MiB)")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("RSS (MiB)")
+        ax2 = ax.twinx()
+        ax2.plot([s["seconds"] for s in samples], [s["frames_folded"] for s in samples], color="tab:orange",
+                 label="frames folded")
+        ax2.set_ylabel("frames folded")
+        fig.legend(loc="lower right")
+        ax.set_title(f"emloc-stream run on {path.name}, budget {budget}")
+        fig.tight_layout()
+        fig.savefig(args.out / f"{stem}.png", dpi=110)
+    except ImportError:
+        print("matplotlib is not installed: no plot", flush=True)
+    print(json.dumps(result, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=20_480)
-    parser.add_argument("--budget", type=int, default=512, help="tokens per layer")
+    parser.add_argument("--budget", type=int, default=None, help="tokens per layer (512; with --video 2000)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    parser.add_argument("--video", help="360p, 1080p (ffmpeg test pattern) or a video file: measure the CLI's run")
+    parser.add_argument("--minutes", type=float, default=20.0, help="length of the 360p/1080p test video")
+    parser.add_argument("--videos", type=Path, default=Path("/tmp/emloc-soak-videos"), help="where test videos go")
+    parser.add_argument("--tree", type=Path, help="checkout whose code runs (e.g. an older commit, for 'before')")
+    parser.add_argument("--suffix", default="", help="added to the output names (e.g. -before)")
+    parser.add_argument("--limit-s", type=float, default=None, help="stop the run after this many seconds")
     args = parser.parse_args(argv)
+    if args.video:
+        soak_video(args, argv)
+        return
+    args.budget = args.budget or 512
     torch.set_num_threads(2)
     adapter = load_adapter(str(ROOT / "models" / "emloc-tiny-qwen2vl"))
     settings = videomme_online(layer_group_size=adapter.num_layers // 2, token_budget=args.budget)

@@ -20,6 +20,8 @@ token's index in the stream.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -128,16 +130,41 @@ class PrunedLayer(CacheLayerMixin):
         self.length, self.tail = end, 0
 
     def keep_committed(self, index: torch.Tensor) -> None:
-        """Keeps only the committed tokens at `index` (1, kv_heads, n), ascending per head."""
+        """Keeps only the committed tokens at `index` (1, kv_heads, n), ascending per head.
+        Writes fresh buffers, so a rollback (`PrunedCache.saved`) can put the old ones back."""
         if self.tail:
             raise RuntimeError("evict only between folds, with no tail pending")
         n = index.shape[-1]
         kidx = index.unsqueeze(-1).expand(-1, -1, -1, self._k.shape[-1])
-        self._k[:, :, :n] = torch.gather(self._k[:, :, :self.length], 2, kidx)
-        self._v[:, :, :n] = torch.gather(self._v[:, :, :self.length], 2, kidx)
-        self.origins[:, :, :n] = torch.gather(self.origins[:, :, :self.length], 2, index)
-        self.importance[:, :, :n] = torch.gather(self.importance[:, :, :self.length], 2, index)
+
+        def kept(buf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            new = torch.empty_like(buf)
+            new[:, :, :n] = torch.gather(buf[:, :, :self.length], 2, idx)
+            return new
+
+        self._k, self._v = kept(self._k, kidx), kept(self._v, kidx)
+        self.origins, self.importance = kept(self.origins, index), kept(self.importance, index)
         self.length = n
+
+    # --- rollback -------------------------------------------------------------------
+    def save(self) -> tuple:
+        """What `put_back` needs to undo later commits and evictions: the committed length, the
+        buffers (commits only write past the length; evictions and growth write new buffers) and
+        a copy of the committed importance (a commit decays it in place). Needs no tail pending."""
+        if self.tail:
+            raise RuntimeError("save the layer with no tail pending")
+        if not self.is_initialized:
+            return (None,)
+        return self.length, self._k, self._v, self.origins, self.importance, self.committed_importance().clone()
+
+    def put_back(self, saved: tuple) -> None:
+        """Returns the layer to the state `save` recorded, with no tail."""
+        if saved[0] is None:
+            self.__init__()
+            return
+        self.length, self._k, self._v, self.origins, self.importance, importance = saved
+        self.importance[:, :, :self.length] = importance
+        self.tail = 0
 
     # --- snapshots --------------------------------------------------------------------
     def export(self) -> dict[str, torch.Tensor]:
@@ -206,6 +233,18 @@ class PrunedCache(Cache):
     def drop_tails(self) -> None:
         for layer in self.layers:
             layer.drop_tail(0)
+
+    @contextmanager
+    def saved(self):
+        """All or nothing: if the block raises, every layer is put back as it was when the block
+        began (committed tokens, their metadata, no tail), whatever it had committed or evicted."""
+        saved = [layer.save() for layer in self.layers]
+        try:
+            yield
+        except BaseException:
+            for layer, state in zip(self.layers, saved):
+                layer.put_back(state)
+            raise
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

@@ -11,6 +11,8 @@ retention policy choose what each layer keeps, commit, and enforce the budget.
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from collections import deque
 
@@ -26,8 +28,21 @@ from .records import Answer, FoldRecord
 from .settings import EMLoCSettings, SettingsError
 
 
+def _one_at_a_time(method):
+    """Runs `method` holding the context's lock: calls from several threads take turns."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class StreamContext:
     """One stream's model context under EMLoC pruning.
+
+    Thread-safe by taking turns: `fold`, `answer`, `snapshot` and `restore` hold one lock
+    per context, so a question asked from another thread during a fold waits for the fold
+    to finish (and is answered over it) instead of changing the cache under it.
 
     model: a supported *ForConditionalGeneration model, or a ready `ModelAdapter`.
     policy: how chunks are pruned; EMLoC's JS-bounded search by default.
@@ -38,6 +53,7 @@ class StreamContext:
 
     def __init__(self, model, tokenizer=None, settings: EMLoCSettings | None = None, *,
                  policy: RetentionPolicy | None = None, **adapter_options) -> None:
+        self._lock = threading.RLock()
         self.adapter: ModelAdapter = model if isinstance(model, ModelAdapter) else adapter_for(
             model, tokenizer, **adapter_options)
         self.settings = settings or EMLoCSettings()
@@ -69,6 +85,7 @@ class StreamContext:
         self.tokens_seen = n
 
     # --- fold ------------------------------------------------------------------------
+    @_one_at_a_time
     @torch.no_grad()
     def fold(self, frames, *, questions: list[str] | tuple[str, ...] = (),
              timestamps: list[float] | None = None) -> FoldRecord:
@@ -77,7 +94,8 @@ class StreamContext:
         questions: questions waiting to be answered; with the standing questions they
             are the observers, else the probe prompt is.
         timestamps: presentation time (s) of each frame, for the record's time span.
-        If anything fails the cache is left exactly as it was.
+        If anything fails the cache is left exactly as it was: commits and evictions of
+        every layer are undone together.
         """
         if timestamps is not None and len(timestamps) != len(frames):
             raise InputError(f"{len(timestamps)} timestamps for {len(frames)} frames")
@@ -91,7 +109,7 @@ class StreamContext:
         positions = adapter.video_positions(self.video_start, self._steps, pixels)
         before = cache.lengths()
         observers = self._observers(questions) if self.policy.needs_observers else []
-        try:
+        with cache.saved():  # all or nothing: a failure at any layer puts every layer back
             clock = time.perf_counter()
             run_layers(adapter, cache, embeds, positions)
             prefill_s = time.perf_counter() - clock
@@ -124,13 +142,10 @@ class StreamContext:
             retention = self.policy.retain(state)
             search_s = time.perf_counter() - clock
             kept = self._commit(state, retention.keep, prefix_attention)
-        except BaseException:
-            cache.drop_tails()
-            raise
-        evicted = self.policy.evict(cache, self.sink_tokens)
-        if settings.token_budget is not None:
-            budget = enforce_budget(cache, settings.token_budget, self.sink_tokens)
-            evicted = [a + b for a, b in zip(evicted, budget)]
+            evicted = self.policy.evict(cache, self.sink_tokens)
+            if settings.token_budget is not None:
+                budget = enforce_budget(cache, settings.token_budget, self.sink_tokens)
+                evicted = [a + b for a, b in zip(evicted, budget)]
 
         first = int(positions[0].min())
         self._steps += pixels.grid_thw[0]
@@ -184,6 +199,7 @@ class StreamContext:
     # --- snapshots ---------------------------------------------------------------------
     STATE_FIELDS = ("chunks_folded", "_steps", "sink_tokens", "video_start", "max_position", "tokens_seen")
 
+    @_one_at_a_time
     def snapshot(self) -> tuple[dict[str, torch.Tensor], dict]:
         """The context as tensors (the committed cache) and plain data (positions, settings,
         model identity): everything needed to go on folding exactly where it stopped."""
@@ -192,6 +208,7 @@ class StreamContext:
                     model=self.adapter.identity(), standing_questions=list(self.standing_questions))
         return self.cache.export(), meta
 
+    @_one_at_a_time
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Loads a snapshot; refuses one made by another model or with other settings."""
         mine = self.adapter.identity()
@@ -213,6 +230,7 @@ class StreamContext:
         self.standing_questions = list(meta.get("standing_questions", []))
 
     # --- answer ----------------------------------------------------------------------
+    @_one_at_a_time
     @torch.no_grad()
     def answer(self, question: str, *, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, partial_frames=None, return_logits: bool = False) -> Answer:

@@ -7,25 +7,32 @@ see that layer's whole cached prefix and each other causally.
 from __future__ import annotations
 
 import torch
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from .adapters import ModelAdapter
+from .adapters.base import check_attention
 from .cache import PrunedCache
 
 
-def prefix_mask(prefix_len: int, n: int, device: torch.device) -> torch.Tensor:
-    """(1, 1, n, prefix_len + n) boolean mask, True where a query may attend."""
-    keys = torch.arange(prefix_len + n, device=device)
-    queries = torch.arange(n, device=device).unsqueeze(1) + prefix_len
-    return (keys.unsqueeze(0) <= queries).view(1, 1, n, prefix_len + n)
+def prefix_mask(attention: str, prefix_len: int, n: int, device: torch.device,
+                dtype: torch.dtype = torch.float32):
+    """The mask `attention` (a transformers attention implementation) needs for `n` new queries
+    after `prefix_len` cached keys: each query sees the whole prefix and the new tokens up to
+    itself. Built by the library's own mask function for that implementation, so each gets the
+    form it honours: (1, 1, n, prefix_len + n) booleans for sdpa, an additive float mask (0 or
+    the dtype's minimum) for eager, a BlockMask for flex attention, None for flash attention
+    (which aligns causal masks bottom-right, leaving the prefix fully visible)."""
+    build = ALL_MASK_ATTENTION_FUNCTIONS[check_attention(attention)]
+    return build(batch_size=1, q_length=n, kv_length=prefix_len + n, q_offset=prefix_len, kv_offset=0,
+                 device=device, dtype=dtype, allow_is_causal_skip=False)
 
 
-def layer_mask(adapter: ModelAdapter, cache: PrunedCache, index: int, n: int,
-               device: torch.device) -> torch.Tensor | None:
-    if adapter.uses_flash_attention:
-        return None  # flash-attn aligns causal masks bottom-right: the prefix is fully visible
+def layer_mask(adapter: ModelAdapter, cache: PrunedCache, index: int, hidden: torch.Tensor):
+    n = hidden.shape[1]
     if n == 1:
         return None  # one query sees everything cached
-    return prefix_mask(cache.layers[index].get_seq_length(), n, device)
+    return prefix_mask(adapter.attention_implementation, cache.layers[index].get_seq_length(), n,
+                       hidden.device, hidden.dtype)
 
 
 def run_layers(adapter: ModelAdapter, cache: PrunedCache, hidden: torch.Tensor, positions: torch.Tensor,
@@ -38,11 +45,10 @@ def run_layers(adapter: ModelAdapter, cache: PrunedCache, hidden: torch.Tensor, 
     rotary: precomputed (cos, sin) for `positions`, to skip recomputing them.
     """
     rotary = rotary if rotary is not None else adapter.rotary(hidden, positions)
-    n = hidden.shape[1]
     for index in range(start_layer, adapter.num_layers):
         if record_inputs is not None:
             record_inputs[index] = hidden
-        mask = layer_mask(adapter, cache, index, n, hidden.device)
+        mask = layer_mask(adapter, cache, index, hidden)
         hidden = adapter.run_layer(index, hidden, mask, rotary, cache)
     return hidden
 

@@ -26,6 +26,7 @@ def answer_video(context: StreamContext, frames: Iterable[Frame], questions: lis
     observers = list(questions) if query_aware else []
     for chunk in chunks(frames, context.settings.chunk_frames):
         record = context.fold(chunk.frames, questions=observers, timestamps=chunk.times)
+        del chunk  # not held while the next one is decoded
         if on_fold is not None:
             on_fold(record)
     return [context.answer(q, max_new_tokens=max_new_tokens) for q in questions]

@@ -143,14 +143,26 @@ def sample(frames: Iterable[Frame], fps: float) -> Iterator[Frame]:
     return (frame for frame in frames if sampler.keep(frame.time))
 
 
+BATCH_BYTES = 64 * 2**20  # decoded frames held at once by the decord reader
+
+
 def _decord_frames(path: Path, fps: float | None) -> Iterator[Frame]:
+    """Frames in batches of about BATCH_BYTES, each from a reader opened for it alone: an open
+    decord reader keeps decoding ahead in the background, into buffers that grew past 1.5 GB at
+    640x360 while one chunk was folded; closing it after each batch bounds that."""
     try:
         import decord
     except ImportError as error:
         raise _Unreadable("decord is not installed") from error
+
+    def reader():
+        return decord.VideoReader(str(path), ctx=decord.cpu(0))
+
     try:
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
-        times = reader.get_frame_timestamp(np.arange(len(reader)))[:, 0]
+        first_reader = reader()
+        times = first_reader.get_frame_timestamp(np.arange(len(first_reader)))[:, 0]
+        height, width = first_reader[0].shape[:2] if len(times) else (0, 0)
+        del first_reader
     except Exception as error:  # decord raises its own DECORDError, and RuntimeError
         raise _Unreadable(str(error).splitlines()[0] if str(error) else type(error).__name__) from error
     if len(times) == 0:
@@ -160,11 +172,12 @@ def _decord_frames(path: Path, fps: float | None) -> Iterator[Frame]:
     else:
         sampler = RateSampler(fps)
         indices = [i for i, t in enumerate(times) if sampler.keep(float(t))]
+    per_batch = max(1, min(64, BATCH_BYTES // (height * width * 3)))
     first = True
-    for start in range(0, len(indices), 64):
-        batch = indices[start:start + 64]
+    for start in range(0, len(indices), per_batch):
+        batch = indices[start:start + per_batch]
         try:
-            images = reader.get_batch(batch).asnumpy()
+            images = reader().get_batch(batch).asnumpy()
         except Exception as error:
             if first:
                 raise _Unreadable(str(error).splitlines()[0]) from error
@@ -172,6 +185,7 @@ def _decord_frames(path: Path, fps: float | None) -> Iterator[Frame]:
         first = False
         for i, image in zip(batch, images):
             yield Frame(image, float(times[i]))
+        del images  # before the next batch is decoded
 
 
 def _av_frames(path: Path, fps: float | None) -> Iterator[Frame]:

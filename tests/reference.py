@@ -102,7 +102,7 @@ def observer_log_probs(model, layer_kv: list[tuple[torch.Tensor, torch.Tensor]],
     n = hidden.shape[1]
     for i, layer in enumerate(lm.layers):
         prefix = cache.layers[i].get_seq_length()
-        mask = (torch.arange(prefix + n).view(1, -1) <= torch.arange(n).view(-1, 1) + prefix).view(1, 1, n, -1)
+        mask = additive_causal_mask(prefix, n, hidden.dtype)
         hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, cache=cache)
     logits = model.lm_head(lm.norm(hidden))[0, -observed:].double()
     return torch.log_softmax(logits, dim=-1)
@@ -120,9 +120,16 @@ def prefill_kv(model, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], embeds:
     rotary = lm.rotary_emb(hidden, positions.unsqueeze(1))
     for i, layer in enumerate(lm.layers):
         prefix = cache.layers[i].get_seq_length()
-        mask = (torch.arange(prefix + n).view(1, -1) <= torch.arange(n).view(-1, 1) + prefix).view(1, 1, n, -1)
+        mask = additive_causal_mask(prefix, n, hidden.dtype)
         hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, cache=cache)
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def additive_causal_mask(prefix: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 1, n, prefix + n): 0 where query i may see key j (the prefix, then causal), -inf
+    elsewhere; eager and sdpa attention both honour an additive float mask."""
+    visible = torch.arange(prefix + n).view(1, -1) <= torch.arange(n).view(-1, 1) + prefix
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, float("-inf")).view(1, 1, n, -1)
 
 
 def js(log_p: torch.Tensor, log_q: torch.Tensor) -> float:

@@ -1,10 +1,14 @@
 """Lossless oracle: with every ratio forced to 1.0, folding chunks then answering must
 reproduce the plain transformers model run once over the whole multimodal sequence."""
 
-import numpy as np
-import torch
+import copy
 
-from emloc import EMLoCSettings, StreamContext
+import numpy as np
+import pytest
+import torch
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+from emloc import EMLoCSettings, StreamContext, UnsupportedModelError
 
 from .reference import (
     chat_preamble,
@@ -20,7 +24,26 @@ SYSTEM = "You are a helpful assistant."
 QUESTION = "what colour was the triangle ?"
 
 
-def test_lossless_fold_matches_full_context(model, tokenizer):
+# Every attention implementation transformers knows how to mask; those it cannot run here
+# (flash-attn not installed, flex attention not offered for these architectures) are skipped.
+IMPLEMENTATIONS = sorted(ALL_MASK_ATTENTION_FUNCTIONS.valid_keys())
+
+
+def with_attention(model, implementation: str):
+    """A copy of `model` running `implementation`, or a skip if transformers refuses it here."""
+    model = copy.deepcopy(model)
+    try:
+        model.set_attn_implementation(implementation)
+    except (ValueError, ImportError) as error:
+        pytest.skip(f"transformers cannot run {implementation} here: {str(error)[:120]}")
+    return model
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_lossless_fold_matches_full_context(model, tokenizer, implementation):
+    """Catches a mask the implementation does not honour (eager adds a boolean mask to the
+    scores instead of masking: the logits then differ by about 1.5)."""
+    model = with_attention(model, implementation)
     settings = EMLoCSettings(layer_group_size=2, ratios=(1.0,), chunk_frames=4, system_prompt=SYSTEM)
     context = StreamContext(model, tokenizer, settings)
     chunks = [random_frames(4, seed=s) for s in range(3)]
@@ -45,3 +68,10 @@ def test_lossless_fold_matches_full_context(model, tokenizer):
                           stop={model.config.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")})
     assert answer.token_ids == greedy
     assert len(greedy) > 0
+
+
+def test_paged_attention_is_refused(model, tokenizer):
+    """Paged attention expects the library's paged cache: named, not silently run on ours."""
+    model = with_attention(model, "paged|eager")
+    with pytest.raises(UnsupportedModelError, match="'paged\\|eager' is not supported.*attn_implementation"):
+        StreamContext(model, tokenizer)

@@ -23,6 +23,19 @@ class InputError(ValueError):
     """A chunk of frames or a question cannot be used; the message says why."""
 
 
+def check_attention(name: str) -> str:
+    """Returns `name` if it is an attention implementation whose masks transformers knows how
+    to build (eager, sdpa, flex_attention, flash_attention_*); else says which ones work.
+    Paged attention needs the library's paged cache, not ours."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    if not isinstance(name, str) or name.startswith("paged") or name not in ALL_MASK_ATTENTION_FUNCTIONS:
+        usable = sorted(k for k in ALL_MASK_ATTENTION_FUNCTIONS.valid_keys() if not k.startswith("paged"))
+        raise UnsupportedModelError(f"attention implementation {name!r} is not supported on the pruned cache; "
+                                    f"load the model with attn_implementation set to one of {usable}")
+    return name
+
+
 @dataclass
 class VideoPixels:
     """A chunk of frames in the model's input layout.
@@ -46,7 +59,6 @@ class ModelAdapter(ABC):
     num_kv_heads: int
     head_dim: int
     temporal_patch: int
-    uses_flash_attention: bool
 
     @classmethod
     @abstractmethod
@@ -141,6 +153,15 @@ class ModelAdapter(ABC):
                               config_sha256=hashlib.sha256(text.encode()).hexdigest(),
                               weights_sha256=digest.hexdigest())
         return self._identity
+
+    @property
+    @abstractmethod
+    def attention_implementation(self) -> str:
+        """The decoder's transformers attention implementation (eager, sdpa, flash_attention_2, ...)."""
+
+    @property
+    def uses_flash_attention(self) -> bool:
+        return self.attention_implementation.startswith("flash_attention")
 
     @property
     def device(self) -> torch.device:

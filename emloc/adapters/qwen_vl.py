@@ -10,7 +10,7 @@ from torch import nn
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
-from .base import InputError, ModelAdapter, VideoPixels
+from .base import InputError, ModelAdapter, VideoPixels, check_attention
 
 # The paper's video setting: 144 tokens per frame pair (336 x 336 frames).
 DEFAULT_MAX_FRAME_PIXELS = 144 * 28 * 28
@@ -25,6 +25,8 @@ class QwenVLAdapter(ModelAdapter):
     image_processor: the checkpoint's PIL image processor (resize, rescale,
         normalize, spatial patch layout); built from the config when omitted.
     """
+
+    VISION_PATCHES_PER_CALL = 4096
 
     def __init__(self, model: nn.Module, tokenizer, *, fps: float = 2.0,
                  image_processor: Qwen2VLImageProcessorPil | None = None,
@@ -43,7 +45,6 @@ class QwenVLAdapter(ModelAdapter):
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.temporal_patch = vision.temporal_patch_size
         self.merge = vision.spatial_merge_size
-        self.uses_flash_attention = str(model.config._attn_implementation).startswith("flash_attention")
         tokens_per_second = getattr(vision, "tokens_per_second", None)
         # Qwen2-VL: one position per temporal step; Qwen2.5-VL: positions follow seconds.
         self.time_interval = 1.0 if tokens_per_second is None else tokens_per_second * self.temporal_patch / fps
@@ -51,6 +52,7 @@ class QwenVLAdapter(ModelAdapter):
             patch_size=vision.patch_size, temporal_patch_size=self.temporal_patch, merge_size=self.merge)
         self.min_frame_pixels, self.max_frame_pixels = min_frame_pixels, max_frame_pixels
         self._decoder = model.model.language_model
+        check_attention(self.attention_implementation)
         self._special = {name: tokenizer.convert_tokens_to_ids(name) for name in (
             "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>")}
 
@@ -65,29 +67,40 @@ class QwenVLAdapter(ModelAdapter):
 
     # --- inputs ------------------------------------------------------------------
     def preprocess(self, frames) -> VideoPixels:
+        """Frame by frame through the image processor (resize, rescale, normalize), each written
+        straight into its slot of the output, so memory holds the output and one frame's copies
+        rather than every frame's intermediates at once."""
         frames = _as_uint8_frames(frames)
-        padded = (-len(frames)) % self.temporal_patch
-        if padded:  # as the library's processors do: repeat the last frame
-            frames = np.concatenate([frames, np.repeat(frames[-1:], padded, axis=0)])
-        out = self.image_processor(
-            images=list(frames), return_tensors="np",
-            size={"shortest_edge": self.min_frame_pixels, "longest_edge": self.max_frame_pixels})
-        grid = out["image_grid_thw"]
-        _, gh, gw = (int(x) for x in grid[0])
         n, tp = len(frames), self.temporal_patch
-        # The image processor lays each frame out as (patches, C, tp, ph, pw) with the frame
-        # repeated over tp; a video patch takes slot i from frame i of its temporal group.
-        patches = out["pixel_values"].reshape(n, gh * gw, 3, tp, -1)[:, :, :, 0]
-        patches = patches.reshape(n // tp, tp, gh * gw, 3, -1).transpose(0, 2, 3, 1, 4)
-        pixel_values = torch.from_numpy(np.ascontiguousarray(patches).reshape(n // tp * gh * gw, -1))
-        return VideoPixels(pixel_values, (n // tp, gh, gw), padded)
+        padded = (-n) % tp  # as the library's processors do: repeat the last frame
+        size = {"shortest_edge": self.min_frame_pixels, "longest_edge": self.max_frame_pixels}
+        out = None
+        for i in range(n + padded):
+            one = self.image_processor(images=[frames[min(i, n - 1)]], return_tensors="np", size=size)
+            if out is None:
+                _, gh, gw = (int(x) for x in one["image_grid_thw"][0])
+                # a video patch takes slot s of its temporal group from frame s of the group
+                out = torch.empty((n + padded) // tp, gh * gw, 3, tp, self.image_processor.patch_size ** 2)
+            # the image processor lays a frame out as (patches, C, tp, ph * pw), repeated over tp
+            patches = one["pixel_values"].reshape(gh * gw, 3, tp, -1)[:, :, 0]
+            out[i // tp, :, :, i % tp] = torch.from_numpy(patches)
+        return VideoPixels(out.view(out.shape[0] * gh * gw, -1), (out.shape[0], gh, gw), padded)
 
     @torch.no_grad()
     def encode_video(self, pixels: VideoPixels) -> torch.Tensor:
+        """The vision tower a few temporal steps at a time (about `VISION_PATCHES_PER_CALL`
+        patches): its attention never crosses a temporal step (Qwen2-VL attends within a frame
+        pair, Qwen2.5-VL's windows and full-attention blocks too), so the pieces give the whole
+        chunk's embeddings while holding a fraction of its activations."""
         visual = self.model.model.visual
-        grid = torch.tensor([pixels.grid_thw], device=self.device)
-        out = visual(pixels.pixel_values.to(self.device, self.dtype), grid_thw=grid)
-        return out.pooler_output.unsqueeze(0)
+        t, h, w = pixels.grid_thw
+        steps = max(1, self.VISION_PATCHES_PER_CALL // (h * w))
+        pieces = []
+        for first in range(0, t, steps):
+            k = min(steps, t - first)
+            patches = pixels.pixel_values[first * h * w:(first + k) * h * w].to(self.device, self.dtype)
+            pieces.append(visual(patches, grid_thw=torch.tensor([[k, h, w]], device=self.device)).pooler_output)
+        return torch.cat(pieces).unsqueeze(0)
 
     def embed_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(token_ids.to(self.device)).unsqueeze(0)
@@ -100,6 +113,10 @@ class QwenVLAdapter(ModelAdapter):
         return torch.stack([tt, hh, ww]).reshape(3, -1) + video_start
 
     # --- the decoder --------------------------------------------------------------
+    @property
+    def attention_implementation(self) -> str:
+        return self._decoder.config._attn_implementation
+
     def rotary(self, hidden, positions):
         return self._decoder.rotary_emb(hidden, positions.to(hidden.device).unsqueeze(1))
 
