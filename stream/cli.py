@@ -147,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
         stream = load_state(args.state, context)
         if stream.get("video") != video_id:
             raise StateError(f"{args.state}: this state belongs to {stream.get('video')!r}, not {video_id!r}")
+        if stream.get("query_aware", False) != args.query_aware:
+            raise StateError(f"{args.state}: this state was folded {'with' if not args.query_aware else 'without'} "
+                             f"--query-aware; resume it the same way (or use a new --state)")
         done = float(stream["last_time"])
         frames = (f for f in frames if f.time > done + 1e-6)
         print(f"resumed from {args.state}: {context.chunks_folded} chunks already folded, up to {done:.1f} s",
@@ -156,12 +159,14 @@ def run(args: argparse.Namespace) -> int:
     def on_fold(record) -> None:
         progress(record)
         if args.state and context.chunks_folded % args.save_every == 0:
-            save_state(args.state, context, dict(video=video_id, last_time=record.time_span[1]))
+            save_state(args.state, context, dict(video=video_id, last_time=record.time_span[1],
+                                                 query_aware=args.query_aware))
 
     answers = answer_video(context, frames, args.ask, query_aware=args.query_aware,
                            max_new_tokens=args.max_new_tokens, on_fold=on_fold)
     if args.state and context.records and context.chunks_folded % args.save_every:  # else the last fold saved
-        save_state(args.state, context, dict(video=video_id, last_time=context.records[-1].time_span[1]))
+        save_state(args.state, context, dict(video=video_id, last_time=context.records[-1].time_span[1],
+                                             query_aware=args.query_aware))
     _deliver(context, Path(args.video).name, args.ask, answers)
     print(_footer(context))
     return 0
@@ -178,7 +183,8 @@ def live(args: argparse.Namespace) -> int:
     spec = StreamConfig(id=args.stream_id, source=args.url, format=args.format, ask=tuple(args.ask or ()),
                         standing=tuple(args.standing or ()), every=args.every,
                         jsonl=str(args.jsonl) if args.jsonl else None, state=str(args.state) if args.state else None,
-                        save_every=args.save_every, buffer=args.buffer, max_waiting=args.max_waiting)
+                        save_every=args.save_every, buffer=args.buffer, max_waiting=args.max_waiting,
+                        max_scheduled=args.max_scheduled, max_standing=args.max_standing, horizon=args.horizon)
     questions = load_questions(args.questions) if args.questions else []
     return _serve(config, given, args, [spec], mqtt, questions)
 
@@ -381,7 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mqtt-ca", help="CA file for the broker's TLS certificate (implies --mqtt-tls)")
     p.add_argument("--status-every", type=float, default=5.0, help="seconds between status reports")
     p.add_argument("--buffer", type=int, default=16, help="sampled frames held while folding; older ones drop")
-    p.add_argument("--max-waiting", type=int, default=64, help="questions that may wait; more are refused")
+    p.add_argument("--max-waiting", type=int, default=64, help="one-off questions that may wait; more are refused")
+    p.add_argument("--max-scheduled", type=int, default=64, help='questions with "at" that may wait (apart)')
+    p.add_argument("--max-standing", type=int, default=8, help="standing questions; more are refused until one is "
+                   "cancelled (emloc/<stream>/cancel)")
+    p.add_argument("--horizon", type=float, default=3600.0, help='how far (s) beyond the stream\'s time "at" may lie')
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--state", type=Path, help="save the stream state here; resume from it if present")
     p.add_argument("--save-every", type=int, default=1, help="chunks between saves of --state")
