@@ -19,6 +19,7 @@ import bisect
 import itertools
 import math
 import threading
+import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -71,6 +72,8 @@ class Question:
             raise BadQuestion("question text must be a non-empty string")
         if len(self.text) > MAX_QUESTION_CHARS:
             raise BadQuestion(f"question text is {len(self.text)} characters; the limit is {MAX_QUESTION_CHARS}")
+        if any(unicodedata.category(c) in ("Cc", "Cs") and c not in "\t\n\r" for c in self.text):
+            raise BadQuestion("question text holds control characters or unpaired surrogates; questions are text")
         if self.at is not None and (not isinstance(self.at, (int, float)) or isinstance(self.at, bool)
                                     or not math.isfinite(self.at) or self.at < 0):
             raise BadQuestion(f"'at' must be a finite number of seconds >= 0, got {self.at!r}")
