@@ -19,10 +19,10 @@ from pathlib import Path
 from emloc import ModelAdapter, StreamContext
 from sinks import ConsoleSink, JsonLinesSink
 
-from .config import MqttConfig, StreamConfig
+from .config import ConfigError, MqttConfig, StreamConfig
 from .live import LiveSource
 from .mqtt import MqttBridge
-from .questions import BadQuestion, Question, QuestionQueue, QueueFull
+from .questions import BadQuestion, DuplicateId, Question, QuestionQueue, QueueFull
 from .runtime import StreamRunner
 from .state import StateError, has_state, load_state, save_state
 
@@ -57,7 +57,13 @@ class LiveStream:
             if text not in restored:
                 self.queue.submit(Question(self.queue.new_id(), text, every=spec.every, origin="config"))
         for question in questions:  # from a questions file: one-off, or scheduled with "at"
-            self.queue.submit(question)
+            try:
+                self.queue.submit(question)
+            except DuplicateId as error:
+                if not error.same:  # else: restored from the saved state, still waiting
+                    raise ConfigError(f"stream {spec.id}: question {question.id!r}: {error}") from error
+            except (BadQuestion, QueueFull) as error:
+                raise ConfigError(f"stream {spec.id}: question {question.id!r}: {error}") from error
         self.source = LiveSource(spec.source, fps=fps, format=spec.format, buffer=spec.buffer, start_time=start_time)
         self.failed = ""
 
