@@ -85,7 +85,7 @@ def _id(value) -> str:
     """Ids are strings, or integers a JSON client can hold exactly (sent back as strings)."""
     if isinstance(value, int) and not isinstance(value, bool):
         if abs(value) > MAX_SAFE_INT:
-            raise BadQuestion(f"an integer 'id' must lie within +-2**53; use a string id")
+            raise BadQuestion("an integer 'id' must lie within +-2**53; use a string id")
         return str(value)
     return check_id(value)
 
@@ -185,8 +185,7 @@ class MqttBridge(Sink):
         self.tried.wait(timeout)
         if self.refused:
             self.close(timeout=0)
-            raise ConfigError(f"MQTT broker {self.broker.host}:{self.broker.port} refused the connection: "
-                              f"{self.refused}")
+            raise ConfigError(f"MQTT broker {self.broker.host}:{self.broker.port}: {self.refused}")
         if not self.connected.is_set():
             log.warning("mqtt: %s:%s not reachable yet (%s); retrying in the background", self.broker.host,
                         self.broker.port, self.last_error or "no answer")
@@ -308,8 +307,10 @@ class MqttBridge(Sink):
             except aiomqtt.MqttError as error:
                 self.last_error = str(error)
                 code = getattr(getattr(error, "rc", None), "value", getattr(error, "rc", None))
-                if code in REFUSED_CONNECT or "CERTIFICATE" in str(error).upper():
-                    self.refused = REFUSED_CONNECT.get(code, str(error))
+                if code in REFUSED_CONNECT:
+                    self.refused = f"the broker refused the credentials ({REFUSED_CONNECT[code]})"
+                elif "SSL" in str(error).upper():
+                    self.refused = f"TLS failed: {error}"
             except Exception as error:  # noqa: BLE001 - anything else: report, back off, reconnect
                 self.last_error = f"{type(error).__name__}: {error}"
                 log.exception("mqtt: unexpected error in the bridge for %s", self.stream_id)

@@ -171,7 +171,8 @@ def _check_counters(folder: Path, meta: dict, stream: dict, tensors: dict) -> No
     c = meta
     if (c["video_start"] != c["sink_tokens"] or c["tokens_seen"] < c["sink_tokens"]
             or (c["chunks_folded"] == 0) != (c["tokens_seen"] == c["sink_tokens"]) or c["steps"] < c["chunks_folded"]
-            or c["max_position"] < c["sink_tokens"] - 1 or (c["chunks_folded"] and c["max_position"] < c["video_start"])):
+            or c["max_position"] < c["sink_tokens"] - 1
+            or (c["chunks_folded"] and c["max_position"] < c["video_start"])):
         raise StateError(f"{folder}: the saved counters contradict each other: {dict((n, c[n]) for n in COUNTERS)}")
     expected = {k for k in tensors if k.startswith("layers.")}
     if len(expected) + 2 != len(tensors):

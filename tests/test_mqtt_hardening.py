@@ -62,7 +62,8 @@ def malformed(n: int, seed: int = 0) -> list[tuple[str, bytes]]:
         b'{"question": "x", "at": 5, "every": 2}', b'{"question": "x", "wait": "yes"}',
         b'{"question": "x", "every": 0.5}', b'{"question": "x", "every": -1}', b'{"question": "x", "at": "soon"}',
         b'{"question": "x", "at": true}', b'{"question": "x", "at": [1]}', b'{"question": {"a": 1}}',
-        b'{"question": null}', b'{"question": ["x"]}', b'{"id": null, "question": "x"}', b'{"id": 1.5, "question": "x"}',
+        b'{"question": null}', b'{"question": ["x"]}', b'{"id": null, "question": "x"}',
+        b'{"id": 1.5, "question": "x"}',
         b'{"id": true, "question": "x"}', b'{"id": {}, "question": "x"}', b"\xc0\xaf", b"\xff" * 50,
         b'{"question": "x"', b'{"question": "x"}}', b"{" * 9000, b'{"question": "' + b"a" * 9000 + b'"}',
     ]
@@ -291,18 +292,27 @@ def test_bad_tls_and_credentials_fail_at_start_in_one_line(tmp_path):
 def test_refused_credentials_fail_at_start(tmp_path):
     import shutil
 
-    if not shutil.which("mosquitto_passwd"):
-        pytest.skip("mosquitto_passwd is needed")
+    if not (shutil.which("mosquitto_passwd") and shutil.which("openssl")):
+        pytest.skip("mosquitto_passwd and openssl are needed")
     passwords = tmp_path / "passwords"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "cam", "s3cret"], check=True, capture_output=True)
-    broker = Broker(tmp_path, anonymous=False, extra=f"password_file {passwords}\n").start()
+    for name in ("server", "stranger"):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / name),
+                        "-out", str(tmp_path / f"{name}.pem"), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext",
+                        "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    broker = Broker(tmp_path, anonymous=False, extra=f"password_file {passwords}\ncertfile {tmp_path}/server.pem\n"
+                    f"keyfile {tmp_path}/server\n").start()
     try:
-        bridge = MqttBridge(MqttConfig(port=broker.port, username="cam", password="wrong"), "cam",
-                            QuestionQueue()).start()
-        with pytest.raises(ConfigError, match="refused the connection: (bad user name or password|not authorized)"):
+        tls = dict(port=broker.port, username="cam", ca_file=str(tmp_path / "server.pem"))
+        bridge = MqttBridge(MqttConfig(password="wrong", **tls), "cam", QuestionQueue()).start()
+        refused = "refused the credentials \\((bad user name or password|not authorized)\\)"
+        with pytest.raises(ConfigError, match=refused):
             bridge.check_connect(timeout=10)
-        good = MqttBridge(MqttConfig(port=broker.port, username="cam", password="s3cret"), "cam2",
-                          QuestionQueue()).start()
+        stranger = MqttBridge(MqttConfig(**dict(tls, password="s3cret", ca_file=str(tmp_path / "stranger.pem"))),
+                              "cam1", QuestionQueue()).start()
+        with pytest.raises(ConfigError, match="TLS failed: .*CERTIFICATE_VERIFY_FAILED"):
+            stranger.check_connect(timeout=10)
+        good = MqttBridge(MqttConfig(password="s3cret", **tls), "cam2", QuestionQueue()).start()
         good.check_connect(timeout=10)
         assert good.connected.is_set()
         good.close()

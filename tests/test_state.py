@@ -9,11 +9,11 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from emloc import EMLoCSettings, StreamContext
 from emloc.adapters import adapter_for
 from emloc.tiny import tiny_qwen2_vl
-from safetensors.torch import load_file, save_file
 from stream.config import StreamConfig
 from stream.service import LiveStream
 from stream.sources import write_video
