@@ -55,6 +55,32 @@ class MqttConfig:
         object.__setattr__(self, "backoff", backoff)
         if self.ca_file:
             object.__setattr__(self, "tls", True)
+        for name in ("username", "password"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"mqtt.{name} must be a non-empty string")
+        if self.password is not None and self.username is None:
+            raise ConfigError("mqtt.password is given without mqtt.username")
+        if not isinstance(self.max_payload, int) or not 64 <= self.max_payload <= 1 << 20:
+            raise ConfigError(f"mqtt.max_payload must be an integer of bytes in 64..1048576, got {self.max_payload!r}")
+        if self.tls:
+            self.ssl_context()  # a missing or unreadable CA file is named now, not inside the event loop
+
+    def ssl_context(self):
+        """The TLS context for the broker (the system's CAs unless ca_file); ConfigError if unusable."""
+        import ssl
+
+        if not self.tls:
+            return None
+        if self.ca_file is not None:
+            path = Path(self.ca_file)
+            if not path.is_file():
+                raise ConfigError(f"mqtt.ca_file {self.ca_file}: no such file")
+        try:
+            return ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as error:
+            raise ConfigError(f"mqtt.ca_file {self.ca_file}: not a usable CA bundle (PEM): "
+                              f"{getattr(error, 'reason', None) or error}") from error
 
     @classmethod
     def parse(cls, address: str, **options) -> MqttConfig:
@@ -79,17 +105,28 @@ class StreamConfig:
     state: str | None = None  # folder to save the stream's state in and resume from
     save_every: int = 1
     buffer: int = 16
-    max_waiting: int = 64
+    max_waiting: int = 64  # one-off questions waiting; more are refused
+    max_scheduled: int = 64  # questions with "at" waiting, counted apart so they cannot starve one-offs
+    max_standing: int = 8  # standing questions; more are refused until one is cancelled
+    horizon: float = 3600.0  # how far (s) beyond the stream's time "at" may lie
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id or any(c in self.id for c in "/#+ "):
             raise ConfigError(f"stream id must be a non-empty name without '/', '#', '+' or spaces, got {self.id!r}")
         if not isinstance(self.source, str) or not self.source:
             raise ConfigError(f"stream {self.id}: source must be a URL or device path")
-        for name in ("every", "save_every", "buffer", "max_waiting"):
+        for name in ("every", "save_every", "buffer", "max_waiting", "max_scheduled", "max_standing"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"stream {self.id}: {name} must be an integer >= 1, got {value!r}")
+        if len(self.standing) > self.max_standing:
+            raise ConfigError(f"stream {self.id}: {len(self.standing)} standing questions, more than max_standing "
+                              f"({self.max_standing})")
+        if len(self.ask) > self.max_scheduled:
+            raise ConfigError(f"stream {self.id}: {len(self.ask)} questions to ask, more than max_scheduled "
+                              f"({self.max_scheduled})")
+        if isinstance(self.horizon, bool) or not isinstance(self.horizon, (int, float)) or not 0 < self.horizon < 1e9:
+            raise ConfigError(f"stream {self.id}: horizon must be a number of seconds > 0, got {self.horizon!r}")
         for name in ("ask", "standing"):
             value = getattr(self, name)
             if not all(isinstance(q, str) and q.strip() for q in value):

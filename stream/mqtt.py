@@ -1,10 +1,18 @@
-"""MQTT: questions in on `<prefix>/<stream>/ask`, answers, errors and status out (aiomqtt).
+"""MQTT: questions in on `<prefix>/<stream>/ask`, cancellations on `.../cancel`; answers, errors,
+cancellations and status out (aiomqtt).
 
-The bridge runs its own asyncio loop in a thread. Questions are validated and put on the
-stream's queue; a bad payload gets a message on the error topic naming the problem and
-nothing else changes. Answers (QoS 1) wait in an outbox until the broker has them: when
-the broker goes away the bridge reconnects with backoff and publishes what is waiting, so
-no accepted question goes unanswered.
+The bridge runs its own asyncio loop in a thread. Every message is handled on its own: a
+payload that is not valid (too big, too deep, numbers or strings too long, wrong types) or
+that fails in any other way gets a message on the error topic naming the problem, and
+nothing else changes; nothing a client sends can stop the bridge.
+
+No accepted question is lost: the bridge keeps one persistent session per stream (a fixed
+client id, clean_session=False), so QoS 1 questions published while it was away are
+delivered when it is back; a question redelivered with the same id is answered once.
+Answers (QoS 1) wait in an outbox until the broker has them: when the broker goes away the
+bridge reconnects with backoff and publishes what is waiting. QoS 1 is "at least once": an
+answer whose acknowledgement was lost with the connection is published again, so clients
+dedupe answers by `question_id`.
 """
 
 from __future__ import annotations
@@ -12,30 +20,51 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 import threading
 from collections import deque
 
 from sinks import AnswerEvent, Sink
 
-from .config import MqttConfig
-from .questions import BadQuestion, Question, QuestionQueue, QueueFull
+from .config import ConfigError, MqttConfig
+from .questions import MAX_QUESTION_CHARS, BadQuestion, DuplicateId, Question, QuestionQueue, QueueFull, check_id
 
 log = logging.getLogger("emloc_stream")
-ASK_FIELDS = {"id", "question", "at", "every"}
+ASK_FIELDS = {"id", "question", "at", "every", "wait"}
 MAX_OUTBOX = 10_000  # messages held while the broker is away; beyond that the oldest go, loudly
+MAX_DEPTH = 8  # nesting of arrays/objects in a payload (an ask needs 1)
+MAX_NUMBER_CHARS = 32  # digits of one JSON number
+MAX_SAFE_INT = 2**53  # integer ids beyond this are refused (they would not survive a JSON client)
+REFUSED_CONNECT = {4: "bad user name or password", 5: "not authorized", 134: "bad user name or password",
+                   135: "not authorized"}
+
+
+def read_json(payload: bytes, max_payload: int) -> dict:
+    """A JSON object from an untrusted payload, parsed with limits; BadQuestion naming what is wrong."""
+    if len(payload) > max_payload:
+        raise BadQuestion(f"payload of {len(payload)} bytes exceeds the limit of {max_payload}")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise BadQuestion(f"payload is not JSON: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    depth = _depth(text)
+    if depth > MAX_DEPTH:
+        raise BadQuestion(f"payload nests {depth} levels deep; the limit is {MAX_DEPTH}")
+    try:
+        data = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant,
+                          object_pairs_hook=_object)
+    except json.JSONDecodeError as error:
+        raise BadQuestion(f"payload is not JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise BadQuestion(f"payload must be a JSON object, got {type(data).__name__}")
+    return data
 
 
 def parse_ask(payload: bytes, queue: QuestionQueue, max_payload: int) -> Question:
     """The question in an ask payload, or BadQuestion saying what is wrong with it."""
-    if len(payload) > max_payload:
-        raise BadQuestion(f"payload of {len(payload)} bytes exceeds the limit of {max_payload}")
-    try:
-        data = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadQuestion(f"payload is not JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise BadQuestion(f"payload must be a JSON object, got {type(data).__name__}")
+    return question_from(read_json(payload, max_payload), queue)
+
+
+def question_from(data: dict, queue: QuestionQueue) -> Question:
     unknown = sorted(set(data) - ASK_FIELDS)
     if unknown:
         raise BadQuestion(f"unknown field(s) {unknown}; known fields are {sorted(ASK_FIELDS)}")
@@ -43,20 +72,94 @@ def parse_ask(payload: bytes, queue: QuestionQueue, max_payload: int) -> Questio
         raise BadQuestion("missing field 'question'")
     if not isinstance(data["question"], str):
         raise BadQuestion(f"'question' must be a string, got {type(data['question']).__name__}")
-    qid = data.get("id", queue.new_id())
-    if not isinstance(qid, (str, int)) or isinstance(qid, bool):
-        raise BadQuestion(f"'id' must be a string or an integer, got {type(qid).__name__}")
-    return Question(str(qid), data["question"], at=data.get("at"), every=data.get("every"), origin="mqtt")
+    qid = _id(data["id"]) if "id" in data else queue.new_id()
+    for name in ("at", "every"):
+        value = data.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise BadQuestion(f"'{name}' must be a number, got {type(value).__name__}")
+    return Question(qid, data["question"], at=data.get("at"), every=data.get("every"), origin="mqtt",
+                    wait=data.get("wait", False))
+
+
+def _id(value) -> str:
+    """Ids are strings, or integers a JSON client can hold exactly (sent back as strings)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > MAX_SAFE_INT:
+            raise BadQuestion("an integer 'id' must lie within +-2**53; use a string id")
+        return str(value)
+    return check_id(value)
+
+
+def _depth(text: str) -> int:
+    """The deepest nesting of [ and { outside strings (counted before parsing, so no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for c in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth -= 1
+    return deepest
+
+
+def _int(digits: str) -> int:
+    if len(digits) > MAX_NUMBER_CHARS:
+        raise BadQuestion(f"a number of {len(digits)} digits; the limit is {MAX_NUMBER_CHARS}")
+    return int(digits)
+
+
+def _float(text: str) -> float:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise BadQuestion(f"a number of {len(text)} characters; the limit is {MAX_NUMBER_CHARS}")
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise BadQuestion(f"the number {text} is out of range")
+    return value
+
+
+def _constant(name: str):
+    raise BadQuestion(f"{name} is not a number JSON allows")
+
+
+def _object(pairs: list) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise BadQuestion(f"field {key!r} appears twice")
+        for text in (key, value):
+            if isinstance(text, str):
+                if len(text) > MAX_QUESTION_CHARS:
+                    raise BadQuestion(f"a string of {len(text)} characters; the limit is {MAX_QUESTION_CHARS}")
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise BadQuestion("a string holds an unpaired surrogate (\\ud800-\\udfff)") from None
+        out[key] = value
+    return out
 
 
 class MqttBridge(Sink):
     """One stream's MQTT side. As a Sink it publishes answers; `publish_status`/`publish_error`
-    may be called from any thread."""
+    may be called from any thread. Counters (received, accepted, refused, redelivered, cancelled)
+    say what happened to the messages it read."""
 
     def __init__(self, broker: MqttConfig, stream_id: str, queue: QuestionQueue) -> None:
         self.broker, self.stream_id, self.queue = broker, stream_id, queue
+        self._tls = broker.ssl_context()  # ConfigError now, in the caller's thread, if unusable
         base = f"{broker.prefix}/{stream_id}"
-        self.topics = dict(ask=f"{base}/ask", answer=f"{base}/answer", error=f"{base}/error", status=f"{base}/status")
+        self.topics = dict(ask=f"{base}/ask", cancel=f"{base}/cancel", answer=f"{base}/answer",
+                           error=f"{base}/error", status=f"{base}/status", cancelled=f"{base}/cancelled")
+        self.client_id = f"emloc-stream-{stream_id}"  # fixed: the broker keeps this stream's session
         self._outbox: deque[tuple[str, bytes, int]] = deque()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -64,14 +167,28 @@ class MqttBridge(Sink):
         self._stopping = threading.Event()
         self.connected = threading.Event()
         self.subscribed = threading.Event()
+        self.tried = threading.Event()  # the first connection attempt has an outcome
+        self.refused = ""  # the broker refused our credentials or TLS: retrying will not help
         self.connects = 0
         self.last_error = ""
+        self.counts = dict(received=0, accepted=0, refused=0, redelivered=0, cancelled=0, failed=0)
         self._thread = threading.Thread(target=self._main, name=f"mqtt:{stream_id}", daemon=True)
 
     # --- used by the stream loop (any thread) ----------------------------------------
     def start(self) -> MqttBridge:
         self._thread.start()
         return self
+
+    def check_connect(self, timeout: float = 10.0) -> None:
+        """Waits for the first connection attempt: ConfigError if the broker refused the credentials
+        or the TLS handshake (one line, at start); a broker that is merely away is retried."""
+        self.tried.wait(timeout)
+        if self.refused:
+            self.close(timeout=0)
+            raise ConfigError(f"MQTT broker {self.broker.host}:{self.broker.port}: {self.refused}")
+        if not self.connected.is_set():
+            log.warning("mqtt: %s:%s not reachable yet (%s); retrying in the background", self.broker.host,
+                        self.broker.port, self.last_error or "no answer")
 
     def deliver(self, event: AnswerEvent) -> None:
         self._send(self.topics["answer"], event.to_dict(), qos=1)
@@ -94,12 +211,13 @@ class MqttBridge(Sink):
             waited += 0.05
         self._stopping.set()
         self._poke()
-        self._thread.join(timeout=timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout=max(timeout, 1.0))
         if self.pending():
             log.error("mqtt: %d message(s) could not be published before exit", self.pending())
 
     def _send(self, topic: str, data: dict, qos: int, replace: bool = False) -> None:
-        payload = json.dumps(data, ensure_ascii=False).encode()
+        payload = json.dumps(data, ensure_ascii=False).encode("utf-8", "replace")
         with self._lock:
             if replace:  # only the newest status matters
                 self._outbox = deque(m for m in self._outbox if m[0] != topic)
@@ -111,29 +229,71 @@ class MqttBridge(Sink):
         self._poke()
 
     def _poke(self) -> None:
-        if self._loop is not None and self._wake is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # the bridge's loop has ended (closing): the outbox is reported there
+                pass
+
+    # --- handling one message (the bridge's thread) ----------------------------------------
+    def handle(self, topic: str, payload: bytes) -> None:
+        """One incoming message: never raises; every refusal goes to the error topic."""
+        self.counts["received"] += 1
+        qid = None
+        try:
+            data = read_json(payload, self.broker.max_payload)
+            try:
+                qid = _id(data["id"]) if "id" in data else None
+            except BadQuestion:
+                pass
+            if topic == self.topics["cancel"]:
+                if set(data) != {"id"}:
+                    raise BadQuestion("a cancel payload is {\"id\": <id of a waiting or standing question>}")
+                question = self.queue.cancel(_id(data["id"]))
+                self.counts["cancelled"] += 1
+                self._send(self.topics["cancelled"], {"stream_id": self.stream_id, "id": question.id,
+                                                      "question": question.text, "kind": question.kind}, qos=1)
+                return
+            self.queue.submit(question_from(data, self.queue))
+            self.counts["accepted"] += 1
+        except DuplicateId as error:
+            if error.same:  # QoS 1 delivered it again: the first copy is (or was) answered
+                self.counts["redelivered"] += 1
+                return
+            self.counts["refused"] += 1
+            self.publish_error(str(error), qid)
+        except (BadQuestion, QueueFull) as error:
+            self.counts["refused"] += 1
+            self.publish_error(str(error), qid)
+        except Exception as error:  # a bug must cost this message, never the bridge
+            self.counts["failed"] += 1
+            log.exception("mqtt: failed to handle a message on %s", topic)
+            self.publish_error(f"could not handle the message: {type(error).__name__}", qid)
 
     # --- the bridge's own thread -------------------------------------------------------
     def _main(self) -> None:
-        asyncio.run(self._serve())
+        try:
+            asyncio.run(self._serve())
+        except Exception:  # noqa: BLE001 - the stream goes on; its answers still reach the other sinks
+            log.exception("mqtt: the bridge for %s stopped", self.stream_id)
+        finally:
+            self.tried.set()
 
     async def _serve(self) -> None:
         import aiomqtt
 
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
         delay = self.broker.backoff[0]
-        tls = None
-        if self.broker.tls:
-            tls = ssl.create_default_context(cafile=self.broker.ca_file)
         while not self._stopping.is_set():
             try:
                 async with aiomqtt.Client(self.broker.host, self.broker.port, username=self.broker.username,
-                                          password=self.broker.password, tls_context=tls, timeout=5,
-                                          identifier=f"emloc-stream-{self.stream_id}") as client:
+                                          password=self.broker.password, tls_context=self._tls, timeout=5,
+                                          identifier=self.client_id, clean_session=False) as client:
                     self.connects += 1
                     self.connected.set()
-                    await client.subscribe(self.topics["ask"], qos=1)
+                    self.tried.set()
+                    await client.subscribe([(self.topics["ask"], 1), (self.topics["cancel"], 1)])
                     self.subscribed.set()
                     delay = self.broker.backoff[0]
                     log.info("mqtt: connected to %s:%s", self.broker.host, self.broker.port)
@@ -143,10 +303,20 @@ class MqttBridge(Sink):
                     finally:
                         reader.cancel()
                         await asyncio.gather(reader, return_exceptions=True)
+                        self._drain(client)
             except aiomqtt.MqttError as error:
                 self.last_error = str(error)
+                code = getattr(getattr(error, "rc", None), "value", getattr(error, "rc", None))
+                if code in REFUSED_CONNECT:
+                    self.refused = f"the broker refused the credentials ({REFUSED_CONNECT[code]})"
+                elif "SSL" in str(error).upper():
+                    self.refused = f"TLS failed: {error}"
+            except Exception as error:  # noqa: BLE001 - anything else: report, back off, reconnect
+                self.last_error = f"{type(error).__name__}: {error}"
+                log.exception("mqtt: unexpected error in the bridge for %s", self.stream_id)
             self.connected.clear()
             self.subscribed.clear()
+            self.tried.set()
             if self._stopping.is_set():
                 break
             log.warning("mqtt: %s:%s unavailable (%s); retrying in %.1f s", self.broker.host, self.broker.port,
@@ -163,13 +333,21 @@ class MqttBridge(Sink):
 
     async def _read(self, client) -> None:
         async for message in client.messages:
-            payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
-            try:
-                question = parse_ask(payload, self.queue, self.broker.max_payload)
-                self.queue.submit(question)
-            except (BadQuestion, QueueFull) as error:
-                qid = _id_of(payload)
-                self.publish_error(str(error), qid)
+            self._handle_message(message)
+
+    def _drain(self, client) -> None:
+        """Messages the client library received (and acknowledged) before the connection dropped."""
+        queue = getattr(client, "_queue", None)  # aiomqtt's incoming queue; not public API
+        while queue is not None and not queue.empty():
+            self._handle_message(queue.get_nowait())
+
+    def _handle_message(self, message) -> None:
+        payload = message.payload
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8", "replace")
+        elif not isinstance(payload, (bytes, bytearray)):
+            payload = b"" if payload is None else str(payload).encode()
+        self.handle(str(message.topic), bytes(payload))
 
     async def _write(self, client, reader: asyncio.Task) -> None:
         """Publishes the outbox in order; a message leaves it only once the broker took it."""
@@ -187,12 +365,3 @@ class MqttBridge(Sink):
             with self._lock:
                 if self._outbox and self._outbox[0] is message:
                     self._outbox.popleft()
-
-
-def _id_of(payload: bytes) -> str | None:
-    try:
-        data = json.loads(payload.decode("utf-8"))
-        qid = data.get("id") if isinstance(data, dict) else None
-        return str(qid) if isinstance(qid, (str, int)) and not isinstance(qid, bool) else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None

@@ -6,24 +6,54 @@ A question is
   VideoMME's online setting;
 - standing (`every` K chunks): re-answered after every K-th folded chunk for as long as the stream runs.
 
+Each kind has its own limit, so a flood of one kind cannot starve another: far-future
+scheduled questions never take a one-off's place. `at` must lie within `horizon` seconds
+of the stream's time. Ids are unique for the queue's life (a redelivered question is
+recognised by its id), and any waiting or standing question can be cancelled by id.
 Waiting and standing questions are also the observers that guide pruning.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import math
 import threading
+import unicodedata
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 MAX_QUESTION_CHARS = 2000
+MAX_ID_CHARS = 128
+REMEMBERED_IDS = 100_000  # ids of answered questions kept to recognise a redelivery
 
 
 class QueueFull(RuntimeError):
-    """The queue holds its maximum of waiting questions; the producer must retry later."""
+    """The queue holds its maximum of questions of this kind; the producer must retry later."""
 
 
 class BadQuestion(ValueError):
     """A question that cannot be accepted; the message says why."""
+
+
+class DuplicateId(BadQuestion):
+    """A question whose id the queue has already accepted; `same` if its text is the same too
+    (a redelivery of the same question, e.g. by MQTT QoS 1, which must not be answered twice)."""
+
+    def __init__(self, message: str, same: bool) -> None:
+        super().__init__(message)
+        self.same = same
+
+
+def check_id(qid) -> str:
+    """A question id: a non-empty string of at most MAX_ID_CHARS printable characters."""
+    if not isinstance(qid, str):
+        raise BadQuestion(f"'id' must be a string, got {type(qid).__name__}")
+    if not qid or len(qid) > MAX_ID_CHARS:
+        raise BadQuestion(f"'id' must be 1 to {MAX_ID_CHARS} characters, got {len(qid)}")
+    if not qid.isprintable():
+        raise BadQuestion("'id' must be printable text (no control characters)")
+    return qid
 
 
 @dataclass(frozen=True)
@@ -34,67 +64,132 @@ class Question:
     every: int | None = None  # standing: re-answer every K folded chunks
     origin: str = "cli"  # where it came from (cli, file, stdin, mqtt)
     meta: dict = field(default_factory=dict, compare=False)
+    wait: bool = False  # asked before the stream has video: wait for its first frames instead of an error
 
     def __post_init__(self) -> None:
+        check_id(self.id)
         if not isinstance(self.text, str) or not self.text.strip():
             raise BadQuestion("question text must be a non-empty string")
         if len(self.text) > MAX_QUESTION_CHARS:
             raise BadQuestion(f"question text is {len(self.text)} characters; the limit is {MAX_QUESTION_CHARS}")
+        if any(unicodedata.category(c) in ("Cc", "Cs") and c not in "\t\n\r" for c in self.text):
+            raise BadQuestion("question text holds control characters or unpaired surrogates; questions are text")
         if self.at is not None and (not isinstance(self.at, (int, float)) or isinstance(self.at, bool)
-                                    or self.at < 0):
-            raise BadQuestion(f"'at' must be a number of seconds >= 0, got {self.at!r}")
+                                    or not math.isfinite(self.at) or self.at < 0):
+            raise BadQuestion(f"'at' must be a finite number of seconds >= 0, got {self.at!r}")
         if self.every is not None and (not isinstance(self.every, int) or isinstance(self.every, bool)
                                        or self.every < 1):
             raise BadQuestion(f"'every' must be an integer number of chunks >= 1, got {self.every!r}")
         if self.at is not None and self.every is not None:
             raise BadQuestion("a question is either scheduled ('at') or standing ('every'), not both")
+        if not isinstance(self.wait, bool):
+            raise BadQuestion(f"'wait' must be true or false, got {self.wait!r}")
+
+    @property
+    def kind(self) -> str:
+        return "standing" if self.every is not None else "scheduled" if self.at is not None else "one-off"
 
 
 class QuestionQueue:
-    """Thread-safe: producers (CLI, MQTT) submit from any thread; the stream loop takes."""
+    """Thread-safe: producers (CLI, MQTT) submit from any thread; the stream loop takes.
 
-    def __init__(self, max_waiting: int = 64) -> None:
-        if max_waiting < 1:
-            raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
-        self.max_waiting = max_waiting
-        self._waiting: list[Question] = []
+    max_waiting: one-off questions that may wait; max_scheduled: questions with `at` (default:
+    max_waiting); max_standing: standing questions (default: no limit, for the library);
+    horizon: how far (s) beyond the stream's time `at` may lie (default: no limit).
+    """
+
+    def __init__(self, max_waiting: int = 64, *, max_scheduled: int | None = None, max_standing: int | None = None,
+                 horizon: float | None = None) -> None:
+        limits = dict(max_waiting=max_waiting, max_scheduled=max_scheduled or max_waiting,
+                      max_standing=max_standing or 1 << 30)
+        for name, value in limits.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if horizon is not None and not (isinstance(horizon, (int, float)) and math.isfinite(horizon) and horizon > 0):
+            raise ValueError(f"horizon must be a number of seconds > 0, got {horizon!r}")
+        self.limits = {"one-off": limits["max_waiting"], "scheduled": limits["max_scheduled"],
+                       "standing": limits["max_standing"]}
+        self.max_waiting, self.horizon = max_waiting, horizon
+        self.now = 0.0  # the stream's time as far as the queue knows (newest frame taken at)
+        self._oneoff: list[Question] = []
+        self._scheduled: list[Question] = []  # by `at`, then arrival
         self._standing: list[Question] = []
+        self._known: OrderedDict[str, str] = OrderedDict()  # id -> text of every question accepted (newest kept)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        self._order = itertools.count()
+        self._keys: list[tuple[float, int]] = []  # sort keys of _scheduled
 
     def new_id(self) -> str:
-        """An id no question in the queue has (restored questions keep theirs)."""
+        """An id no question accepted so far has (restored questions keep theirs)."""
         with self._lock:
-            taken = {q.id for q in self._waiting + self._standing}
-        while (candidate := f"q{next(self._ids)}") in taken:
-            pass
-        return candidate
+            while (candidate := f"q{next(self._ids)}") in self._known:
+                pass
+            return candidate
 
     def submit(self, question: Question) -> Question:
-        """Accepts a question or raises `QueueFull`; an accepted question will be answered."""
+        """Accepts a question or raises `QueueFull` / `BadQuestion`; an accepted question will be answered."""
         with self._lock:
-            if question.every is not None:
-                self._standing.append(question)
-                return question
-            if len(self._waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self._waiting)} questions are waiting (the limit is {self.max_waiting}); "
-                                f"question {question.id!r} was not accepted, retry later")
-            self._waiting.append(question)
+            known = self._known.get(question.id)
+            if known is not None:
+                same = known == question.text
+                raise DuplicateId(f"id {question.id!r} was already used" + (
+                    " for this question (a redelivery: it is answered once)" if same else
+                    " for another question; give each question its own id"), same)
+            kind = question.kind
+            if kind == "scheduled" and self.horizon is not None and question.at > self.now + self.horizon:
+                raise BadQuestion(f"'at' = {question.at:g} s is more than {self.horizon:g} s (the horizon) beyond "
+                                  f"the stream's time {self.now:.1f} s; question {question.id!r} was not accepted")
+            held = {"one-off": self._oneoff, "scheduled": self._scheduled, "standing": self._standing}[kind]
+            if len(held) >= self.limits[kind]:
+                advice = ("cancel one (<stream>/cancel with its id) to ask another" if kind == "standing"
+                          else "retry later")
+                raise QueueFull(f"{len(held)} {kind} questions are held (the limit is {self.limits[kind]}); "
+                                f"question {question.id!r} was not accepted, {advice}")
+            if kind == "scheduled":
+                key = (question.at, next(self._order))
+                i = bisect.bisect(self._keys, key)
+                self._keys.insert(i, key)
+                self._scheduled.insert(i, question)
+            else:
+                held.append(question)
+            self._known[question.id] = question.text
+            while len(self._known) > REMEMBERED_IDS:
+                self._known.popitem(last=False)
             return question
 
-    def observers(self) -> list[str]:
-        """Texts of the waiting and standing questions, waiting first."""
+    def cancel(self, question_id: str) -> Question:
+        """Removes a waiting or standing question; BadQuestion if none has that id."""
         with self._lock:
-            return list(dict.fromkeys(q.text for q in self._waiting + self._standing))
+            for held in (self._standing, self._scheduled, self._oneoff):
+                for i, q in enumerate(held):
+                    if q.id == question_id:
+                        del held[i]
+                        if held is self._scheduled:
+                            del self._keys[i]
+                        return q
+        raise BadQuestion(f"no waiting or standing question has id {question_id!r} (answered already, or never "
+                          f"asked)")
 
-    def take_due(self, stream_time: float | None, chunks_folded: int, chunk_just_folded: bool) -> list[Question]:
-        """Removes and returns waiting questions due now; adds standing ones due after this chunk."""
+    def observers(self) -> list[str]:
+        """Texts of the waiting and standing questions, waiting first (one-off, then the soonest scheduled)."""
         with self._lock:
-            due, still = [], []
-            for q in self._waiting:
-                ready = q.at is None or (stream_time is not None and stream_time >= q.at)
-                (due if ready else still).append(q)
-            self._waiting = still
+            return list(dict.fromkeys(q.text for q in self._oneoff + self._scheduled + self._standing))
+
+    def take_due(self, stream_time: float | None, chunks_folded: int, chunk_just_folded: bool,
+                 video: bool = True) -> list[Question]:
+        """Removes and returns waiting questions due now; adds standing ones due after this chunk.
+        Without `video` (the stream has no frames yet), questions that asked to wait are not due."""
+        with self._lock:
+            if stream_time is not None:
+                self.now = max(self.now, stream_time)
+            due = [q for q in self._oneoff if video or not q.wait]
+            self._oneoff = [q for q in self._oneoff if not (video or not q.wait)]
+            n = 0
+            while n < len(self._scheduled) and stream_time is not None and self._scheduled[n].at <= stream_time:
+                n += 1
+            due += self._scheduled[:n]
+            del self._scheduled[:n], self._keys[:n]
             if chunk_just_folded:
                 due += [q for q in self._standing if chunks_folded % q.every == 0]
             return due
@@ -102,15 +197,21 @@ class QuestionQueue:
     def take_all(self) -> list[Question]:
         """Every waiting question, due or not: the end of a finite stream answers them all."""
         with self._lock:
-            out, self._waiting = self._waiting, []
+            out = self._oneoff + self._scheduled
+            self._oneoff, self._scheduled, self._keys = [], [], []
             return out
 
     def snapshot(self) -> list[dict]:
         """Waiting and standing questions as plain data (for saved state)."""
         with self._lock:
-            return [dict(id=q.id, text=q.text, at=q.at, every=q.every, origin=q.origin, meta=q.meta)
-                    for q in self._waiting + self._standing]
+            return [dict(id=q.id, text=q.text, at=q.at, every=q.every, origin=q.origin, meta=q.meta, wait=q.wait)
+                    for q in self._oneoff + self._scheduled + self._standing]
 
     def waiting(self) -> int:
+        """One-off and scheduled questions waiting."""
         with self._lock:
-            return len(self._waiting)
+            return len(self._oneoff) + len(self._scheduled)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {"one-off": len(self._oneoff), "scheduled": len(self._scheduled), "standing": len(self._standing)}

@@ -44,13 +44,15 @@ class StreamStatus:
 class StreamRunner:
     def __init__(self, stream_id: str, context: StreamContext, queue: QuestionQueue, sinks: Sequence[Sink], *,
                  max_new_tokens: int = 16, on_error: Callable[[str, str], None] | None = None,
-                 on_fold: Callable[[StreamRunner], None] | None = None) -> None:
+                 on_fold: Callable[[StreamRunner], None] | None = None,
+                 source_state: Callable[[], str] | None = None) -> None:
         self.stream_id, self.context, self.queue, self.sinks = stream_id, context, queue, list(sinks)
         self.max_new_tokens = max_new_tokens
         self.chunker = Chunker(context.settings.chunk_frames)
         self.status = StreamStatus(stream_id)
         self.last_folded_time: float | None = None
         self.on_fold = on_fold
+        self.source_state = source_state or (lambda: self.status.state)  # named when a question finds no video
         self.on_error = on_error or (lambda qid, message: log.error("%s: question %s: %s", stream_id, qid, message))
 
     def feed(self, frame: Frame) -> None:
@@ -64,9 +66,15 @@ class StreamRunner:
         else:
             self.poll()
 
+    def has_video(self) -> bool:
+        """Whether a question has anything to be answered over: a folded chunk or frames waiting for one."""
+        return self.context.chunks_folded > 0 or self.chunker.pending() is not None
+
     def poll(self) -> None:
-        """Answers the questions due now (one-off, or scheduled at a time the stream has reached)."""
-        due = self.queue.take_due(self.status.stream_time, self.context.chunks_folded, chunk_just_folded=False)
+        """Answers the questions due now (one-off, or scheduled at a time the stream has reached).
+        Before the first frame, a question that asked to wait stays; the others get an error."""
+        due = self.queue.take_due(self.status.stream_time, self.context.chunks_folded, chunk_just_folded=False,
+                                  video=self.has_video())
         if due:
             self._answer(due)
 
@@ -89,6 +97,11 @@ class StreamRunner:
 
     def _answer(self, questions: list[Question]) -> None:
         pending = self.chunker.pending()
+        if questions and not self.has_video():  # never an answer over an empty cache
+            for question in questions:
+                self.on_error(question.id, f"stream {self.stream_id} has no video yet (state: {self.source_state()})"
+                              + ("; ask with \"wait\": true to be answered once it has" if not question.wait else ""))
+            return
         for question in questions:
             try:
                 answer = self.context.answer(question.text, max_new_tokens=self.max_new_tokens,

@@ -19,14 +19,15 @@ from pathlib import Path
 from emloc import ModelAdapter, StreamContext
 from sinks import ConsoleSink, JsonLinesSink
 
-from .config import MqttConfig, StreamConfig
+from .config import ConfigError, MqttConfig, StreamConfig
 from .live import LiveSource
 from .mqtt import MqttBridge
-from .questions import Question, QuestionQueue
+from .questions import BadQuestion, DuplicateId, Question, QuestionQueue, QueueFull
 from .runtime import StreamRunner
 from .state import StateError, has_state, load_state, save_state
 
 log = logging.getLogger("emloc_stream")
+QUESTION_FIELDS = {"id", "text", "at", "every", "origin", "meta", "wait"}
 
 
 class LiveStream:
@@ -35,7 +36,8 @@ class LiveStream:
                  questions: list[Question] = ()) -> None:
         self.spec, self.fps = spec, fps
         self.context = StreamContext(adapter, settings=settings)
-        self.queue = QuestionQueue(max_waiting=spec.max_waiting)
+        self.queue = QuestionQueue(max_waiting=spec.max_waiting, max_scheduled=spec.max_scheduled,
+                                   max_standing=spec.max_standing, horizon=spec.horizon)
         self.sinks: list = [ConsoleSink()] if console else []
         if spec.jsonl:
             self.sinks.append(JsonLinesSink(spec.jsonl))
@@ -44,7 +46,8 @@ class LiveStream:
             self.bridge = MqttBridge(mqtt, spec.id, self.queue)
             self.sinks.append(self.bridge)
         self.runner = StreamRunner(spec.id, self.context, self.queue, self.sinks, max_new_tokens=max_new_tokens,
-                                   on_error=self.report_error, on_fold=self._on_fold)
+                                   on_error=self.report_error, on_fold=self._on_fold,
+                                   source_state=lambda: self.status()["state"])
         start_time = self._resume() if spec.state and has_state(spec.state) else 0.0
         first_chunk = start_time + settings.chunk_frames / fps
         for text in spec.ask:
@@ -54,7 +57,13 @@ class LiveStream:
             if text not in restored:
                 self.queue.submit(Question(self.queue.new_id(), text, every=spec.every, origin="config"))
         for question in questions:  # from a questions file: one-off, or scheduled with "at"
-            self.queue.submit(question)
+            try:
+                self.queue.submit(question)
+            except DuplicateId as error:
+                if not error.same:  # else: restored from the saved state, still waiting
+                    raise ConfigError(f"stream {spec.id}: question {question.id!r}: {error}") from error
+            except (BadQuestion, QueueFull) as error:
+                raise ConfigError(f"stream {spec.id}: question {question.id!r}: {error}") from error
         self.source = LiveSource(spec.source, fps=fps, format=spec.format, buffer=spec.buffer, start_time=start_time)
         self.failed = ""
 
@@ -63,11 +72,24 @@ class LiveStream:
         if stream.get("stream_id") != self.spec.id:
             raise StateError(f"{self.spec.state}: this state belongs to stream {stream.get('stream_id')!r}, "
                              f"not {self.spec.id!r}")
-        for data in stream.get("questions", []):
-            self.queue.submit(Question(**data))
+        questions = stream.get("questions", [])
+        try:
+            if not isinstance(questions, list):
+                raise BadQuestion("'questions' is not a list")
+            for data in questions:
+                if not isinstance(data, dict) or not set(data) <= QUESTION_FIELDS:
+                    raise BadQuestion(f"not a question: {str(data)[:80]}")
+                self.queue.submit(Question(**data))
+        except (BadQuestion, QueueFull) as error:
+            raise StateError(f"{self.spec.state}: a saved question cannot be restored: {error}") from error
+        last_time = float(stream["last_time"])
+        status = self.runner.status  # the restored stream, not an empty one
+        status.chunks_folded = self.context.chunks_folded
+        status.cache_tokens = round(sum(self.context.cache.lengths()) / self.context.adapter.num_layers)
+        status.stream_time = self.runner.last_folded_time = self.queue.now = last_time
         print(f"{self.spec.id}: resumed from {self.spec.state}: {self.context.chunks_folded} chunks folded, up to "
               f"{stream['last_time']:.1f} s, {len(stream.get('questions', []))} questions restored", flush=True)
-        return float(stream["last_time"]) + 1 / self.fps
+        return last_time + 1 / self.fps
 
     def save(self) -> None:
         if self.spec.state and self.runner.last_folded_time is not None:
@@ -86,7 +108,7 @@ class LiveStream:
 
     def start(self) -> LiveStream:
         if self.bridge:
-            self.bridge.start()
+            self.bridge.start().check_connect()  # refused credentials or TLS: one line now, not a retry loop
         self.source.start()
         return self
 

@@ -1,31 +1,47 @@
 """Saved stream state: the compressed cache as safetensors plus a JSON manifest.
 
     DIR/manifest.json        format, checksum and size of the cache file, the context's
-                             positions/settings/model identity, the stream's state
-    DIR/cache-<n>.safetensors
+                             positions/settings/model identity, the stream's state, and a
+                             checksum of the manifest itself
+    DIR/cache-<n>.safetensors  the cache, plus the manifest's counters and times again
+
+A saved state is untrusted input. Loading checks, before it restores anything: the
+manifest's own checksum (an edited field is named as an edit), that the one file it names
+is `cache-<serial>.safetensors` directly inside DIR (no absolute path, no `..`, no symlink),
+the cache file's size and checksum, then that every field agrees with the cache it
+describes (the counters stored in both, the layers' shapes, the token origins against the
+tokens seen, the attention sinks against this model's preamble). Nothing is ever unpickled.
+A checksum finds damage and edits, not a forger who recomputes it: keep DIR as private as
+the model.
 
 Saving writes a new cache file, then replaces the manifest atomically, then removes the
-old cache file, so a crash at any moment leaves one complete, consistent state. Loading
-checks the checksum before reading a byte of tensors, and nothing is ever unpickled.
+older cache files of DIR (regular files named cache-<n>.safetensors only), so a crash at
+any moment leaves one complete, consistent state.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from emloc import SettingsError, StreamContext
 
-FORMAT = "emloc-stream-state/1"
+FORMAT = "emloc-stream-state/2"
+CACHE_NAME = re.compile(r"cache-([1-9][0-9]{0,17})\.safetensors")
+COUNTERS = ("chunks_folded", "steps", "sink_tokens", "video_start", "max_position", "tokens_seen")
+TENSOR_PARTS = ("keys", "values", "origins", "importance")
 
 
 class StateError(RuntimeError):
-    """A saved state cannot be used; the message says why."""
+    """A saved state cannot be used; the message says why. The context it was loaded into must not be used."""
 
 
 def save_state(folder: str | Path, context: StreamContext, stream: dict) -> Path:
@@ -33,19 +49,24 @@ def save_state(folder: str | Path, context: StreamContext, stream: dict) -> Path
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors, meta = context.snapshot()
-    old = _manifest(folder) if (folder / "manifest.json").exists() else None
-    serial = (old or {}).get("serial", 0) + 1
+    tensors["state.counters"] = torch.tensor([int(meta[name]) for name in COUNTERS], dtype=torch.int64)
+    tensors["state.times"] = torch.tensor(_times(meta, stream), dtype=torch.float64)
+    serial = max([_serial_of(folder)] + [int(m.group(1)) for p in folder.iterdir()
+                                         if (m := CACHE_NAME.fullmatch(p.name))]) + 1
     cache = folder / f"cache-{serial}.safetensors"
     save_file(tensors, str(cache))
     _fsync(cache)
     manifest = dict(format=FORMAT, serial=serial, cache=cache.name, bytes=cache.stat().st_size,
                     sha256=_sha256(cache), context=meta, stream=stream)
+    manifest["manifest_sha256"] = _digest(manifest)
     tmp = folder / "manifest.json.tmp"
+    tmp.unlink(missing_ok=True)  # never write through a planted symlink
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     _fsync(tmp)
     os.replace(tmp, folder / "manifest.json")
-    if old and old.get("cache") and old["cache"] != cache.name:
-        (folder / old["cache"]).unlink(missing_ok=True)
+    for old in folder.iterdir():  # only our own files, found by name in this folder, never a path from a manifest
+        if CACHE_NAME.fullmatch(old.name) and old.name != cache.name and not old.is_symlink() and old.is_file():
+            old.unlink(missing_ok=True)
     return folder / "manifest.json"
 
 
@@ -57,9 +78,7 @@ def load_state(folder: str | Path, context: StreamContext) -> dict:
     """Restores `context` from `folder` and returns the saved stream data; StateError if unusable."""
     folder = Path(folder)
     manifest = _manifest(folder)
-    cache = folder / str(manifest.get("cache", ""))
-    if not cache.is_file():
-        raise StateError(f"{folder}: the cache file {cache.name!r} named by the manifest is missing")
+    cache = _cache_path(folder, manifest)
     size = cache.stat().st_size
     if size != manifest.get("bytes") or _sha256(cache) != manifest.get("sha256"):
         raise StateError(f"{cache}: truncated or modified ({size} bytes, checksum does not match the manifest); "
@@ -68,26 +87,140 @@ def load_state(folder: str | Path, context: StreamContext) -> dict:
         tensors = load_file(str(cache))
     except SafetensorError as error:
         raise StateError(f"{cache}: not a readable safetensors file: {error}") from error
+    meta, stream = manifest.get("context"), manifest.get("stream")
+    if not isinstance(meta, dict) or not isinstance(stream, dict):
+        raise StateError(f"{folder}: the manifest's 'context' and 'stream' must be objects")
+    _check_counters(folder, meta, stream, tensors)
+    preamble = context.sink_tokens  # this model's preamble, before the state replaces it
     try:
-        context.restore(tensors, manifest["context"])
+        context.restore({k: v for k, v in tensors.items() if k.startswith("layers.")}, meta)
     except SettingsError as error:
         raise StateError(f"{folder}: {error}") from error
-    except (KeyError, ValueError, TypeError) as error:
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:
         raise StateError(f"{folder}: the saved state is inconsistent: {error}") from error
-    return manifest.get("stream", {})
+    _check_cache(folder, context, preamble, tensors)
+    return stream
 
 
 def _manifest(folder: Path) -> dict:
     path = folder / "manifest.json"
+    if path.is_symlink():
+        raise StateError(f"{path}: the manifest is a symbolic link; a state folder holds its own files")
     try:
         manifest = json.loads(path.read_text())
     except OSError as error:
         raise StateError(f"{path}: cannot read the state manifest: {error.strerror or error}") from error
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as error:
         raise StateError(f"{path}: the state manifest is not valid JSON ({error}); it was damaged") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith("emloc-stream-state/"):
         raise StateError(f"{path}: not an emloc-stream state (format {FORMAT!r} expected)")
+    if manifest["format"] != FORMAT:
+        raise StateError(f"{path}: a state of format {manifest['format']!r}, from another version of emloc-stream "
+                         f"({FORMAT!r} expected); start a new state")
+    if manifest.get("manifest_sha256") != _digest(manifest):
+        raise StateError(f"{path}: the manifest was modified after it was saved (its checksum does not match); "
+                         f"refusing to resume from it")
     return manifest
+
+
+def _cache_path(folder: Path, manifest: dict) -> Path:
+    """The cache file the manifest names: cache-<serial>.safetensors, a regular file directly in `folder`."""
+    name, serial = manifest.get("cache"), manifest.get("serial")
+    if not isinstance(name, str) or not CACHE_NAME.fullmatch(name) or name != f"cache-{serial}.safetensors":
+        raise StateError(f"{folder}: the manifest names the cache file {str(name)[:200]!r}; only "
+                         f"'cache-<serial>.safetensors' inside the state folder is allowed")
+    path = folder / name
+    if path.is_symlink():
+        raise StateError(f"{path}: the cache file is a symbolic link; a state folder holds its own files")
+    if not path.is_file():
+        raise StateError(f"{folder}: the cache file {name!r} named by the manifest is missing")
+    if path.resolve().parent != folder.resolve():
+        raise StateError(f"{path}: resolves outside the state folder")
+    return path
+
+
+def _times(meta: dict, stream: dict) -> list[float]:
+    span = meta.get("time_span") or (math.nan, math.nan)
+    last = stream.get("last_time")
+    return [float(span[0]), float(span[1]), math.nan if last is None else float(last)]
+
+
+def _check_counters(folder: Path, meta: dict, stream: dict, tensors: dict) -> None:
+    """The manifest's counters and times against their copy in the checksummed cache file, and each other."""
+    for name in COUNTERS:
+        value = meta.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 62:
+            raise StateError(f"{folder}: the manifest's {name} must be a non-negative integer, got {value!r}")
+    span, last = meta.get("time_span"), stream.get("last_time")
+    if span is not None and not (isinstance(span, list) and len(span) == 2 and all(_finite(t) for t in span)
+                                 and span[0] <= span[1]):
+        raise StateError(f"{folder}: the manifest's time_span must be [start, end] seconds, got {span!r}")
+    if last is not None and not (_finite(last) and span is not None and last == span[1]):
+        raise StateError(f"{folder}: last_time {last!r} is not the end of the folded video {span!r}")
+    counters, times = tensors.get("state.counters"), tensors.get("state.times")
+    if counters is None or times is None or counters.shape != (len(COUNTERS),) or times.shape != (3,):
+        raise StateError(f"{folder}: the cache file lacks the state's counters")
+    for name, saved in zip(COUNTERS, counters.tolist()):
+        if saved != meta[name]:
+            raise StateError(f"{folder}: the manifest says {name} = {meta[name]} but the cache file it describes "
+                             f"was saved with {saved}; the manifest was edited")
+    expected_times = torch.tensor(_times(meta, stream), dtype=torch.float64)
+    if not torch.equal(times.nan_to_num(-1.0), expected_times.nan_to_num(-1.0)):
+        raise StateError(f"{folder}: the manifest's times {expected_times.tolist()} differ from the cache file's "
+                         f"{times.tolist()}; the manifest was edited")
+    c = meta
+    if (c["video_start"] != c["sink_tokens"] or c["tokens_seen"] < c["sink_tokens"]
+            or (c["chunks_folded"] == 0) != (c["tokens_seen"] == c["sink_tokens"]) or c["steps"] < c["chunks_folded"]
+            or c["max_position"] < c["sink_tokens"] - 1
+            or (c["chunks_folded"] and c["max_position"] < c["video_start"])):
+        raise StateError(f"{folder}: the saved counters contradict each other: {dict((n, c[n]) for n in COUNTERS)}")
+    expected = {k for k in tensors if k.startswith("layers.")}
+    if len(expected) + 2 != len(tensors):
+        raise StateError(f"{folder}: the cache file holds unexpected tensors "
+                         f"{sorted(set(tensors) - expected - {'state.counters', 'state.times'})[:5]}")
+
+
+def _check_cache(folder: Path, context: StreamContext, preamble: int, tensors: dict) -> None:
+    """The restored layers against the model and the counters: shapes, sinks, origins."""
+    adapter, sink = context.adapter, context.sink_tokens
+    if sink != preamble:
+        raise StateError(f"{folder}: the state keeps {sink} attention-sink tokens, this model's preamble has "
+                         f"{preamble}")
+    if len(tensors) - 2 != 4 * adapter.num_layers:
+        raise StateError(f"{folder}: the cache file holds {len(tensors) - 2} layer tensors, the model needs "
+                         f"{4 * adapter.num_layers}")
+    for i, layer in enumerate(context.cache.layers):
+        keys, origins = layer.keys, layer.committed_origins()
+        shape = (1, adapter.num_kv_heads, layer.length, adapter.head_dim)
+        if tuple(keys.shape) != shape or tuple(layer.values.shape[:3]) != shape[:3]:
+            raise StateError(f"{folder}: layer {i} holds keys {tuple(keys.shape)}; this model needs {shape}")
+        if keys.dtype != adapter.dtype or not (torch.isfinite(keys).all() and torch.isfinite(layer.values).all()):
+            raise StateError(f"{folder}: layer {i}'s keys/values are not finite {adapter.dtype} numbers")
+        if layer.length < sink or not torch.equal(origins[..., :sink].cpu(), torch.arange(sink).expand_as(
+                origins[..., :sink].cpu())):
+            raise StateError(f"{folder}: layer {i} lost its attention-sink tokens")
+        if int(origins.min()) < 0 or int(origins.max()) >= context.tokens_seen:
+            raise StateError(f"{folder}: layer {i} holds tokens beyond the {context.tokens_seen} tokens seen")
+        if any(len(torch.unique(head)) != layer.length for head in origins[0]):
+            raise StateError(f"{folder}: layer {i} holds a token twice")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _serial_of(folder: Path) -> int:
+    """The serial of the manifest now in `folder` (0 if none, or if it cannot be trusted)."""
+    try:
+        serial = json.loads((folder / "manifest.json").read_text()).get("serial", 0)
+        return serial if isinstance(serial, int) and 0 <= serial < 1 << 60 else 0
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return 0
+
+
+def _digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _sha256(path: Path) -> str:

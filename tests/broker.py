@@ -48,6 +48,12 @@ class Broker:
                 time.sleep(0.05)
         raise RuntimeError("mosquitto did not start")
 
+    def kill(self) -> None:
+        """SIGKILL: no chance to save; only what persistence wrote already survives."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()  # saves the persistence database

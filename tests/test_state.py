@@ -9,11 +9,15 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from emloc import EMLoCSettings, StreamContext
+from emloc.adapters import adapter_for
 from emloc.tiny import tiny_qwen2_vl
+from stream.config import StreamConfig
+from stream.service import LiveStream
 from stream.sources import write_video
-from stream.state import StateError, load_state, save_state
+from stream.state import StateError, _digest, load_state, save_state
 from stream.synthetic import make_video
 
 from .reference import random_frames
@@ -73,6 +77,9 @@ def test_bad_states_are_refused(qwen2_vl, tokenizer, tmp_path):
     (tmp_path / "manifest.json").write_text('{"format": "emloc-stream-state/1", "cache": ')
     with pytest.raises(StateError, match="not valid JSON"):
         load_state(tmp_path, StreamContext(qwen2_vl, tokenizer, SETTINGS))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "emloc-stream-state/1", "cache": "x"}))
+    with pytest.raises(StateError, match="another version of emloc-stream"):
+        load_state(tmp_path, StreamContext(qwen2_vl, tokenizer, SETTINGS))
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "pickle"}))
     with pytest.raises(StateError, match="not an emloc-stream state"):
         load_state(tmp_path, StreamContext(qwen2_vl, tokenizer, SETTINGS))
@@ -90,7 +97,8 @@ def test_cli_run_killed_and_resumed_gives_the_same_answers(tmp_path):
     args = [console_script(), "run", str(path), "--model", "builtin:random", "--config", str(config),
             "--ask", "what colour was the triangle ?", "--ask", "what digit is on screen now ?",
             "--max-new-tokens", "3"]
-    env = {"HF_HUB_OFFLINE": "1", "PATH": os.environ["PATH"], "OMP_NUM_THREADS": "1"}
+    env = {"HF_HUB_OFFLINE": "1", "PATH": os.environ["PATH"], "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
     straight = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert straight.returncode == 0, straight.stderr
 
@@ -114,3 +122,159 @@ def test_cli_run_killed_and_resumed_gives_the_same_answers(tmp_path):
     other = subprocess.run(args[:1] + ["run", str(path), "--state", str(state), "--ask", "what ?"],
                            capture_output=True, text=True, env=env, timeout=300)
     assert other.returncode == 2 and "another model" in other.stderr
+
+
+# --- tampering: each case the issue found, and a forger who recomputes every checksum ---------------------
+@pytest.fixture(scope="module")
+def pristine(qwen2_vl, tokenizer, tmp_path_factory):
+    """One saved state (3 chunks) that each tampering test copies."""
+    folder = tmp_path_factory.mktemp("pristine")
+    save_state(folder, folded(qwen2_vl, tokenizer, range(3)), {"last_time": 11.5, "questions": []})
+    return folder
+
+
+def saved(pristine, folder):
+    import shutil
+
+    shutil.copytree(pristine, folder)
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def rewrite(folder, manifest, tensors=None):
+    """What a forger would do: change what they like, then recompute the cache file's and the manifest's checksums."""
+    import hashlib
+
+    if tensors is not None:
+        cache = folder / manifest["cache"]
+        save_file(tensors, str(cache))
+        manifest.update(bytes=cache.stat().st_size, sha256=hashlib.sha256(cache.read_bytes()).hexdigest())
+    manifest["manifest_sha256"] = _digest(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def refused(model, tokenizer, folder, match):
+    with pytest.raises(StateError, match=match):
+        load_state(folder, StreamContext(model, tokenizer, SETTINGS))
+
+
+@pytest.mark.parametrize("field, value", [("last_time", 99.0), ("max_position", 7), ("chunks_folded", 1)])
+def test_an_edited_manifest_is_named(qwen2_vl, tokenizer, pristine, tmp_path, field, value):
+    tmp_path = tmp_path / "s"
+    manifest = saved(pristine, tmp_path)
+    section = manifest["stream"] if field == "last_time" else manifest["context"]
+    section[field] = value
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    refused(qwen2_vl, tokenizer, tmp_path, "the manifest was modified after it was saved")
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("max_position", 5000, "says max_position = 5000 but the cache file .* was saved with"),
+    ("tokens_seen", 10**6, "says tokens_seen = 1000000"),
+    ("time_span", [0.0, 99.0], "last_time 11.5 is not the end of the folded video"),
+    ("sink_tokens", 3, "says sink_tokens = 3"),
+])
+def test_fields_that_contradict_the_cache_are_refused_even_with_checksums_recomputed(
+        qwen2_vl, tokenizer, pristine, tmp_path, field, value, match):
+    tmp_path = tmp_path / "s"
+    manifest = saved(pristine, tmp_path)
+    manifest["context"][field] = value
+    rewrite(tmp_path, manifest)
+    refused(qwen2_vl, tokenizer, tmp_path, match)
+
+
+def test_times_edited_in_both_places_of_the_manifest_are_refused(qwen2_vl, tokenizer, pristine, tmp_path):
+    tmp_path = tmp_path / "s"
+    manifest = saved(pristine, tmp_path)
+    manifest["context"]["time_span"], manifest["stream"]["last_time"] = [0.0, 99.0], 99.0
+    rewrite(tmp_path, manifest)
+    refused(qwen2_vl, tokenizer, tmp_path, "times .* differ from the cache file's")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: t["layers.1.origins"][..., -1].add_(1000), "layer 1 holds tokens beyond"),
+    (lambda t: t["layers.0.origins"][..., 0].fill_(9), "layer 0 lost its attention-sink tokens"),
+    (lambda t: t["layers.2.origins"][..., -1].copy_(t["layers.2.origins"][..., -2]), "layer 2 holds a token twice"),
+    (lambda t: t["layers.3.keys"][..., 0, 0].fill_(float("nan")), "not finite"),
+    (lambda t: t.pop("layers.3.values"), "saved cache has no 'layers.3.values'"),
+    (lambda t: t.update(extra=torch.zeros(2)), "unexpected tensors"),
+    (lambda t: t["state.counters"].__setitem__(4, 7), "says max_position = .* saved with 7"),
+])
+def test_tampered_cache_tensors_are_refused_even_with_checksums_recomputed(qwen2_vl, tokenizer, pristine, tmp_path,
+                                                                          edit, match):
+    tmp_path = tmp_path / "s"
+    manifest = saved(pristine, tmp_path)
+    tensors = load_file(str(tmp_path / manifest["cache"]))
+    edit(tensors)
+    rewrite(tmp_path, manifest, tensors)
+    refused(qwen2_vl, tokenizer, tmp_path, match)
+
+
+def test_paths_in_the_manifest_stay_inside_the_state_folder(qwen2_vl, tokenizer, pristine, tmp_path):
+    folder, outside = tmp_path / "state", tmp_path / "precious"
+    outside.mkdir()
+    victim = outside / "cache-1.safetensors"
+    manifest = saved(pristine, folder)
+    one_chunk = folded(qwen2_vl, tokenizer, range(1))
+    victim.write_bytes((folder / manifest["cache"]).read_bytes())
+    for name in (str(victim), "../precious/cache-1.safetensors", "sub/cache-1.safetensors", "manifest.json"):
+        rewrite(folder, dict(manifest, cache=name))
+        refused(qwen2_vl, tokenizer, folder, "only 'cache-<serial>.safetensors' inside the state folder")
+        save_state(folder, one_chunk, {})  # the issue's case: this save deleted the victim
+        assert victim.exists()
+        manifest = json.loads((folder / "manifest.json").read_text())
+
+    (folder / manifest["cache"]).unlink()
+    (folder / manifest["cache"]).symlink_to(victim)  # a symlink out, under the expected name
+    refused(qwen2_vl, tokenizer, folder, "is a symbolic link")
+    save_state(folder, one_chunk, {})
+    assert victim.exists() and victim.stat().st_size > 0
+    assert sorted(p.name for p in folder.iterdir() if not p.is_symlink()) == [
+        json.loads((folder / "manifest.json").read_text())["cache"], "manifest.json"]
+
+    link = tmp_path / "linked"
+    link.mkdir()
+    (link / "manifest.json").symlink_to(folder / "manifest.json")
+    refused(qwen2_vl, tokenizer, link, "the manifest is a symbolic link")
+
+
+def test_status_after_resume_reports_the_restored_stream(qwen2_vl, tokenizer, tmp_path):
+    """Issue 9: the status of a resumed stream names its restored chunks and cache tokens, not 0."""
+    adapter = adapter_for(qwen2_vl, tokenizer)
+    context = StreamContext(adapter, settings=SETTINGS)
+    for k in range(3):
+        context.fold(random_frames(8, seed=k), timestamps=[4.0 * k + 0.5 * i for i in range(8)])
+    questions = [dict(id="door", text="is anyone at the door ?", at=None, every=2, origin="mqtt", meta={},
+                      wait=False)]
+    save_state(tmp_path, context, dict(stream_id="cam", last_time=11.5, questions=questions))
+    spec = StreamConfig(id="cam", source="udp://127.0.0.1:9", state=str(tmp_path))
+    stream = LiveStream(spec, adapter, SETTINGS, fps=2.0, console=False)
+    status = stream.status()
+    tokens = round(sum(context.cache.lengths()) / adapter.num_layers)
+    assert (status["chunks_folded"], status["cache_tokens"], status["stream_time"]) == (3, tokens, 11.5)
+    assert stream.queue.counts()["standing"] == 1 and stream.source.start_time == 12.0
+
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["stream"]["questions"] = [dict(questions[0], id="x" * 500)]
+    rewrite(tmp_path, manifest)
+    with pytest.raises(StateError, match="a saved question cannot be restored: 'id' must be 1 to 128"):
+        LiveStream(spec, adapter, SETTINGS, fps=2.0, console=False)
+    manifest["stream"]["questions"] = [dict(questions[0], code="import os")]
+    rewrite(tmp_path, manifest)
+    with pytest.raises(StateError, match="not a question"):
+        LiveStream(spec, adapter, SETTINGS, fps=2.0, console=False)
+
+
+def test_resuming_with_the_other_query_aware_setting_is_named(tmp_path, capsys):
+    """Issue 9: a state folded without --query-aware is not silently resumed with it (or the reverse)."""
+    from stream.cli import main
+
+    video = make_video(3_300_001, frames=16)
+    path = write_video(tmp_path / "clip.mp4", video.frames, video.fps)
+    config = tmp_path / "c.yaml"
+    config.write_text("emloc:\n  preset: reference_code\n  chunk_frames: 16\n")
+    args = ["run", str(path), "--model", "builtin:random", "--config", str(config), "--ask", "what ?",
+            "--max-new-tokens", "1", "--state", str(tmp_path / "state")]
+    assert main(args) == 0
+    assert main(args + ["--query-aware"]) == 2
+    assert "this state was folded without --query-aware; resume it the same way" in capsys.readouterr().err
+    assert main(args) == 0 and "resumed from" in capsys.readouterr().out

@@ -144,9 +144,13 @@ class QwenVLAdapter(ModelAdapter):
         return self._encode(f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n<|vision_start|>")
 
     def question_ids(self, question: str) -> torch.Tensor:
+        """The question is text: control tokens in it (`<|im_end|>`, `<|im_start|>`, ...) are tokenized
+        as the plain characters they are written with, so a question cannot open or close a turn."""
         if not isinstance(question, str) or not question.strip():
             raise InputError(f"a question must be a non-empty string, got {question!r}")
-        return self._encode(f"<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n")
+        text = torch.tensor(self.tokenizer.encode(question, add_special_tokens=False, split_special_tokens=True),
+                            dtype=torch.long)
+        return torch.cat([self._encode("<|vision_end|>"), text, self._encode("<|im_end|>\n<|im_start|>assistant\n")])
 
     def stop_ids(self) -> set[int]:
         return {self._special["<|im_end|>"], self._special["<|endoftext|>"]}

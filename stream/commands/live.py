@@ -21,7 +21,8 @@ def live(args: argparse.Namespace) -> int:
     spec = StreamConfig(id=args.stream_id, source=args.url, format=args.format, ask=tuple(args.ask or ()),
                         standing=tuple(args.standing or ()), every=args.every,
                         jsonl=str(args.jsonl) if args.jsonl else None, state=str(args.state) if args.state else None,
-                        save_every=args.save_every, buffer=args.buffer, max_waiting=args.max_waiting)
+                        save_every=args.save_every, buffer=args.buffer, max_waiting=args.max_waiting,
+                        max_scheduled=args.max_scheduled, max_standing=args.max_standing, horizon=args.horizon)
     questions = load_questions(args.questions) if args.questions else []
     return _serve(config, given, args, [spec], mqtt, questions)
 
@@ -85,7 +86,11 @@ def register(commands, common) -> None:
     p.add_argument("--mqtt-ca", help="CA file for the broker's TLS certificate (implies --mqtt-tls)")
     p.add_argument("--status-every", type=float, default=5.0, help="seconds between status reports")
     p.add_argument("--buffer", type=int, default=16, help="sampled frames held while folding; older ones drop")
-    p.add_argument("--max-waiting", type=int, default=64, help="questions that may wait; more are refused")
+    p.add_argument("--max-waiting", type=int, default=64, help="one-off questions that may wait; more are refused")
+    p.add_argument("--max-scheduled", type=int, default=64, help='questions with "at" that may wait (apart)')
+    p.add_argument("--max-standing", type=int, default=8, help="standing questions; more are refused until one is "
+                   "cancelled (emloc/<stream>/cancel)")
+    p.add_argument("--horizon", type=float, default=3600.0, help='how far (s) beyond the stream\'s time "at" may lie')
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--state", type=Path, help="save the stream state here; resume from it if present")
     p.add_argument("--save-every", type=int, default=1, help="chunks between saves of --state")

@@ -29,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
         stream = load_state(args.state, context)
         if stream.get("video") != video_id:
             raise StateError(f"{args.state}: this state belongs to {stream.get('video')!r}, not {video_id!r}")
+        if stream.get("query_aware", False) != args.query_aware:
+            raise StateError(f"{args.state}: this state was folded {'with' if not args.query_aware else 'without'} "
+                             f"--query-aware; resume it the same way (or use a new --state)")
         done = float(stream["last_time"])
         frames = (f for f in frames if f.time > done + 1e-6)
         print(f"resumed from {args.state}: {context.chunks_folded} chunks already folded, up to {done:.1f} s",
@@ -38,12 +41,14 @@ def run(args: argparse.Namespace) -> int:
     def on_fold(record) -> None:
         progress(record)
         if args.state and context.chunks_folded % args.save_every == 0:
-            save_state(args.state, context, dict(video=video_id, last_time=record.time_span[1]))
+            save_state(args.state, context, dict(video=video_id, last_time=record.time_span[1],
+                                                 query_aware=args.query_aware))
 
     answers = answer_video(context, frames, args.ask, query_aware=args.query_aware,
                            max_new_tokens=args.max_new_tokens, on_fold=on_fold)
     if args.state and context.records and context.chunks_folded % args.save_every:  # else the last fold saved
-        save_state(args.state, context, dict(video=video_id, last_time=context.records[-1].time_span[1]))
+        save_state(args.state, context, dict(video=video_id, last_time=context.records[-1].time_span[1],
+                                             query_aware=args.query_aware))
     deliver(context, Path(args.video).name, args.ask, answers)
     print(footer(context))
     return 0
