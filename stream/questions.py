@@ -114,3 +114,10 @@ class QuestionQueue:
     def waiting(self) -> int:
         with self._lock:
             return len(self._waiting)
+
+    def withdraw_standing(self, question_id: str) -> bool:
+        """Stops re-answering the standing question `question_id`; False if there is none by that id."""
+        with self._lock:
+            kept = [q for q in self._standing if q.id != question_id]
+            found, self._standing = len(kept) != len(self._standing), kept
+            return found
