@@ -83,6 +83,9 @@ def create_app(streams: list, token: str | None = None, answer_timeout: float = 
                 return _error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
                               {"WWW-Authenticate": "Bearer"})
         length = request.headers.get("content-length")
+        if length is None and request.method in ("POST", "PUT", "PATCH") and \
+                request.headers.get("transfer-encoding"):
+            return _error(411, "send the body with a Content-Length (chunked bodies are not accepted)")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
             return _error(413, f"request body of {length} bytes exceeds the limit of {MAX_BODY}")
         return await call_next(request)
@@ -204,5 +207,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         for item in error.errors():
             where = ".".join(str(part) for part in item.get("loc", ()) if part != "body") or "body"
             cause = (item.get("ctx") or {}).get("error")
-            problems.append(f"{where}: {item.get('msg', 'invalid')}" + (f" ({cause})" if isinstance(cause, str) else ""))
+            because = f" ({cause})" if isinstance(cause, str) else ""
+            problems.append(f"{where}: {item.get('msg', 'invalid')}{because}")
         return _error(422, "; ".join(problems) or "invalid request")
