@@ -96,7 +96,7 @@ def ask_to_answer(folder: Path, questions: int, screenshot: Path) -> dict:
     server = subprocess.Popen([sys.executable, "-m", "stream", "live", f"udp://127.0.0.1:{udp}", "--config",
                                str(config), "--stream-id", "cam", "--http", f"127.0.0.1:{port}",
                                "--standing", "what digit is on screen now ?", "--every", "2",
-                               "--max-new-tokens", "4", "--status-every", "30"], cwd=ROOT,
+                               "--max-new-tokens", "4", "--status-every", "30", "--buffer", "64"], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ffmpeg = page = None
     base = f"http://127.0.0.1:{port}"
@@ -237,15 +237,18 @@ def main() -> None:
         print("ask -> answer:", json.dumps(asking), flush=True)
         folding = fold_throughput(folder, args.frames, args.repeats)
         print("fold throughput:", json.dumps(folding), flush=True)
-    result = dict(machine=f"{os.cpu_count()} CPU cores, torch {torch.__version__}", ask_to_answer=asking,
+    load = [round(x, 1) for x in os.getloadavg()]
+    result = dict(machine=f"{os.cpu_count()} CPU cores, torch {torch.__version__}", load_average=load,
+                  ask_to_answer=asking,
                   fold_throughput=folding, command="python benchmarks/http_api.py")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "http.json").write_text(json.dumps(result, indent=1) + "\n")
     a, f = asking, folding
     lines = [
         "# HTTP side: ask-to-answer time and the server's cost (shipped tiny model, CPU)", "",
-        f"`python benchmarks/http_api.py` on {result['machine']} (a machine shared with other jobs: figures are "
-        "medians of interleaved runs).", "",
+        f"`python benchmarks/http_api.py` on {result['machine']}, a machine shared with other jobs (load average "
+        f"{load[0]} at the end): absolute times are inflated, and the comparisons are medians of interleaved "
+        "runs.", "",
         "## Ask to answer, while the stream folds", "",
         f"`live --http` in its own process, fed a synthetic video over UDP at 4x real time (a 16-frame chunk "
         f"every 2 s, {a['chunks_folded']} chunks folded, {a['frames_dropped']} frames dropped), one standing "

@@ -110,7 +110,12 @@ class HaDiscovery(Sink):
             self._publish(self.state_topic(obj), json.dumps(state, ensure_ascii=False), retain=True)
 
     def close(self) -> None:
-        self._publish(self.status_topic, self._status("offline"), retain=True).wait_for_publish(5)
+        """Says `offline` (retained) while the broker is there, then disconnects; never raises."""
+        try:
+            if self.connected.is_set():
+                self._publish(self.status_topic, self._status("offline"), retain=True).wait_for_publish(5)
+        except (RuntimeError, ValueError) as error:
+            log.warning("ha: could not say offline: %s", error)
         self.client.disconnect()
         self.client.loop_stop()
 
