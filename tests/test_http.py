@@ -363,3 +363,14 @@ def test_token_is_required_beyond_loopback_and_enforced(monkeypatch):
         assert http.get(base + "/metrics", headers=good).status_code == 200
     finally:
         server.stop()
+
+
+def test_cli_refuses_a_public_address_without_a_token_before_loading_the_model():
+    env = {k: v for k, v in os.environ.items() if k != "EMLOC_HTTP_TOKEN"}
+    run = subprocess.run([sys.executable, "-m", "stream", "live", "udp://127.0.0.1:9", "--http", "0.0.0.0:8080",
+                          "--model", "/nonexistent/model"], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=120)
+    assert run.returncode == 2 and "needs a bearer token: pass --http-token or set EMLOC_HTTP_TOKEN" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "stream", "live", "udp://127.0.0.1:9", "--ha-discovery"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert run.returncode == 2 and "--ha-discovery publishes to MQTT" in run.stderr

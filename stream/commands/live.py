@@ -40,6 +40,12 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
     from ..questions import BadQuestion, Question, QueueFull
     from ..service import LiveStream, serve
 
+    if getattr(args, "http", None):  # before the model loads: a refused address should not wait for it
+        from ..http.server import check_bind
+
+        check_bind(args.http, args.http_token)
+    if getattr(args, "ha_discovery", False) and mqtt is None:
+        raise ConfigError("--ha-discovery publishes to MQTT: give --mqtt HOST:PORT (or mqtt: in the config)")
     adapter, settings, label = build_model(config, args.model, given)
     print(f"emloc-stream: {len(specs)} stream(s) [{', '.join(s.id for s in specs)}]; {label}", flush=True)
     streams = [LiveStream(spec, adapter, settings, fps=config.model.fps, mqtt=mqtt,
@@ -60,8 +66,6 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
     if getattr(args, "ha_discovery", False):
         from ..ha import HaDiscovery
 
-        if mqtt is None:
-            raise ConfigError("--ha-discovery publishes to MQTT: give --mqtt HOST:PORT (or mqtt: in the config)")
         for stream in streams:
             stream.subscribe(HaDiscovery(mqtt, stream.spec.id, stream.queue).start())
     stop = threading.Event()
@@ -82,11 +86,13 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
 def _start_http(args: argparse.Namespace, streams: list):
     if not getattr(args, "http", None):
         return None
+    from ..http import HttpServer
+
     try:
-        from ..http import HttpServer
-    except ImportError as error:
+        server = HttpServer(streams, args.http, args.http_token)
+    except ImportError as error:  # FastAPI, uvicorn, ... are an optional extra
         raise ConfigError(f"--http needs the http extra: pip install 'emloc-stream[http]' ({error})") from error
-    server = HttpServer(streams, args.http, args.http_token).start()
+    server.start()
     print(f"emloc-stream: HTTP on {server.url} (API docs at {server.url}/docs)", flush=True)
     return server
 

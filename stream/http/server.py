@@ -33,17 +33,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_bind(bind: str, token: str | None) -> tuple[tuple[str, int], str | None]:
+    """The address and the token (given, else from the environment); BindError for a public address
+    without a token. Cheap: the CLI checks before it loads a model."""
+    host, port = parse_bind(bind)
+    token = token or os.environ.get(TOKEN_ENV) or None
+    if not is_loopback(host) and not token:
+        raise BindError(f"serving HTTP on {host} (beyond this machine) needs a bearer token: pass "
+                        f"--http-token or set {TOKEN_ENV}")
+    return (host, port), token
+
+
 class HttpServer:
     def __init__(self, streams: list, bind: str = "127.0.0.1:8080", token: str | None = None) -> None:
+        (self.host, self.port), token = check_bind(bind, token)
         import uvicorn
 
         from .app import create_app
 
-        self.host, self.port = parse_bind(bind)
-        token = token or os.environ.get(TOKEN_ENV) or None
-        if not is_loopback(self.host) and not token:
-            raise BindError(f"serving HTTP on {self.host} (beyond this machine) needs a bearer token: pass "
-                            f"--http-token or set {TOKEN_ENV}")
         self.app = create_app(streams, token=token)
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", access_log=False,
                                 lifespan="on", timeout_graceful_shutdown=2)
