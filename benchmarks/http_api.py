@@ -159,11 +159,12 @@ def ask_to_answer(folder: Path, questions: int, screenshot: Path) -> dict:
 
 
 def fold_throughput(folder: Path, frames: int, repeats: int) -> dict:
+    import torch
+
     from stream.commands.common import build_model
     from stream.config import StreamConfig, load_config
     from stream.http import HttpServer
     from stream.service import LiveStream, serve
-    import torch
 
     video = make_video(2_000_501, frames=frames)
     path = write_video(folder / "fold.mp4", video.frames, video.fps)
