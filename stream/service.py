@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from emloc import ModelAdapter, StreamContext
-from sinks import ConsoleSink, JsonLinesSink
+from sinks import ConsoleSink, JsonLinesSink, Sink
 
 from .config import ConfigError, MqttConfig, StreamConfig
 from .live import LiveSource
@@ -66,6 +66,8 @@ class LiveStream:
                 raise ConfigError(f"stream {spec.id}: question {question.id!r}: {error}") from error
         self.source = LiveSource(spec.source, fps=fps, format=spec.format, buffer=spec.buffer, start_time=start_time)
         self.failed = ""
+        self.newest_frame = None  # the newest frame fed (what a web page shows)
+        self.listeners: list = []  # told of folds and errors (see `subscribe`)
 
     def _resume(self) -> float:
         stream = load_state(self.spec.state, self.context)
@@ -99,12 +101,31 @@ class LiveStream:
     def _on_fold(self, runner: StreamRunner) -> None:
         if self.context.chunks_folded % self.spec.save_every == 0:
             self.save()
+        self._tell("on_fold", self.context.records[-1])
+
+    def subscribe(self, listener) -> None:
+        """Adds a listener (the HTTP server, Home Assistant discovery): if it is a Sink it gets every answer;
+        if it has `on_fold(record)` or `on_error(question_id, message)` it is told of those too."""
+        if isinstance(listener, Sink):
+            self.sinks.append(listener)
+            self.runner.sinks.append(listener)
+        self.listeners.append(listener)
+
+    def _tell(self, name: str, *args) -> None:
+        for listener in self.listeners:
+            method = getattr(listener, name, None)
+            if method is not None:
+                try:
+                    method(*args)
+                except Exception as error:  # a listener must never stop the stream
+                    log.error("%s: listener %s failed: %s", self.spec.id, type(listener).__name__, error)
 
     def report_error(self, question_id: str | None, message: str) -> None:
         print(f"{self.spec.id}: {'question ' + question_id + ': ' if question_id else ''}{message}",
               file=sys.stderr, flush=True)
         if self.bridge:
             self.bridge.publish_error(message, question_id)
+        self._tell("on_error", question_id, message)
 
     def start(self) -> LiveStream:
         if self.bridge:
@@ -117,6 +138,7 @@ class LiveStream:
         frame = self.source.get(timeout=timeout)
         try:
             if frame is not None:
+                self.newest_frame = frame
                 self.runner.feed(frame)
             else:
                 self.runner.poll()

@@ -41,6 +41,12 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
     from ..questions import BadQuestion, Question, QueueFull
     from ..service import LiveStream, serve
 
+    if getattr(args, "http", None):  # before the model loads: a refused address should not wait for it
+        from ..http.server import check_bind
+
+        check_bind(args.http, args.http_token)
+    if getattr(args, "ha_discovery", False) and mqtt is None:
+        raise ConfigError("--ha-discovery publishes to MQTT: give --mqtt HOST:PORT (or mqtt: in the config)")
     adapter, settings, label = build_model(config, args.model, given)
     print(f"emloc-stream: {len(specs)} stream(s) [{', '.join(s.id for s in specs)}]; {label}", flush=True)
     streams = [LiveStream(spec, adapter, settings, fps=config.model.fps, mqtt=mqtt,
@@ -57,15 +63,48 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
                     except (BadQuestion, QueueFull) as error:
                         print(f"question refused: {error}", file=sys.stderr, flush=True)
         threading.Thread(target=read_stdin, daemon=True).start()
+    http = _start_http(args, streams)
+    if getattr(args, "ha_discovery", False):
+        from ..ha import HaDiscovery
+
+        for stream in streams:
+            stream.subscribe(HaDiscovery(mqtt, stream.spec.id, stream.queue).start())
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())  # the fold under way finishes first
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    serve(streams, stop, status_every=args.status_every, duration=args.duration)
+    try:
+        serve(streams, stop, status_every=args.status_every, duration=args.duration)
+    finally:
+        if http is not None:
+            http.stop()
     for stream in streams:
         status = stream.runner.status
         print(f"stopped {stream.spec.id}: {status.frames_seen} frames, {status.chunks_folded} chunks, "
               f"{status.answers} answers", flush=True)
     return 0
+
+
+def _start_http(args: argparse.Namespace, streams: list):
+    if not getattr(args, "http", None):
+        return None
+    from ..http import HttpServer
+
+    try:
+        server = HttpServer(streams, args.http, args.http_token)
+    except ImportError as error:  # FastAPI, uvicorn, ... are an optional extra
+        raise ConfigError(f"--http needs the http extra: pip install 'emloc-stream[http]' ({error})") from error
+    server.start()
+    print(f"emloc-stream: HTTP on {server.url} (API docs at {server.url}/docs)", flush=True)
+    return server
+
+
+def add_web_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--http", metavar="HOST:PORT", help="serve the REST API, the web page, /metrics and "
+                   "/v1/chat/completions here (127.0.0.1 unless a token is set)")
+    p.add_argument("--http-token", help="bearer token every endpoint but / and /health asks for "
+                   "(default: $EMLOC_HTTP_TOKEN); required to bind beyond 127.0.0.1")
+    p.add_argument("--ha-discovery", action="store_true", help="announce standing questions to Home "
+                   "Assistant as MQTT sensors (needs MQTT)")
 
 
 def register(commands, common) -> None:
@@ -94,6 +133,7 @@ def register(commands, common) -> None:
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--state", type=Path, help="save the stream state here; resume from it if present")
     p.add_argument("--save-every", type=int, default=1, help="chunks between saves of --state")
+    add_web_options(p)
     p.set_defaults(run=live)
 
     p = commands.add_parser("serve", help="serve the live streams a config lists, sharing one model")
@@ -102,4 +142,5 @@ def register(commands, common) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--status-every", type=float, default=5.0)
     p.add_argument("--duration", type=float, help="stop after this many seconds")
+    add_web_options(p)
     p.set_defaults(run=serve_config, budget=None)

@@ -1,0 +1,215 @@
+"""The REST API, server-sent events, the page and /metrics, as one FastAPI app over the streams' hubs.
+
+Every endpoint but `/` and `/health` wants `Authorization: Bearer <token>` when a token is set.
+Bad requests get a 4xx whose `detail` names the problem. Stream and question ids from the client
+are only ever looked up in dictionaries, never used as paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import json
+import re
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..questions import BadQuestion, Question, QueueFull
+from .hub import StreamHub
+from .metrics import Metrics
+
+PAGE = Path(__file__).with_name("page.html")
+MAX_BODY = 64 * 1024
+CONTROL_TOKEN = re.compile(r"<\|[^|<>]{1,40}\|>")
+OPEN_PATHS = {"/", "/health"}  # everything else wants the token, when one is set
+SAMPLE_EVERY = 1.0  # seconds between status samples (the page's chart, SSE status events)
+
+
+class Ask(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    question: str = Field(description="the question, in the model's language")
+    at: float | None = Field(None, description="stream time (s) to answer at: a scheduled question")
+    every: int | None = Field(None, description="re-answer every K folded chunks: a standing question")
+
+
+def checked_text(text: str) -> str:
+    """Refuses text that would smuggle chat-template control tokens into the prompt."""
+    found = CONTROL_TOKEN.search(text)
+    if found:
+        raise HTTPException(400, f"the question contains the control token {found.group()!r}; remove it")
+    return text
+
+
+def create_app(streams: list, token: str | None = None, answer_timeout: float = 120.0) -> FastAPI:
+    metrics = Metrics()
+    hubs = {stream.spec.id: StreamHub(stream, metrics) for stream in streams}
+    metrics.hubs = list(hubs.values())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        for hub in hubs.values():
+            hub.attach(loop)
+        sampler = asyncio.create_task(_sample(hubs))
+        yield
+        sampler.cancel()
+
+    app = FastAPI(title="emloc-stream", version="0.1.0", lifespan=lifespan,
+                  description="Ask live video streams questions; answers over REST, server-sent events, "
+                              "or the OpenAI chat-completions schema.")
+    app.state.hubs, app.state.metrics, app.state.answer_timeout = hubs, metrics, answer_timeout
+
+    def hub_of(stream_id: str) -> StreamHub:
+        hub = hubs.get(stream_id)
+        if hub is None:
+            raise HTTPException(404, f"no stream {stream_id[:64]!r}; the streams are {sorted(hubs)}")
+        return hub
+
+    _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if token is not None and request.url.path not in OPEN_PATHS:
+            scheme, _, value = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+                return _error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+                              {"WWW-Authenticate": "Bearer"})
+        length = request.headers.get("content-length")
+        if length is None and request.method in ("POST", "PUT", "PATCH") and \
+                request.headers.get("transfer-encoding"):
+            return _error(411, "send the body with a Content-Length (chunked bodies are not accepted)")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            return _error(413, f"request body of {length} bytes exceeds the limit of {MAX_BODY}")
+        return await call_next(request)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"ok": True, "streams": len(hubs)}
+
+    @app.get("/streams")
+    async def list_streams() -> list[dict]:
+        return [hub.status() for hub in hubs.values()]
+
+    @app.get("/streams/{stream_id}")
+    async def one_stream(stream_id: str) -> dict:
+        hub = hub_of(stream_id)
+        return dict(hub.status(), history=list(hub.history))
+
+    @app.post("/streams/{stream_id}/questions", status_code=201)
+    async def ask(stream_id: str, body: Ask) -> dict:
+        hub = hub_of(stream_id)
+        queue = hub.stream.queue
+        try:
+            question = Question(queue.new_id(), checked_text(body.question), at=body.at, every=body.every,
+                                origin="http")
+            queue.submit(question)
+        except BadQuestion as error:
+            raise HTTPException(422, str(error)) from error
+        except QueueFull as error:
+            raise HTTPException(429, str(error)) from error
+        kind = "standing" if question.every else "scheduled" if question.at is not None else "one-off"
+        return {"id": question.id, "stream_id": stream_id, "kind": kind}
+
+    @app.delete("/streams/{stream_id}/questions/{question_id}")
+    async def withdraw(stream_id: str, question_id: str) -> dict:
+        hub = hub_of(stream_id)
+        try:
+            hub.stream.queue.cancel(question_id)
+        except BadQuestion:
+            raise HTTPException(404, f"stream {stream_id!r} has no waiting or standing question "
+                                     f"{question_id[:64]!r}") from None
+        return {"id": question_id, "withdrawn": True}
+
+    @app.get("/streams/{stream_id}/answers")
+    async def answers(stream_id: str, since: int = Query(0, ge=0, description="the last seq already seen"),
+                      limit: int = Query(100, ge=1, le=1000)) -> dict:
+        hub = hub_of(stream_id)
+        page = hub.answers_since(since, limit)
+        return {"answers": page, "next": page[-1]["seq"] if page else since, "newest": hub.newest_seq()}
+
+    @app.get("/streams/{stream_id}/events")
+    async def events(stream_id: str, request: Request):
+        hub = hub_of(stream_id)
+        queue = hub.listen()
+
+        async def stream():
+            try:
+                yield {"event": "status", "data": json.dumps(hub.status())}
+                while True:
+                    kind, data = await queue.get()
+                    if kind == "overflow" or await request.is_disconnected():
+                        return
+                    yield {"event": kind, "data": json.dumps(data, ensure_ascii=False)}
+            finally:
+                hub.unlisten(queue)
+        return EventSourceResponse(stream(), ping=15)
+
+    @app.get("/streams/{stream_id}/frame.jpg")
+    async def frame(stream_id: str) -> Response:
+        hub = hub_of(stream_id)
+        newest = hub.stream.newest_frame
+        if newest is None:
+            raise HTTPException(404, f"stream {stream_id!r} has no frame yet")
+        from PIL import Image
+
+        out = io.BytesIO()
+        Image.fromarray(newest.image).save(out, format="JPEG", quality=85)
+        return Response(out.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "no-store",
+                                                                          "X-Stream-Time": f"{newest.time:.2f}"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    from .openai import router
+
+    app.include_router(router)
+    return app
+
+
+async def _sample(hubs: dict) -> None:
+    while True:
+        for hub in hubs.values():
+            try:
+                hub.sample()
+            except Exception:  # a status read racing a fold: the next sample will do
+                pass
+        await asyncio.sleep(SAMPLE_EVERY)
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """Errors in one shape that plain clients (`detail`) and OpenAI clients (`error.message`) both read."""
+    kind = "authentication_error" if status == 401 else "not_found_error" if status == 404 else \
+        "invalid_request_error"
+    return JSONResponse({"detail": message, "error": {"message": message, "type": kind, "code": status}},
+                        status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return _error(error.status_code, str(error.detail), getattr(error, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = []
+        for item in error.errors():
+            where = ".".join(str(part) for part in item.get("loc", ()) if part != "body") or "body"
+            cause = (item.get("ctx") or {}).get("error")
+            because = f" ({cause})" if isinstance(cause, str) else ""
+            problems.append(f"{where}: {item.get('msg', 'invalid')}{because}")
+        return _error(422, "; ".join(problems) or "invalid request")

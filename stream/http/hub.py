@@ -1,0 +1,123 @@
+"""What the HTTP server knows of one stream, learnt by subscription (never from the runner's insides).
+
+A `StreamHub` is subscribed to its `LiveStream`: as a Sink it receives every answer, and it is told
+of folds and errors. It keeps the newest answers (numbered, for paging), a short history of the
+cache size, and passes events to the server-sent-event clients and to requests waiting for one
+answer. Sinks are called from the serving thread; clients live on the server's asyncio loop, so
+events cross over with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+
+from sinks import AnswerEvent, Sink
+
+KEEP_ANSWERS = 1000  # newest answers held for GET .../answers
+KEEP_HISTORY = 600  # status samples held for the page's chart
+CLIENT_BACKLOG = 256  # events an SSE client may fall behind before it is cut off
+
+
+class StreamHub(Sink):
+    def __init__(self, stream, metrics=None) -> None:
+        self.stream, self.id, self.metrics = stream, stream.spec.id, metrics
+        self.answers: deque[dict] = deque(maxlen=KEEP_ANSWERS)
+        self.history: deque[dict] = deque(maxlen=KEEP_HISTORY)
+        self.latest_by_question: dict[str, dict] = {}
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._clients: set[asyncio.Queue] = set()
+        self._waiting: dict[str, asyncio.Future] = {}
+        stream.subscribe(self)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    # --- told by the stream (serving thread) ------------------------------------------
+    def deliver(self, event: AnswerEvent) -> None:
+        with self._lock:
+            self._seq += 1
+            data = dict(event.to_dict(), seq=self._seq)
+            self.answers.append(data)
+            self.latest_by_question[event.question_id] = data
+        if self.metrics is not None:
+            self.metrics.observe_answer(self.id, event.latency_s)
+        self._publish("answer", data)
+        self._settle(event.question_id, data, None)
+
+    def on_fold(self, record) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_fold(self.id, record)
+
+    def on_error(self, question_id: str | None, message: str) -> None:
+        self._publish("error", {"stream_id": self.id, "question_id": question_id, "error": message})
+        if question_id is not None:
+            self._settle(question_id, None, message)
+
+    # --- used by the server (its loop) -------------------------------------------------
+    def status(self) -> dict:
+        status = self.stream.status()
+        status["standing"] = [dict(q, latest=self.latest_by_question.get(q["id"]))
+                              for q in self.stream.queue.snapshot() if q["every"]]
+        status["waiting"] = self.stream.queue.waiting()
+        return status
+
+    def sample(self) -> dict:
+        """Records one point of the cache-size history and tells the SSE clients the status."""
+        status = self.status()
+        point = dict(time=round(time.time(), 2), cache_tokens=status["cache_tokens"],
+                     chunks_folded=status["chunks_folded"], lag_s=status["lag_s"])
+        self.history.append(point)
+        self._publish("status", status)
+        return status
+
+    def answers_since(self, since: int, limit: int) -> list[dict]:
+        with self._lock:
+            return [a for a in self.answers if a["seq"] > since][:limit]
+
+    def newest_seq(self) -> int:
+        with self._lock:
+            return self._seq
+
+    def listen(self) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue(maxsize=CLIENT_BACKLOG + 1)
+        self._clients.add(queue)
+        return queue
+
+    def unlisten(self, queue: asyncio.Queue) -> None:
+        self._clients.discard(queue)
+
+    def expect(self, question_id: str) -> asyncio.Future:
+        """A future for the answer (or error) to `question_id`; register it before submitting."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[question_id] = future
+        return future
+
+    def forget(self, question_id: str) -> None:
+        self._waiting.pop(question_id, None)
+
+    # --- crossing into the loop ----------------------------------------------------------
+    def _publish(self, kind: str, data: dict) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._fan_out, kind, data)
+
+    def _fan_out(self, kind: str, data: dict) -> None:
+        for queue in list(self._clients):
+            if queue.qsize() >= CLIENT_BACKLOG:  # a client that stopped reading: cut it off, hold no memory
+                self._clients.discard(queue)
+                queue.put_nowait(("overflow", {}))  # the reader takes this as the end
+            else:
+                queue.put_nowait((kind, data))
+
+    def _settle(self, question_id: str, answer: dict | None, error: str | None) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._resolve, question_id, answer, error)
+
+    def _resolve(self, question_id: str, answer: dict | None, error: str | None) -> None:
+        future = self._waiting.pop(question_id, None)
+        if future is not None and not future.done():
+            future.set_result((answer, error))

@@ -1,0 +1,118 @@
+"""`POST /v1/chat/completions` in OpenAI's schema: `model` names a stream, the last user message is the
+question, answered over that stream's current cache (as a one-off question on its queue).
+
+The model answers in one piece, so a streamed response is one content chunk between the role
+chunk and the finishing one; OpenAI clients read it like any other stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Literal
+
+from fastapi import APIRouter, HTTPException, Request
+from pydantic import BaseModel, ConfigDict
+from sse_starlette.sse import EventSourceResponse
+
+from ..questions import BadQuestion, Question, QueueFull
+
+router = APIRouter()
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: accepted and unused
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[TextPart] | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # temperature, max_tokens, ...: the stream's settings decide
+    model: str
+    messages: list[Message]
+    stream: bool = False
+    n: int = 1
+
+
+def question_of(request: ChatRequest) -> str:
+    if request.n != 1:
+        raise HTTPException(400, f"n must be 1 (one answer per question), got {request.n}")
+    users = [m for m in request.messages if m.role == "user"]
+    if not users:
+        raise HTTPException(400, "messages holds no user message; the last user message is the question")
+    content = users[-1].content
+    if isinstance(content, list):
+        kinds = sorted({part.type for part in content if part.type != "text"})
+        if kinds:
+            raise HTTPException(400, f"only text content is accepted (the video is the stream), got {kinds}")
+        content = " ".join(part.text or "" for part in content)
+    if not content or not content.strip():
+        raise HTTPException(400, "the last user message is empty")
+    return content.strip()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request):
+    from .app import checked_text
+
+    hub = request.app.state.hubs.get(body.model)
+    if hub is None:
+        raise HTTPException(404, f"model {body.model[:64]!r} is not a stream here; the streams are "
+                                 f"{sorted(request.app.state.hubs)}")
+    text = checked_text(question_of(body))
+    question_id = f"chat-{uuid.uuid4().hex[:12]}"
+    answer = hub.expect(question_id)
+    try:
+        hub.stream.queue.submit(Question(question_id, text, origin="http"))
+    except BadQuestion as error:
+        hub.forget(question_id)
+        raise HTTPException(422, str(error)) from error
+    except QueueFull as error:
+        hub.forget(question_id)
+        raise HTTPException(429, str(error)) from error
+    created = int(time.time())
+    base = dict(id=question_id, created=created, model=body.model)
+
+    async def outcome() -> dict:
+        try:
+            data, error = await asyncio.wait_for(asyncio.shield(answer), request.app.state.answer_timeout)
+        except asyncio.TimeoutError as error:
+            hub.forget(question_id)
+            raise HTTPException(504, f"stream {body.model!r} gave no answer within "
+                                     f"{request.app.state.answer_timeout:.0f} s (is it serving?)") from error
+        if error is not None:
+            raise HTTPException(422, f"the question could not be answered: {error}")
+        return data
+
+    if not body.stream:
+        data = await outcome()
+        return dict(base, object="chat.completion",
+                    choices=[dict(index=0, message=dict(role="assistant", content=data["answer"]),
+                                  finish_reason="stop")],
+                    usage=dict(prompt_tokens=data["cache_tokens"], completion_tokens=len(data["answer"].split()),
+                               total_tokens=data["cache_tokens"] + len(data["answer"].split())),
+                    stream_time=data["time_span"])
+
+    def chunk(delta: dict, finish: str | None = None) -> dict:
+        return {"data": json.dumps(dict(base, object="chat.completion.chunk",
+                                        choices=[dict(index=0, delta=delta, finish_reason=finish)]))}
+
+    async def chunks():
+        yield chunk({"role": "assistant", "content": ""})
+        try:
+            data = await outcome()
+        except HTTPException as error:  # the stream has begun: the error goes in the stream, as OpenAI does
+            yield {"data": json.dumps({"error": {"message": error.detail, "code": error.status_code}})}
+            return
+        yield chunk({"content": data["answer"]})
+        yield chunk({}, "stop")
+        yield {"data": "[DONE]"}
+    return EventSourceResponse(chunks(), ping=15)

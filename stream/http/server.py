@@ -1,0 +1,78 @@
+"""Runs the app with uvicorn in a thread beside the serving loop; refuses a non-loopback bind without a token."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import threading
+
+TOKEN_ENV = "EMLOC_HTTP_TOKEN"
+
+
+class BindError(ValueError):
+    """A --http address that cannot or must not be used; the message says why."""
+
+
+def parse_bind(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:  # just a port: loopback
+        host, port = "127.0.0.1", text
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise BindError(f"--http wants HOST:PORT with a port from 1 to 65535, got {text!r}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(bind: str, token: str | None) -> tuple[tuple[str, int], str | None]:
+    """The address and the token (given, else from the environment); BindError for a public address
+    without a token. Cheap: the CLI checks before it loads a model."""
+    host, port = parse_bind(bind)
+    token = token or os.environ.get(TOKEN_ENV) or None
+    if not is_loopback(host) and not token:
+        raise BindError(f"serving HTTP on {host} (beyond this machine) needs a bearer token: pass "
+                        f"--http-token or set {TOKEN_ENV}")
+    return (host, port), token
+
+
+class HttpServer:
+    def __init__(self, streams: list, bind: str = "127.0.0.1:8080", token: str | None = None) -> None:
+        (self.host, self.port), token = check_bind(bind, token)
+        import uvicorn
+
+        from .app import create_app
+
+        self.app = create_app(streams, token=token)
+        config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", access_log=False,
+                                lifespan="on", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> HttpServer:
+        self.thread.start()
+        waited = 0.0
+        while not self.server.started and self.thread.is_alive() and waited < timeout:
+            threading.Event().wait(0.05)
+            waited += 0.05
+        if not self.server.started:
+            raise BindError(f"the HTTP server could not start on {self.host}:{self.port} (is the port taken?)")
+        logging.getLogger("emloc_stream").info("http: serving on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
