@@ -1,6 +1,7 @@
 """Live sources for real: ffmpeg streams MPEG-TS over UDP in real time (-re) to 127.0.0.1."""
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -13,6 +14,10 @@ from stream.live import LiveSource
 
 from .broker import Broker, Client, free_port, needs_mosquitto
 from .test_cli import console_script
+
+# The console script imports the code under test (a worktree on PYTHONPATH), not whatever is installed.
+ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+       "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
 
@@ -71,7 +76,7 @@ def test_live_cli_answers_over_mqtt_and_stops_cleanly(tmp_path):
                              "--questions", str(questions), "--stdin",
                              "--max-new-tokens", "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+                            env=ENV)
     try:
         status = lambda: client.got("emloc/door/status")[-1] if client.got("emloc/door/status") else {}  # noqa: E731
         assert until(lambda: status().get("chunks_folded", 0) >= 1, timeout=90), status()
@@ -92,7 +97,7 @@ def test_live_cli_answers_over_mqtt_and_stops_cleanly(tmp_path):
         assert until(lambda: status().get("state") == "reconnecting", timeout=20), status()
         ffmpeg = stream_to(port)
         assert until(lambda: status().get("chunks_folded", 0) >= folded + 2, timeout=60), status()
-        client.publish("emloc/door/ask", {"id": "late", "question": "what colour was the star ?", "at": 10000})
+        client.publish("emloc/door/ask", {"id": "late", "question": "what colour was the star ?", "at": 3000})
         time.sleep(1.0)
         live.send_signal(signal.SIGINT)  # finishes: folds what is left, answers what waits, exits 0
         out, err = live.communicate(timeout=60)
@@ -124,7 +129,7 @@ def test_serve_two_streams_one_model_one_source_killed(tmp_path):
     sources = [stream_to(port) for port in ports]
     serve = subprocess.Popen([console_script(), "serve", "--config", str(config), "--status-every", "0.5",
                               "--max-new-tokens", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+                             env=ENV)
     try:
         def status(stream):
             got = client.got(f"emloc/{stream}/status")
@@ -163,7 +168,7 @@ def test_live_state_is_saved_on_exit_and_resumed(tmp_path):
     command = [console_script(), "live", f"udp://127.0.0.1:{port}", "--config", str(config), "--stream-id", "door",
                "--state", str(state), "--standing", "what digit is on screen now ?", "--every", "100",
                "--duration", "9", "--max-new-tokens", "2"]
-    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    env = ENV
     ffmpeg = stream_to(port)
     try:
         first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
