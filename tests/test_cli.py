@@ -1,5 +1,6 @@
 """The `emloc-stream` console script, run for real in a subprocess, and its config files."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -20,9 +21,17 @@ def console_script() -> str:
     return found
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([console_script(), *args], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+def cli_env() -> dict:
+    """A bare environment, offline; PYTHONPATH kept so that a worktree on it is the code the script runs."""
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
+
+
+def run_cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([console_script(), *args], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env=cli_env())
 
 
 def test_demo_folds_and_answers():

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..config import Config, ConfigError, load_config
-from .common import build_model, config_from, load_questions
+from .common import build_model, check_state, config_from, load_questions
 
 
 def live(args: argparse.Namespace) -> int:
@@ -40,6 +40,8 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
     from ..questions import BadQuestion, Question, QueueFull
     from ..service import LiveStream, serve
 
+    for spec in specs:
+        check_state(spec.state, f"stream {spec.id}: state" if len(specs) > 1 else "--state")
     adapter, settings, label = build_model(config, args.model, given)
     print(f"emloc-stream: {len(specs)} stream(s) [{', '.join(s.id for s in specs)}]; {label}", flush=True)
     streams = [LiveStream(spec, adapter, settings, fps=config.model.fps, mqtt=mqtt,
@@ -91,10 +93,22 @@ def register(commands, common) -> None:
     p.add_argument("--save-every", type=int, default=1, help="chunks between saves of --state")
     p.set_defaults(run=live)
 
-    p = commands.add_parser("serve", help="serve the live streams a config lists, sharing one model")
-    p.add_argument("--config", required=True, help="YAML with streams: [{id, source, ...}] and optional mqtt:")
-    p.add_argument("--model", help="overrides model.path of the config")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--status-every", type=float, default=5.0)
-    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p = commands.add_parser(
+        "serve", help="serve the live streams a config lists, sharing one model",
+        description="Serves every stream a config lists (see configs/site.local.yaml, which runs with the "
+        "shipped model, and configs/site.example.yaml): one model, one compressed cache per stream. A stream "
+        "has an id and a source (a URL or device, with an optional FFmpeg format), and optionally questions "
+        "(ask: answered once its first chunk is folded; standing: re-answered every `every` chunks), a "
+        "jsonl file for its answers, a state folder (saved every save_every chunks and on exit, resumed on "
+        "restart), a frame buffer and a limit of waiting questions. With an mqtt section, questions are taken "
+        "on <prefix>/<id>/ask and answers, errors and status published beside it. Ctrl-C (or SIGTERM) "
+        "finishes cleanly: the fold under way completes, waiting questions are answered, state is saved.")
+    p.add_argument("--config", required=True,
+                   help="YAML config: emloc and model settings, streams: [{id, source, ...}] and optional mqtt:")
+    p.add_argument("--model", help="checkpoint folder or hub id; overrides model.path of the config (default: "
+                   "the config's, else the shipped models/emloc-tiny-qwen2vl)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer in tokens (default 16)")
+    p.add_argument("--status-every", type=float, default=5.0,
+                   help="seconds between status reports, on stderr and emloc/<id>/status (default 5)")
+    p.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
     p.set_defaults(run=serve_config, budget=None)
