@@ -49,12 +49,12 @@ def run(args: argparse.Namespace) -> int:
     progress = progress_printer(None, source.duration())
 
     def on_fold(record) -> None:
-        progress(record)
         if args.state and context.chunks_folded % args.save_every == 0:
             save_state(args.state, context, dict(video=video_id, last_time=record.time_span[1]))
+        progress(record)
 
-    def save_last() -> None:
-        if args.state and context.records and context.chunks_folded % args.save_every:  # else the last fold saved
+    def save_last(always: bool = False) -> None:
+        if args.state and context.records and (always or context.chunks_folded % args.save_every):
             save_state(args.state, context, dict(video=video_id, last_time=context.records[-1].time_span[1]))
 
     try:
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the save short
-        save_last()
+        save_last(always=True)  # the interrupt may have cut the last fold's save short
         folded = f"{context.chunks_folded} chunks folded, up to {context.records[-1].time_span[1]:.1f} s" \
             if context.records else "nothing folded yet"
         saved = (f"; state saved in {args.state}, the same command resumes" if args.state and context.records
