@@ -257,7 +257,7 @@ def test_batch_ask_goes_to_every_video_and_unknown_videos_are_reported(tmp_path)
     assert "question 'lost' names video 'v9.mp4', which is not in this batch; not asked" in result.stderr
     pairs = sorted((Path(a["stream_id"]).name, a["question_id"]) for a in map(json.loads, out.read_text().splitlines()))
     assert pairs == [("v3100004.mp4", "ask1"), ("v3100004.mp4", "only"), ("v3100005.mp4", "ask1")]
-    assert "[1/2] " in result.stdout and "64 frames, 98%, 1 chunks folded" in result.stdout  # within a video
+    assert "[1/2] " in result.stdout and "64 frames, 100%, 1 chunks folded" in result.stdout  # within a video
     again = run_cli("batch", str(folder), "--questions", str(questions), "--ask", "what digit is on screen now ?",
                     "--out", str(out))
     assert again.stdout.count("already answered, skipped") == 2

@@ -109,7 +109,8 @@ def batch(args: argparse.Namespace) -> int:
                       flush=True)
                 continue
             runner = StreamRunner(stream_id, StreamContext(adapter, settings=settings), queue, sinks,
-                                  max_new_tokens=args.max_new_tokens, on_fold=_progress(tag, duration),
+                                  max_new_tokens=args.max_new_tokens,
+                                  on_fold=_progress(tag, duration, config.model.fps),
                                   at_end=[q for q in todo if q.at is None], observe_questions=aware)
             try:
                 for frame in source.frames(fps=config.model.fps):
@@ -128,10 +129,12 @@ def batch(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _progress(tag: str, duration: float | None):
+def _progress(tag: str, duration: float | None, fps: float):
+    """One line a folded chunk: frames so far and how far through the video (a frame covers 1/fps s)."""
     def show(runner) -> None:
         status = runner.status
-        done = f", {min(100.0, 100 * status.stream_time / duration):.0f}%" if duration and status.stream_time else ""
+        done = (f", {min(100.0, 100 * (status.stream_time + 1 / fps) / duration):.0f}%"
+                if duration and status.stream_time is not None else "")
         print(f"{tag}: {status.frames_seen} frames{done}, {status.chunks_folded} chunks folded, "
               f"{status.cache_tokens} tokens/layer", flush=True)
     return show
