@@ -145,7 +145,7 @@ def register(commands, common) -> None:
         "batch", help="answer questions about many videos, resumable",
         description="Answers a file of questions about many recorded videos. A question without \"at\" is "
         "answered when its video ends, over the whole video; one with \"at\": SECONDS when the video gets "
-        "there. The questions are known before the videos, so they guide the pruning (--no-query-aware: the "
+        "there (at its end if it is shorter). The questions are known before the videos, so they guide the pruning (--no-query-aware: the "
         "probe prompt does, as for a live stream). A questions file with any bad line is refused before any "
         "video is read, every bad line listed: fixing it then costs nothing, running only the good lines would "
         "cost another pass over every video later. A question naming a video not in the batch is reported. "
