@@ -28,14 +28,20 @@ def main(argv: list[str] | None = None) -> int:
                        f"(default: the shipped {DEFAULT_MODEL.relative_to(ROOT)}; {RANDOM_MODEL}: random weights)")
         p.add_argument("--ask", action="append", help="a question (repeatable)")
         p.add_argument("--budget", type=int, help="hard cap of tokens per layer")
-        p.add_argument("--max-new-tokens", type=int, default=16)
+        p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer in tokens (default 16)")
 
     for command in (demo, run, batch, live):
         command.register(commands, common)
 
     args = parser.parse_args(argv)
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars: the command prints its own progress
         return args.run(args)
+    except KeyboardInterrupt:
+        print("emloc-stream: interrupted", file=sys.stderr)
+        return 130
     except (ConfigError, SettingsError, InputError, UnsupportedModelError, VideoError, ValueError,
             StateError) as error:
         print(f"emloc-stream: error: {error}", file=sys.stderr)

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 
-from .sources import Frame, RateSampler
+from .sources import Frame, RateSampler, upright
 
 log = logging.getLogger("emloc_stream")
 
@@ -72,6 +72,8 @@ class LiveSource:
                     delay = self.backoff[0]
                 if produced:
                     self.last_error = "source ended"
+            except NoData as error:
+                self.last_error = str(error)
             except Exception as error:  # PyAV raises many kinds; each means: reconnect
                 self.last_error = f"{type(error).__name__}: {error}"
             if self._stop.is_set():
@@ -86,14 +88,19 @@ class LiveSource:
     def _read(self, offset: float):
         import av
 
-        container = av.open(self.url, format=self.format, options=self.options,
-                            timeout=(self.open_timeout, self.read_timeout))
         try:
+            container = av.open(self.url, format=self.format, options=self.options,
+                                timeout=(self.open_timeout, self.read_timeout))
+        except av.error.ExitError as error:  # FFmpeg's "Immediate exit requested": our timeout fired
+            raise NoData(f"no data from {self.url} for {self.open_timeout:g} s") from error
+        try:
+            if not container.streams.video:
+                raise RuntimeError(f"{self.url}: no video stream")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             self.state, self.connects = "connected", self.connects + 1
             sampler, first = RateSampler(self.fps), None
-            for frame in container.decode(stream):
+            for frame in _decoded(container, stream, f"no data from {self.url} for {self.read_timeout:g} s"):
                 if self._stop.is_set():
                     return
                 pts = float(frame.time) if frame.time is not None else time.monotonic()
@@ -102,7 +109,7 @@ class LiveSource:
                 self.newest_time = t
                 if not sampler.keep(t):
                     continue
-                image = frame.to_ndarray(format="rgb24")
+                image = upright(frame)
                 with self._ready:
                     if len(self._frames) >= self._buffer:
                         self._frames.popleft()
@@ -112,3 +119,16 @@ class LiveSource:
                 yield t
         finally:
             container.close()
+
+
+class NoData(RuntimeError):
+    """The source sent nothing for the open or read timeout."""
+
+
+def _decoded(container, stream, message: str):
+    import av
+
+    try:
+        yield from container.decode(stream)
+    except av.error.ExitError as error:
+        raise NoData(message) from error

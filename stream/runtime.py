@@ -4,7 +4,9 @@ The runner is driven by whoever owns the frames (a file loop, a live reader thre
 consumer): `feed` each sampled frame, `poll` between frames so that one-off questions are
 answered promptly (over the cache plus the frames not yet in a full chunk), and `finish`
 at the end of a finite source, which folds the last short chunk and answers every
-question still waiting. A failing sink is reported and the others still get the answer.
+question still waiting, then the `at_end` ones (a recorded video's questions without "at":
+known from the start, so they guide pruning, but answered over the whole video). A failing
+sink is reported and the others still get the answer.
 """
 
 from __future__ import annotations
@@ -45,8 +47,14 @@ class StreamRunner:
     def __init__(self, stream_id: str, context: StreamContext, queue: QuestionQueue, sinks: Sequence[Sink], *,
                  max_new_tokens: int = 16, on_error: Callable[[str, str], None] | None = None,
                  on_fold: Callable[[StreamRunner], None] | None = None,
-                 source_state: Callable[[], str] | None = None) -> None:
+                 source_state: Callable[[], str] | None = None, at_end: Sequence[Question] = (),
+                 observe_questions: bool = True) -> None:
+        """source_state: the source's state, named when a question comes before any video.
+        at_end: questions answered by `finish` (over the whole of a finite source), observers until then.
+        observe_questions: False folds with the probe observer only (query-agnostic), whatever waits."""
         self.stream_id, self.context, self.queue, self.sinks = stream_id, context, queue, list(sinks)
+        self.at_end = list(at_end)
+        self.observe_questions = observe_questions
         self.max_new_tokens = max_new_tokens
         self.chunker = Chunker(context.settings.chunk_frames)
         self.status = StreamStatus(stream_id)
@@ -83,12 +91,18 @@ class StreamRunner:
         last = self.chunker.flush()
         if last is not None:
             self._fold(last.frames, last.times)
+        at_end, self.at_end = self.at_end, []
         self._answer(self.queue.take_due(self.status.stream_time, self.context.chunks_folded,
-                                         chunk_just_folded=last is not None) + self.queue.take_all())
+                                         chunk_just_folded=last is not None) + self.queue.take_all() + at_end)
         self.status.state = "ended"
 
+    def observers(self) -> list[str]:
+        if not self.observe_questions:
+            return []
+        return list(dict.fromkeys(self.queue.observers() + [q.text for q in self.at_end]))
+
     def _fold(self, frames, times) -> None:
-        self.context.fold(frames, questions=self.queue.observers(), timestamps=times)
+        self.context.fold(frames, questions=self.observers(), timestamps=times)
         self.status.chunks_folded = self.context.chunks_folded
         self.status.cache_tokens = round(sum(self.context.cache.lengths()) / self.context.adapter.num_layers)
         self.last_folded_time = times[-1]

@@ -7,7 +7,11 @@ frames at a target rate by timestamp, so variable-frame-rate input is sampled ri
 from __future__ import annotations
 
 import math
+import os
+import re
+import sys
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -154,17 +158,19 @@ def _decord_frames(path: Path, fps: float | None) -> Iterator[Frame]:
         import decord
     except ImportError as error:
         raise _Unreadable("decord is not installed") from error
+    decord.logging.set_level(decord.logging.QUIET)  # its FFmpeg's log lines; our own message says what failed
 
     def reader():
         return decord.VideoReader(str(path), ctx=decord.cpu(0))
 
     try:
-        first_reader = reader()
-        times = first_reader.get_frame_timestamp(np.arange(len(first_reader)))[:, 0]
-        height, width = first_reader[0].shape[:2] if len(times) else (0, 0)
-        del first_reader
+        with _quiet_stderr():  # decord's C++ log lines ("[time] /its/build/path.cc:83: ERROR ...")
+            first_reader = reader()
+            times = first_reader.get_frame_timestamp(np.arange(len(first_reader)))[:, 0]
+            height, width = first_reader[0].shape[:2] if len(times) else (0, 0)
+            del first_reader
     except Exception as error:  # decord raises its own DECORDError, and RuntimeError
-        raise _Unreadable(str(error).splitlines()[0] if str(error) else type(error).__name__) from error
+        raise _Unreadable(_clean(error)) from error
     if len(times) == 0:
         raise _Unreadable("no frames")
     if fps is None:
@@ -177,11 +183,12 @@ def _decord_frames(path: Path, fps: float | None) -> Iterator[Frame]:
     for start in range(0, len(indices), per_batch):
         batch = indices[start:start + per_batch]
         try:
-            images = reader().get_batch(batch).asnumpy()
+            with _quiet_stderr():
+                images = reader().get_batch(batch).asnumpy()
         except Exception as error:
-            if first:
-                raise _Unreadable(str(error).splitlines()[0]) from error
-            raise VideoError(f"{path}: decoding failed at frame {batch[0]}: {error}") from error
+            if first:  # e.g. decord 0.6 on a file with rotation metadata: PyAV reads it upright
+                raise _Unreadable(_clean(error)) from error
+            raise VideoError(f"{path}: decoding failed at frame {batch[0]}: {_clean(error)}") from error
         first = False
         for i, image in zip(batch, images):
             yield Frame(image, float(times[i]))
@@ -193,12 +200,16 @@ def _av_frames(path: Path, fps: float | None) -> Iterator[Frame]:
 
     try:
         container = av.open(str(path))
-        stream = container.streams.video[0]
-    except (av.error.FFmpegError, IndexError) as error:
-        raise _Unreadable(str(error) or "no video stream") from error
+    except av.error.FFmpegError as error:
+        raise _Unreadable(_clean(error)) from error
+    if not container.streams.video:
+        audio = bool(container.streams.audio)
+        container.close()
+        raise VideoError(f"{path}: no video stream" + (" (audio only)" if audio else ""))
+    stream = container.streams.video[0]
     yielded = False
     try:
-        decoded = (Frame(f.to_ndarray(format="rgb24"), float(f.time or 0.0)) for f in container.decode(stream))
+        decoded = (Frame(upright(f), float(f.time or 0.0)) for f in container.decode(stream))
         for frame in (sample(decoded, fps) if fps else decoded):
             yielded = True
             yield frame
@@ -210,6 +221,40 @@ def _av_frames(path: Path, fps: float | None) -> Iterator[Frame]:
         container.close()
     if not yielded:
         raise _Unreadable("no frames")
+
+
+def upright(frame) -> np.ndarray:
+    """A PyAV frame as (H, W, 3) RGB, turned as its display matrix says (a phone video comes out upright,
+    as FFmpeg shows it)."""
+    image = frame.to_ndarray(format="rgb24")
+    turns = round(getattr(frame, "rotation", 0) / 90) % 4  # degrees counter-clockwise
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
+
+
+def _clean(error: BaseException) -> str:
+    """A decoder's message without its log prefix ("[01:02:03] /its/build/src/file.cc:83: ") or extra lines."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text)
+    text = re.sub(r"^\[Errno -?\d+\] (.*?)(: '.*')?$", r"\1", text)  # PyAV's errno and file name
+    return re.sub(r"^Check failed: .*?\) ", "", text).removeprefix("ERROR ").strip()
+
+
+@contextmanager
+def _quiet_stderr():
+    """Sends what C libraries print on file descriptor 2 to /dev/null for the duration."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (embedded): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 16) -> Path:

@@ -1,5 +1,6 @@
 """The `emloc-stream` console script, run for real in a subprocess, and its config files."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -20,9 +21,17 @@ def console_script() -> str:
     return found
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([console_script(), *args], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+def cli_env() -> dict:
+    """A bare environment, offline; PYTHONPATH kept so that a worktree on it is the code the script runs."""
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
+
+
+def run_cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([console_script(), *args], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env=cli_env())
 
 
 def test_demo_folds_and_answers():
@@ -119,3 +128,181 @@ def test_stream_configs_are_validated(tmp_path):
     empty.write_text("emloc:\n  preset: videomme_online\n")
     result = run_cli("serve", "--config", str(empty))
     assert result.returncode == 2 and "no streams" in result.stderr
+
+
+def one_line_error(result, *needles: str) -> str:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("emloc-stream: error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def main_in_process(capsys, *args: str):
+    """The command run in this process (the errors below come before the model is loaded)."""
+    from types import SimpleNamespace
+
+    from stream.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
+def test_bad_model_or_state_refused_in_one_line_before_any_work(tmp_path, capsys):
+    """Nothing is loaded, decoded or folded (no model label, no progress) before these are found."""
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\x00" * 100)  # never opened: the refusals come first
+    ask = ("--ask", "what digit is on screen now ?")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    if os.geteuid() == 0:  # root writes anywhere a mode allows; /sys refuses even root
+        unwritable = Path("/sys/emloc-state")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        unwritable = locked / "state"
+    cases = [
+        (("run", str(clip), *ask, "--model", str(tmp_path / "missing-model")), ["missing-model: no such folder"]),
+        (("run", str(clip), *ask, "--model", str(a_file)), ["notes.txt: a file"]),
+        (("run", str(clip), *ask, "--model", str(tmp_path)), ["no config.json"]),
+        (("run", str(clip), *ask, "--state", str(a_file)), ["--state", "notes.txt: a file, not a folder"]),
+        (("run", str(clip), *ask, "--state", str(unwritable)), ["--state", "cannot write there"]),
+        (("live", "udp://127.0.0.1:9", "--state", str(a_file)), ["a file, not a folder"]),
+        (("live", "udp://127.0.0.1:9", "--model", "./missing"), ["./missing: no such folder"]),
+    ]
+    for args, needles in cases:
+        result = main_in_process(capsys, *args)
+        one_line_error(result, *needles)
+        assert result.stdout == "", result.stdout
+
+
+def test_run_on_a_folder_of_videos_points_to_batch(tmp_path, capsys):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "a.mp4").write_bytes(b"\x00" * 100)
+    one_line_error(main_in_process(capsys, "run", str(tmp_path / "videos"), "--ask", "what ?"),
+                   "use `batch` for a folder of videos")
+    from stream.commands.run import _check_folder
+
+    (tmp_path / "videos" / "frame_0001.png").write_bytes(b"")  # with images it is a video of images
+    _check_folder(tmp_path / "videos")
+
+
+def test_ctrl_c_during_run_saves_state_and_says_so_in_one_line(tmp_path):
+    import signal
+
+    from stream.sources import write_video
+    from stream.synthetic import make_video
+
+    video = make_video(3_100_002, frames=256)
+    clip = write_video(tmp_path / "clip.mp4", video.frames, video.fps)
+    state = tmp_path / "state"
+    run = subprocess.Popen([console_script(), "run", str(clip), "--ask", "what digit is on screen now ?",
+                            "--state", str(state)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           cwd=ROOT, env=cli_env())
+    try:
+        for line in run.stdout:  # the first chunk folded: interrupt while the next one folds
+            if "frames" in line and "chunk 0:" in line:
+                break
+        run.send_signal(signal.SIGINT)
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("emloc-stream run: interrupted: ") and f"state saved in {state}" in lines[0], err
+    assert (state / "manifest.json").exists()
+    import json
+
+    assert json.loads((state / "manifest.json").read_text())["stream"]["last_time"] >= 31.5
+
+
+def test_batch_questions_file_with_bad_lines_is_refused_listing_each(tmp_path, capsys):
+    (tmp_path / "v.mp4").write_bytes(b"\x00" * 100)  # never opened: the file is refused first
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"id": "a", "question": "what digit is on screen now ?"}\n{broken\n\n'
+                         '{"id": "a", "question": "again ?"}\n{"question": "x", "colour": 1}\n'
+                         '{"id": "b", "question": "x", "at": -1}\n[1]\n')
+    result = main_in_process(capsys, "batch", str(tmp_path / "v.mp4"), "--questions", str(questions), "--out",
+                             str(tmp_path / "o"))
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    err = result.stderr
+    assert "5 bad line(s), nothing was run" in err
+    for number, why in [(2, "Expecting property name"), (4, "duplicate id 'a'"), (5, "unknown field"),
+                        (6, "'at' must be"), (7, "each line must be a JSON object")]:
+        assert f"line {number}: {why}" in err, err
+    assert "line 1:" not in err and not (tmp_path / "o").exists()
+
+
+def test_batch_ask_goes_to_every_video_and_unknown_videos_are_reported(tmp_path):
+    import json
+
+    from stream.sources import write_video
+    from stream.synthetic import make_video
+
+    folder = tmp_path / "videos"
+    for seed in (3_100_004, 3_100_005):
+        video = make_video(seed, frames=64)
+        write_video(folder / f"v{seed}.mp4", video.frames, video.fps)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"id": "only", "question": "what colour was the triangle ?", "video": "v3100004.mp4"}\n'
+                         '{"id": "lost", "question": "what colour was the triangle ?", "video": "v9.mp4"}\n')
+    out = tmp_path / "answers.jsonl"
+    result = run_cli("batch", str(folder), "--questions", str(questions), "--ask", "what digit is on screen now ?",
+                     "--out", str(out), "--max-new-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    assert "question 'lost' names video 'v9.mp4', which is not in this batch; not asked" in result.stderr
+    pairs = sorted((Path(a["stream_id"]).name, a["question_id"]) for a in map(json.loads, out.read_text().splitlines()))
+    assert pairs == [("v3100004.mp4", "ask1"), ("v3100004.mp4", "only"), ("v3100005.mp4", "ask1")]
+    assert "[1/2] " in result.stdout and "64 frames, 100%, 1 chunks folded" in result.stdout  # within a video
+    again = run_cli("batch", str(folder), "--questions", str(questions), "--ask", "what digit is on screen now ?",
+                    "--out", str(out))
+    assert again.stdout.count("already answered, skipped") == 2
+
+
+def test_every_option_of_every_command_is_documented(capsys):
+    from stream.cli import main
+
+    for command in ("demo", "run", "batch", "live", "serve"):
+        with pytest.raises(SystemExit) as exit:
+            main([command, "--help"])
+        assert exit.value.code == 0
+        options = capsys.readouterr().out.split("options:")[1]
+        entries = [e for e in options.split("\n  -") if e.strip()]
+        for entry in entries:
+            name = entry.split()[0]
+            if name.startswith("h,") or name == "-help":
+                continue
+            words = entry.replace("\n", " ").split()
+            assert len(words) > 2, f"{command} {name}: no help text"
+
+
+def test_every_config_binds_to_the_shipped_model_or_names_the_mismatch():
+    """Configs in configs/: those for the shipped model bind to it; those for Qwen2-VL-7B's 28 layers fail
+    against it in one line naming the setting, and bind to 28 layers."""
+    from emloc import SettingsError
+    from stream.commands.common import DEFAULT_MODEL, build_model
+
+    works, for_7b = [], []
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        config = load_config(path)
+        try:
+            build_model(config, str(DEFAULT_MODEL), True)
+            works.append(path.name)
+        except SettingsError as error:
+            assert "layer_group_size" in str(error) and "4 decoder layers" in str(error)
+            config.emloc.check_against(28, 2)
+            for_7b.append(path.name)
+    assert {"site.local.yaml", "layer_wise.yaml"} <= set(works)
+    assert {"videomme_online.yaml", "reference_code.yaml", "site.example.yaml"} == set(for_7b)
+
+
+def test_local_site_config_runs_as_is(tmp_path):
+    result = run_cli("serve", "--config", str(ROOT / "configs" / "site.local.yaml"), "--duration", "2",
+                     "--status-every", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "stopped front:" in result.stdout and "stopped back:" in result.stdout
+    assert (tmp_path / "state" / "front").is_dir() and "Traceback" not in result.stderr

@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -112,3 +113,84 @@ def test_image_folder_is_a_stream(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(VideoError, match="no images"):
         ImageFolder(tmp_path / "empty")
+
+
+@ffmpeg
+def test_rotation_metadata_is_applied_as_ffmpeg_shows_it(tmp_path):
+    """A phone video (display matrix: turn 90 degrees) comes out upright from every reader, as FFmpeg itself
+    shows it: PyAV turns it; decord 0.6 cannot read such a file (its frames come out the wrong size), so
+    `auto` falls back to PyAV; a live source turns it too."""
+    from stream.live import LiveSource
+
+    plain, turned = tmp_path / "plain.mp4", tmp_path / "turned.mp4"
+    run_ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=10:duration=1", "-pix_fmt", "yuv420p", str(plain))
+    try:  # FFmpeg 6+: an input option; before it, the muxer turned the "rotate" tag into the display matrix
+        run_ffmpeg("-display_rotation", "90", "-i", str(plain), "-c", "copy", str(turned))
+    except subprocess.CalledProcessError:
+        run_ffmpeg("-i", str(plain), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(turned))
+    shown = subprocess.run(["ffmpeg", "-v", "error", "-i", str(turned), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                           capture_output=True, check=True).stdout  # FFmpeg turns it by default
+    reference = np.frombuffer(shown, np.uint8).reshape(-1, 64, 48, 3).astype(int)
+    assert len(reference) == 10
+
+    def close(frames):
+        got = np.stack([f.image for f in frames]).astype(int)
+        return got.shape == reference.shape and np.abs(got - reference).mean() < 2
+
+    assert close(list(VideoFile(turned, backend="av").frames()))
+    source = VideoFile(turned)
+    assert close(list(source.frames()))
+    try:
+        assert close(list(VideoFile(turned, backend="decord").frames())), "decord reads it, but not upright"
+    except VideoError:
+        assert source.used == "av"
+    assert not close(list(VideoFile(plain, backend="av").frames()))  # the reference really is turned
+    live = LiveSource(str(turned), fps=10, buffer=64, backoff=(5.0, 5.0)).start()
+    try:
+        frames = [f for f in iter(lambda: live.get(1.0), None)][:10]
+    finally:
+        live.stop()
+    assert close(frames)
+
+
+@ffmpeg
+def test_audio_only_file_says_no_video_stream(tmp_path):
+    audio = tmp_path / "talk.m4a"
+    run_ffmpeg("-f", "lavfi", "-i", "sine=duration=1", str(audio))
+    with pytest.raises(VideoError, match=r"talk.m4a: no video stream \(audio only\)$"):
+        list(VideoFile(audio).frames())
+
+
+def test_decoder_noise_is_silenced_our_message_stays(tmp_path, capfd):
+    """FFmpeg's and decord's own log lines ("moov atom not found", "[time] /their/build/path.cc:83: ERROR")
+    are not printed; the error names the file and what is wrong, once."""
+    video = make_video(2, frames=32)
+    good = write_video(tmp_path / "good.mp4", video.frames, fps=2)
+    for name, data in [("cut.mp4", good.read_bytes()[: good.stat().st_size // 3]), ("junk.mp4", b"junk" * 500)]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(VideoError) as error:
+            list(VideoFile(tmp_path / name).frames())
+        message = str(error.value)
+        assert message.startswith(f"{tmp_path / name}: cannot decode video") and ".cc:" not in message
+        assert "Errno" not in message and "\n" not in message
+    out, err = capfd.readouterr()
+    assert err == "" and out == "", (out, err)
+
+
+def test_live_source_that_sends_nothing_says_so():
+    import socket
+
+    from stream.live import LiveSource
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"udp://127.0.0.1:{port}"
+    source = LiveSource(url, open_timeout=0.5, read_timeout=0.5, backoff=(5.0, 5.0)).start()
+    try:
+        deadline = time.time() + 10
+        while source.state != "reconnecting" and time.time() < deadline:
+            time.sleep(0.05)
+        assert source.last_error == f"no data from {url} for 0.5 s"
+    finally:
+        source.stop()

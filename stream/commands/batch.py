@@ -14,7 +14,8 @@ from .common import build_model, config_from, load_questions
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".ts", ".m4v", ".flv", ".mpg", ".mpeg"}
 
 
-def _batch_videos(source: str) -> list[Path]:
+def _batch_videos(source: str) -> tuple[list[Path], Path]:
+    """The videos, and the folder their names in a questions file are relative to."""
     path = Path(source)
     if path.is_dir():
         videos = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
@@ -22,13 +23,44 @@ def _batch_videos(source: str) -> list[Path]:
             f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir()))
         if not videos:
             raise InputError(f"{path}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))}) or image folders")
-        return videos
+        return videos, path
     if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
-        return [path]
+        return [path], path.parent
     if path.is_file():  # a list: one video path per line, relative to the list's folder
-        lines = [line.strip() for line in path.read_text().splitlines()]
-        return [(path.parent / line) for line in lines if line and not line.startswith("#")]
+        try:
+            lines = [line.strip() for line in path.read_text().splitlines()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise InputError(f"{path}: cannot read the list of videos: {error}") from error
+        return [(path.parent / line) for line in lines if line and not line.startswith("#")], path.parent
     raise InputError(f"{path}: not a folder, a video file or a list of videos")
+
+
+def _names(path: Path, root: Path) -> set[str]:
+    """What a question's "video" may say to mean this video: its file name or its path."""
+    names = {path.name, str(path)}
+    try:
+        names.add(str(path.relative_to(root)))
+    except ValueError:
+        pass
+    return names
+
+
+def _questions(args: argparse.Namespace) -> list:
+    from ..questions import BadQuestion, Question
+
+    questions = load_questions(args.questions) if args.questions else []
+    taken = {q.id for q in questions}
+    for i, text in enumerate(args.ask or [], 1):
+        qid = f"ask{i}"
+        if qid in taken:
+            raise InputError(f"--ask question {i} would be id {qid!r}, which {args.questions} already uses")
+        try:
+            questions.append(Question(qid, text, origin="cli"))
+        except BadQuestion as error:
+            raise InputError(f"--ask {text!r}: {error}") from error
+    if not questions:
+        raise InputError("give the questions: --questions FILE and/or --ask QUESTION (asked of every video)")
+    return questions
 
 
 def batch(args: argparse.Namespace) -> int:
@@ -38,47 +70,93 @@ def batch(args: argparse.Namespace) -> int:
     from ..runtime import StreamRunner
 
     config, given = config_from(args)
-    videos = _batch_videos(args.videos)
-    questions = load_questions(args.questions)
+    videos, root = _batch_videos(args.videos)
+    questions = _questions(args)
+    names = {path: _names(path, root) for path in videos}
+    known = set().union(*names.values())
+    unmatched = [q for q in questions if q.meta.get("video") is not None and q.meta["video"] not in known]
+    for q in unmatched:
+        print(f"emloc-stream batch: question {q.id!r} names video {q.meta['video']!r}, which is not in this batch; "
+              f"not asked", file=sys.stderr, flush=True)
     done = {(a["stream_id"], a["question_id"]) for a in read_answers(args.out)}
     adapter, settings, label = build_model(config, args.model, given)
-    print(f"emloc-stream batch: {len(videos)} videos, {len(questions)} questions; {label}", flush=True)
+    aware = not args.no_query_aware
+    print(f"emloc-stream batch: {len(videos)} videos, {len(questions)} questions; {label}; observers: "
+          + ("the questions (--no-query-aware: the probe prompt)" if aware else "the probe prompt"), flush=True)
     sinks = [JsonLinesSink(args.out), ConsoleSink()]
     failed = 0
     try:
         for i, path in enumerate(videos, 1):
-            stream_id = str(path)
-            todo = [q for q in questions if q.meta.get("video") in (None, path.name, str(path))
-                    and (stream_id, q.id) not in done]
-            if not todo:
-                print(f"[{i}/{len(videos)}] {path}: already answered, skipped", flush=True)
+            stream_id, tag = str(path), f"[{i}/{len(videos)}] {path}"
+            mine = [q for q in questions if q.meta.get("video") is None or q.meta["video"] in names[path]]
+            todo = [q for q in mine if (stream_id, q.id) not in done]
+            if not mine:
+                print(f"{tag}: no question names this video, skipped", flush=True)
                 continue
-            context = StreamContext(adapter, settings=settings)
-            queue = QuestionQueue(max_waiting=max(len(todo), 1))
-            for q in todo:
+            if not todo:
+                print(f"{tag}: already answered, skipped", flush=True)
+                continue
+            scheduled = [q for q in todo if q.at is not None]
+            queue = QuestionQueue(max_waiting=max(len(scheduled), 1))
+            for q in scheduled:
                 queue.submit(q)
-            runner = StreamRunner(stream_id, context, queue, sinks, max_new_tokens=args.max_new_tokens)
             try:
-                for frame in open_source(path).frames(fps=config.model.fps):
+                source = open_source(path)
+                duration = source.duration()
+            except VideoError as error:
+                failed += 1
+                print(f"{tag}: error: {error}; its questions stay unanswered, a rerun retries it", file=sys.stderr,
+                      flush=True)
+                continue
+            runner = StreamRunner(stream_id, StreamContext(adapter, settings=settings), queue, sinks,
+                                  max_new_tokens=args.max_new_tokens,
+                                  on_fold=_progress(tag, duration, config.model.fps),
+                                  at_end=[q for q in todo if q.at is None], observe_questions=aware)
+            try:
+                for frame in source.frames(fps=config.model.fps):
                     runner.feed(frame)
             except VideoError as error:
                 failed += 1
-                print(f"[{i}/{len(videos)}] error: {error}; its questions stay unanswered, a rerun retries it",
+                print(f"{tag}: error: {error}; its questions stay unanswered, a rerun retries it",
                       file=sys.stderr, flush=True)
                 continue
             runner.finish()
-            print(f"[{i}/{len(videos)}] {path}: {runner.status.frames_seen} frames, "
-                  f"{runner.status.chunks_folded} chunks, {runner.status.answers} answers", flush=True)
+            print(f"{tag}: {runner.status.frames_seen} frames, {runner.status.chunks_folded} chunks, "
+                  f"{runner.status.answers} answers", flush=True)
     finally:
         for sink in sinks:
             sink.close()
     return 1 if failed else 0
 
 
+def _progress(tag: str, duration: float | None, fps: float):
+    """One line a folded chunk: frames so far and how far through the video (a frame covers 1/fps s)."""
+    def show(runner) -> None:
+        status = runner.status
+        done = (f", {min(100.0, 100 * (status.stream_time + 1 / fps) / duration):.0f}%"
+                if duration and status.stream_time is not None else "")
+        print(f"{tag}: {status.frames_seen} frames{done}, {status.chunks_folded} chunks folded, "
+              f"{status.cache_tokens} tokens/layer", flush=True)
+    return show
+
+
 def register(commands, common) -> None:
-    p = commands.add_parser("batch", help="answer questions about many videos, resumable")
+    p = commands.add_parser(
+        "batch", help="answer questions about many videos, resumable",
+        description="Answers a file of questions about many recorded videos. A question without \"at\" is "
+        "answered when "
+        "its video ends, over the whole video; one with \"at\": SECONDS when the video gets there (at its end"
+        " if it is shorter). The questions are known before the videos, so they guide the pruning (--no-"
+        "query-aware: the probe prompt does, as for a live stream). A questions file with any bad line is "
+        "refused before any video is read, every bad line listed: fixing it then costs nothing, running only "
+        "the good lines would cost another pass over every video later. A question naming a video not in the "
+        "batch is reported. --ask questions are asked of every video. Answers already in --out are skipped, "
+        "so an interrupted batch resumes.")
     common(p)
     p.add_argument("videos", help="a folder of videos, one video, or a text file listing videos")
-    p.add_argument("--questions", required=True, help='JSON Lines: {"id", "question", optional "video", "at"}')
+    p.add_argument("--questions", help='JSON Lines: {"id", "question", optional "video", "at", "expected"}; '
+                   '"video" (a file name or a path relative to the folder) limits it to that video')
+    p.add_argument("--no-query-aware", action="store_true",
+                   help="prune guided by the probe prompt, not by the questions")
     p.add_argument("--out", required=True, type=Path, help="answers, JSON Lines; answered pairs are skipped")
     p.set_defaults(run=batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -40,7 +41,13 @@ def build_model(config: Config, model: str | None, settings_given: bool) -> tupl
 
         if Path(name) == DEFAULT_MODEL and not DEFAULT_MODEL.is_dir():
             raise InputError(f"the shipped model is missing at {DEFAULT_MODEL}; pass --model PATH_OR_ID")
-        adapter = load_adapter(name, device=config.model.device, **options)
+        check_model(name)
+        try:
+            adapter = load_adapter(name, device=config.model.device, **options)
+        except OSError as error:  # transformers: not on the hub, hub unreachable, files missing
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InputError(f"model {name}: no such folder here, and it cannot be loaded from the hub: {first}") \
+                from error
         label = name if Path(name) != DEFAULT_MODEL else f"{DEFAULT_MODEL.relative_to(ROOT)} (shipped, trained here)"
     settings = config.emloc
     if not settings_given:  # the product default: the paper's online setting, plus the probe's own answer
@@ -49,6 +56,36 @@ def build_model(config: Config, model: str | None, settings_given: bool) -> tupl
                            probe_answer_tokens=DEFAULT_PROBE_ANSWER_TOKENS)
     settings.check_against(adapter.num_layers, adapter.temporal_patch)  # before any video is read
     return adapter, settings, f"{label}, {adapter.num_layers} layers; {describe(settings)}"
+
+
+def check_model(name: str) -> None:
+    """A model that cannot be one, named before any work: a missing folder, a file, a folder without config.json."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"model {name}: the folder has no config.json; it is not a checkpoint folder")
+        return
+    if path.exists():
+        raise InputError(f"model {name}: a file; give a checkpoint folder or a hub id")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name):  # not a hub id either
+        raise InputError(f"model {name}: no such folder")
+
+
+def check_state(folder: str | Path | None, option: str = "--state") -> None:
+    """A state folder that cannot be written, named before any work (the folder is created if missing)."""
+    if folder is None:
+        return
+    import tempfile
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{option} {folder}: a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise InputError(f"{option} {folder}: cannot write there: {error.strerror or error}") from error
 
 
 def config_from(args: argparse.Namespace) -> tuple[Config, bool]:
@@ -100,7 +137,12 @@ def footer(context: StreamContext) -> str:
 
 
 def load_questions(path: str | Path) -> list:
-    """A questions file: JSON Lines of {"id", "question", optional "video", "at", "expected"}."""
+    """A questions file: JSON Lines of {"id", "question", optional "video", "at", "expected"}.
+
+    A file with any bad line is refused as a whole, every bad line listed with its number: the
+    questions are known before any video is read, so fixing the file costs nothing now, while
+    running only the good lines would cost a second pass over every video for the rest later.
+    """
     import json
 
     from ..questions import BadQuestion, Question
@@ -108,9 +150,9 @@ def load_questions(path: str | Path) -> list:
     path = Path(path)
     try:
         lines = path.read_text().splitlines()
-    except OSError as error:
-        raise InputError(f"{path}: cannot read questions: {error.strerror or error}") from error
-    out, ids = [], set()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot read questions: {getattr(error, 'strerror', None) or error}") from error
+    out, ids, problems = [], set(), []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -121,16 +163,21 @@ def load_questions(path: str | Path) -> list:
             unknown = set(data) - {"id", "question", "video", "at", "expected"}
             if unknown:
                 raise BadQuestion(f"unknown field(s) {sorted(unknown)}")
-            qid = str(data.get("id", f"q{number}"))
+            qid = data.get("id", f"q{number}")
+            if not isinstance(qid, (str, int)) or isinstance(qid, bool):
+                raise BadQuestion(f"'id' must be a string or an integer, got {type(qid).__name__}")
+            qid = str(qid)
             if qid in ids:
                 raise BadQuestion(f"duplicate id {qid!r}")
-            ids.add(qid)
+            if "video" in data and (not isinstance(data["video"], str) or not data["video"]):
+                raise BadQuestion("'video' must be a file name or path")
             meta = {k: data[k] for k in ("video", "expected") if k in data}
             out.append(Question(qid, data.get("question"), at=data.get("at"), origin="file", meta=meta))
+            ids.add(qid)
         except (json.JSONDecodeError, BadQuestion) as error:
-            raise InputError(f"{path}:{number}: {error}") from error
+            problems.append(f"  line {number}: {error}")
+    if problems:
+        raise InputError(f"{path}: {len(problems)} bad line(s), nothing was run:\n" + "\n".join(problems))
     if not out:
         raise InputError(f"{path}: no questions")
     return out
-
-

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..config import Config, ConfigError, load_config
-from .common import build_model, config_from, load_questions
+from .common import build_model, check_state, config_from, load_questions
 
 
 def live(args: argparse.Namespace) -> int:
@@ -47,6 +47,8 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
         check_bind(args.http, args.http_token)
     if getattr(args, "ha_discovery", False) and mqtt is None:
         raise ConfigError("--ha-discovery publishes to MQTT: give --mqtt HOST:PORT (or mqtt: in the config)")
+    for spec in specs:
+        check_state(spec.state, f"stream {spec.id}: state" if len(specs) > 1 else "--state")
     adapter, settings, label = build_model(config, args.model, given)
     print(f"emloc-stream: {len(specs)} stream(s) [{', '.join(s.id for s in specs)}]; {label}", flush=True)
     streams = [LiveStream(spec, adapter, settings, fps=config.model.fps, mqtt=mqtt,
@@ -119,9 +121,9 @@ def register(commands, common) -> None:
     p.add_argument("--questions", help='JSON Lines of {"id", "question", optional "at"} to ask this stream')
     p.add_argument("--jsonl", type=Path, help="also append answers to this JSON Lines file")
     p.add_argument("--mqtt", help="broker HOST:PORT: questions on emloc/<stream>/ask, answers, errors, status")
-    p.add_argument("--mqtt-user")
-    p.add_argument("--mqtt-password")
-    p.add_argument("--mqtt-tls", action="store_true")
+    p.add_argument("--mqtt-user", help="user name for the broker")
+    p.add_argument("--mqtt-password", help="password for the broker")
+    p.add_argument("--mqtt-tls", action="store_true", help="connect to the broker over TLS")
     p.add_argument("--mqtt-ca", help="CA file for the broker's TLS certificate (implies --mqtt-tls)")
     p.add_argument("--status-every", type=float, default=5.0, help="seconds between status reports")
     p.add_argument("--buffer", type=int, default=16, help="sampled frames held while folding; older ones drop")
@@ -136,11 +138,23 @@ def register(commands, common) -> None:
     add_web_options(p)
     p.set_defaults(run=live)
 
-    p = commands.add_parser("serve", help="serve the live streams a config lists, sharing one model")
-    p.add_argument("--config", required=True, help="YAML with streams: [{id, source, ...}] and optional mqtt:")
-    p.add_argument("--model", help="overrides model.path of the config")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--status-every", type=float, default=5.0)
-    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p = commands.add_parser(
+        "serve", help="serve the live streams a config lists, sharing one model",
+        description="Serves every stream a config lists (see configs/site.local.yaml, which runs with the "
+        "shipped model, and configs/site.example.yaml): one model, one compressed cache per stream. A stream "
+        "has an id and a source (a URL or device, with an optional FFmpeg format), and optionally questions "
+        "(ask: answered once its first chunk is folded; standing: re-answered every `every` chunks), a "
+        "jsonl file for its answers, a state folder (saved every save_every chunks and on exit, resumed on "
+        "restart), a frame buffer and a limit of waiting questions. With an mqtt section, questions are taken "
+        "on <prefix>/<id>/ask and answers, errors and status published beside it. Ctrl-C (or SIGTERM) "
+        "finishes cleanly: the fold under way completes, waiting questions are answered, state is saved.")
+    p.add_argument("--config", required=True,
+                   help="YAML config: emloc and model settings, streams: [{id, source, ...}] and optional mqtt:")
+    p.add_argument("--model", help="checkpoint folder or hub id; overrides model.path of the config (default: "
+                   "the config's, else the shipped models/emloc-tiny-qwen2vl)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer in tokens (default 16)")
+    p.add_argument("--status-every", type=float, default=5.0,
+                   help="seconds between status reports, on stderr and emloc/<id>/status (default 5)")
+    p.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
     add_web_options(p)
     p.set_defaults(run=serve_config, budget=None)

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from emloc import InputError, StreamContext
 
 from ..offline import answer_video
-from ..sources import open_source
+from ..sources import IMAGE_SUFFIXES, open_source
 from ..state import StateError
-from .common import build_model, config_from, deliver, footer, progress_printer
+from .common import build_model, check_state, config_from, deliver, footer, progress_printer
+
+
+def _check_folder(path: Path) -> None:
+    """A folder of images is one video; a folder of videos is `batch`'s job."""
+    from .batch import VIDEO_SUFFIXES
+
+    if path.is_dir() and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
+        if any(p.suffix.lower() in VIDEO_SUFFIXES for p in path.rglob("*")):
+            raise InputError(f"{path}: a folder of videos; `run` takes one video (or a folder of images): "
+                             f"use `batch` for a folder of videos")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("give at least one question with --ask")
     from ..state import has_state, load_state, save_state
 
+    _check_folder(Path(args.video))
+    check_state(args.state)
     source = open_source(args.video, args.image_fps)
     adapter, settings, label = build_model(config, args.model, given)
     context = StreamContext(adapter, settings=settings)
@@ -39,16 +52,31 @@ def run(args: argparse.Namespace) -> int:
     progress = progress_printer(None, source.duration())
 
     def on_fold(record) -> None:
-        progress(record)
         if args.state and context.chunks_folded % args.save_every == 0:
             save_state(args.state, context, dict(video=video_id, last_time=record.time_span[1],
                                                  query_aware=args.query_aware))
+        progress(record)
 
-    answers = answer_video(context, frames, args.ask, query_aware=args.query_aware,
-                           max_new_tokens=args.max_new_tokens, on_fold=on_fold)
-    if args.state and context.records and context.chunks_folded % args.save_every:  # else the last fold saved
-        save_state(args.state, context, dict(video=video_id, last_time=context.records[-1].time_span[1],
-                                             query_aware=args.query_aware))
+    def save_last(always: bool = False) -> None:
+        if args.state and context.records and (always or context.chunks_folded % args.save_every):
+            save_state(args.state, context, dict(video=video_id, last_time=context.records[-1].time_span[1],
+                                                 query_aware=args.query_aware))
+
+    try:
+        answers = answer_video(context, frames, args.ask, query_aware=args.query_aware,
+                               max_new_tokens=args.max_new_tokens, on_fold=on_fold)
+    except KeyboardInterrupt:  # a fold cut short leaves the cache as the last whole fold left it
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the save short
+        save_last(always=True)  # the interrupt may have cut the last fold's save short
+        folded = f"{context.chunks_folded} chunks folded, up to {context.records[-1].time_span[1]:.1f} s" \
+            if context.records else "nothing folded yet"
+        saved = (f"; state saved in {args.state}, the same command resumes" if args.state and context.records
+                 else "")
+        print(f"emloc-stream run: interrupted: {folded}{saved}", file=sys.stderr, flush=True)
+        return 130
+    save_last()
     deliver(context, Path(args.video).name, args.ask, answers)
     print(footer(context))
     return 0
