@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--task", choices=sorted(TASKS), default="synthetic",
-                        help="synthetic: stream/synthetic.py (56x56, four questions); camera: stream/synthetic_camera.py")
+                        help="synthetic: stream/synthetic.py (56x56, four questions); "
+                        "camera: stream/synthetic_camera.py")
     parser.add_argument("--minutes", type=float, default=58.0, help="wall-clock budget for training")
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128, 256],
                         help="curriculum of video lengths (frames)")

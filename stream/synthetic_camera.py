@@ -107,7 +107,7 @@ def clip_folder() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_clip(name: str) -> np.ndarray:
     """(T, h, w, 3) uint8: every frame of a sample clip, short side scaled to CLIP_SIDE."""
     import av
