@@ -151,3 +151,19 @@ def test_camera_model_answers_with_full_context(tmp_path):
     assert sum(accuracy.values()) / len(accuracy) >= MIN_MEAN, accuracy
     for kind, floor in MIN_PER_KIND.items():
         assert accuracy[kind] >= floor, accuracy
+
+
+@pytest.mark.skipif(not MODEL.is_dir(), reason="no camera model")
+def test_demo_runs_the_camera_suite_with_its_model():
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "stream", "demo", "--suite", "camera", "--frames", "32", "--seed", "9",
+                          "--max-new-tokens", "3"], capture_output=True, text=True, timeout=300, env=os.environ)
+    assert out.returncode == 0, out.stderr
+    assert "emloc-tiny-camera" in out.stdout and "112x112" in out.stdout
+    video = make_video(9, frames=32)
+    for question in video.questions:  # the suite's five questions, with its ground truth
+        at = out.stdout.index(f"Q: {question.text}")
+        assert f"(expected: {question.answer})" in out.stdout[at:].split("Q: ")[1]
