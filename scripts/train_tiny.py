@@ -1,6 +1,12 @@
 """Train the offline default model: a small Qwen2-VL (the real classes) on the synthetic task.
 
     python scripts/train_tiny.py --out models/emloc-tiny-qwen2vl        # about 60 minutes on 2 CPU cores
+    python scripts/train_tiny.py --task camera --init models/emloc-tiny-qwen2vl --out models/emloc-tiny-camera ...
+
+--task synthetic (the default) is the task of stream/synthetic.py, the recipe of
+models/emloc-tiny-qwen2vl; --task camera the camera-like suite of stream/synthetic_camera.py
+(112x112 frames over real footage, five question types), the recipe of models/emloc-tiny-camera
+(see its model card for the exact command).
 
 Recipe (see the model card the script writes): random init, AdamW with warm-up and cosine
 decay, loss on the answer token only, a curriculum over video length that moves on only
@@ -28,10 +34,12 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration  # noqa:
 
 from emloc.adapters.qwen_vl import QwenVLAdapter  # noqa: E402
 from emloc.tiny import WORDS, tiny_tokenizer  # noqa: E402
-from stream.synthetic import COLOURS, COUNT_WORDS, PROBE, QUESTION_TYPES, make_video  # noqa: E402
+from stream import synthetic, synthetic_camera  # noqa: E402
+from stream.synthetic import COLOURS, COUNT_WORDS, PROBE  # noqa: E402
 
 SYSTEM = "You are a helpful assistant."
 TRAIN_SEEDS = 10_000_000  # training videos use seeds from here upwards; evaluation uses 1_000_000+
+TASKS = {"synthetic": synthetic, "camera": synthetic_camera}
 
 
 def build_model(tokenizer, args) -> Qwen2VLForConditionalGeneration:
@@ -67,8 +75,9 @@ class Batcher:
     ends with its answer token, which must be followed by <|im_end|>, so the model stops.
     """
 
-    def __init__(self, model, tokenizer, describe: bool = False) -> None:
+    def __init__(self, model, tokenizer, describe: bool = False, task=synthetic) -> None:
         self.describe = describe
+        self.task = task
         self.adapter = QwenVLAdapter(model, tokenizer)
         self.tokenizer = tokenizer
         self.preamble = self.adapter.preamble_ids(SYSTEM)
@@ -92,21 +101,22 @@ class Batcher:
                     video_grid_thw=grids, cell_labels=labels), targets, where, kinds
 
     def _sample(self, seed: int, frames: int, mid: bool):
-        video = make_video(seed, frames=frames)
+        video = self.task.make_video(seed, frames=frames)
         pixels = self.adapter.preprocess(video.frames)
         steps, per_step = pixels.grid_thw[0], pixels.pixel_values.shape[0] // 4 // pixels.grid_thw[0]
         start = len(self.preamble)
         video_pos = self.adapter.video_positions(start, 0, pixels)
         pieces = [self.preamble, torch.full((steps * per_step,), self.video_token)]
         positions = [self.adapter.text_positions(0, start), video_pos]
-        branches = [(kind, video.question(kind).text, video.question(kind).answer, steps) for kind in QUESTION_TYPES]
+        branches = [(kind, video.question(kind).text, video.question(kind).answer, steps)
+                    for kind in self.task.QUESTION_TYPES]
         if mid:
             for shape in ("square", "circle"):
                 colour = next(e.colour for e in video.events if e.shape == shape)
                 branches.append((f"colour:{shape}", f"what colour was the {shape} ?", colour, steps))
             rng = np.random.default_rng(seed + 1)
             cut = int(rng.integers(max(2, steps // 4), steps))
-            stars = sum(1 for e in video.events if e.shape == "star" and e.step < cut)
+            stars = sum(1 for e in video.events if e.shape == "star" and _start(e) < cut)
             digit = [d for s, d in video.digits if s < cut][-1]
             branches += [("count@cut", video.question("count").text, COUNT_WORDS[stars], cut),
                          ("state@cut", video.question("state").text, COUNT_WORDS[digit], cut)]
@@ -128,12 +138,28 @@ class Batcher:
             length += len(q)
         mask = torch.zeros(length, length, dtype=torch.bool)
         context = start + steps * per_step
-        mask[:context, :context] = torch.ones(context, context).tril().bool()
+        mask[:context, :context] = _causal(context)
         for lo, hi, cut in spans:
             mask[lo:hi, :start + cut * per_step] = True
-            mask[lo:hi, lo:hi] = torch.ones(hi - lo, hi - lo).tril().bool()
+            mask[lo:hi, lo:hi] = _causal(hi - lo)
+        labels = (camera_cell_labels if self.task is synthetic_camera else cell_labels)(video, steps, per_step)
         return (torch.cat(pieces), torch.cat(positions, dim=1), mask, pixels.pixel_values, pixels.grid_thw,
-                heads, rest, [b[0] for b in branches], cell_labels(video, steps, per_step))
+                heads, rest, [b[0] for b in branches], labels)
+
+
+_CAUSAL = torch.ones(1, 1, dtype=torch.bool)
+
+
+def _causal(n: int) -> torch.Tensor:
+    """(n, n) lower-triangular boolean mask, sliced from one built once (tril is slow to rebuild each time)."""
+    global _CAUSAL
+    if len(_CAUSAL) < n:
+        _CAUSAL = torch.ones(2 * n, 2 * n, dtype=torch.bool).tril()
+    return _CAUSAL[:n, :n]
+
+
+def _start(event) -> int:
+    return event.start if hasattr(event, "start") else event.step
 
 
 SHAPES = ["none", "triangle", "square", "circle", "star", "display"]
@@ -159,22 +185,86 @@ def cell_labels(video, steps: int, per_step: int) -> torch.Tensor:
     return labels.reshape(-1, 5)
 
 
+CAMERA_SHAPES = SHAPES + ["distractor"]
+
+
+def camera_cell_labels(video, steps: int, per_step: int, cover: float = 0.25) -> torch.Tensor:
+    """(steps * per_step, 6) labels of each vision token of the camera suite: shape, colour, digit of what
+    covers at least `cover` of its 28 x 28 cell (-100 where something covers less, ignored), whether the
+    square / the circle appeared at an earlier step, and how many stars have appeared so far (0..4)."""
+    owner = torch.from_numpy(video.owner.astype(np.int64))  # (steps, H, W)
+    side = int(round(per_step ** 0.5))
+    cell = owner.shape[1] // side
+    objects = list(video.events) + list(video.distractors)
+    owners = 2 + len(objects)
+    slot = torch.arange(steps * per_step).reshape(steps, side, 1, side, 1) * owners
+    counts = torch.bincount((slot + owner.reshape(steps, side, cell, side, cell)).flatten(),
+                            minlength=steps * per_step * owners)
+    share = counts.reshape(steps, per_step, owners).float() / cell ** 2  # (steps, cells, owners)
+    covered, top = share[..., 1:].max(-1)
+    top = top + 1
+    labels = torch.zeros(steps, per_step, 6, dtype=torch.long)
+    labels[..., 2] = -100
+    colours = list(COLOURS)
+    shape_of = ([0, CAMERA_SHAPES.index("display")] + [CAMERA_SHAPES.index(e.shape) for e in video.events]
+                + [CAMERA_SHAPES.index("distractor")] * len(video.distractors))
+    colour_of = [0, 0] + [1 + colours.index(o.colour) for o in objects]
+    shape_of, colour_of = torch.tensor(shape_of), torch.tensor(colour_of)
+    strong, weak = covered >= cover, (covered > 0) & (covered < cover)
+    labels[..., 0] = torch.where(strong, shape_of[top], 0)
+    labels[..., 1] = torch.where(strong, colour_of[top], 0)
+    labels[..., 0][weak] = -100
+    labels[..., 1][weak] = -100
+    digit = torch.zeros(steps, dtype=torch.long)
+    for start, d in video.digits:
+        digit[start:] = d
+    labels[:, 0, 2] = digit  # the display covers the first cell whole
+    for event in video.events:
+        if event.shape in ("square", "circle"):
+            labels[event.start + 1:, :, 3 if event.shape == "square" else 4] = 1
+        else:
+            labels[event.start:, :, 5] += event.shape == "star"
+    return labels.reshape(-1, 6)
+
+
 class CellProbe(torch.nn.Module):
     """Training-only linear probes on vision tokens: dense supervision that makes features form
     quickly. Shape, colour and digit are read from the vision tower's output; "was the square /
     circle shown earlier" from the decoder's middle layer, where attention to earlier tokens can
     have written it (without it, the order question stayed at chance). Not part of the saved model."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, shapes: int = len(SHAPES), middle: tuple[int, ...] = (2, 2)) -> None:
         super().__init__()
-        self.heads = torch.nn.ModuleList([torch.nn.Linear(hidden, n) for n in (len(SHAPES), 1 + len(COLOURS), 10)])
-        self.seen = torch.nn.ModuleList([torch.nn.Linear(hidden, 2) for _ in range(2)])
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(hidden, n) for n in (shapes, 1 + len(COLOURS), 10)])
+        self.seen = torch.nn.ModuleList([torch.nn.Linear(hidden, n) for n in middle])
 
     def loss(self, vision: torch.Tensor, middle: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         heads = [(head, vision, i) for i, head in enumerate(self.heads)]
         heads += [(head, middle, 3 + i) for i, head in enumerate(self.seen)]
         losses = [F.cross_entropy(head(x).float(), labels[:, i], ignore_index=-100) for head, x, i in heads]
         return sum(losses) / len(losses)
+
+
+def batched_vision_attention(model) -> None:
+    """Training speed-up, same arithmetic: the library's vision attention without flash-attn runs one
+    attention call per frame pair (cu_seqlens split); when every frame pair has the same number of
+    patches (always, within one video size) this runs them as one batched call instead."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    def attend(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        if not bool((lengths == lengths[0]).all()):
+            return type(self).forward(self, hidden_states, cu_seqlens, position_embeddings, **kwargs)
+        seq = hidden_states.shape[0]
+        q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+        n, size = len(lengths), int(lengths[0])
+        q, k, v = (x.reshape(n, size, self.num_heads, -1).transpose(1, 2) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+        return self.proj(out.transpose(1, 2).reshape(seq, -1))
+
+    for block in model.model.visual.blocks:
+        block.attn.forward = attend.__get__(block.attn)
 
 
 def forward(model, inputs, where, probe: CellProbe | None = None):
@@ -201,9 +291,10 @@ def branch_logits(model, inputs, where):
 
 @torch.no_grad()
 def evaluate(model, batcher, frames: int, per_kind: int, batch: int) -> dict[str, float]:
-    """Accuracy of the four end-of-video questions on held-out seeds (never trained on)."""
+    """Accuracy of the end-of-video questions on held-out seeds (never trained on)."""
     model.eval()
-    n = len(QUESTION_TYPES)
+    kinds = batcher.task.QUESTION_TYPES
+    n = len(kinds)
     correct = torch.zeros(n)
     described = 0.0  # videos whose whole probe answer is right, token by token (teacher forced)
     seeds = [1_000_000 + i for i in range(per_kind)]
@@ -215,7 +306,7 @@ def evaluate(model, batcher, frames: int, per_kind: int, batch: int) -> dict[str
         if batcher.describe:  # columns: n + 1 heads, n stops, then the rest of the description
             described += float(torch.cat([hit[:, n:n + 1], hit[:, 2 * n + 1:]], dim=1).all(dim=1).sum())
     model.train()
-    scores = {kind: float(c) / per_kind for kind, c in zip(QUESTION_TYPES, correct)}
+    scores = {kind: float(c) / per_kind for kind, c in zip(kinds, correct)}
     if batcher.describe:
         scores["describe"] = described / per_kind
     return scores
@@ -224,6 +315,9 @@ def evaluate(model, batcher, frames: int, per_kind: int, batch: int) -> dict[str
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--task", choices=sorted(TASKS), default="synthetic",
+                        help="synthetic: stream/synthetic.py (56x56, four questions); "
+                        "camera: stream/synthetic_camera.py")
     parser.add_argument("--minutes", type=float, default=58.0, help="wall-clock budget for training")
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128, 256],
                         help="curriculum of video lengths (frames)")
@@ -236,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-per-kind", type=int, default=64)
+    parser.add_argument("--eval-minutes", type=float,
+                        help="also evaluate when this long has passed since the last evaluation (long videos)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
@@ -255,19 +351,25 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    tokenizer = tiny_tokenizer(WORDS)
+    task = TASKS[args.task]
+    camera = task is synthetic_camera
+    tokenizer = tiny_tokenizer(WORDS + list(synthetic_camera.WORDS) if camera else WORDS)
     model = build_model(tokenizer, args)
     if args.init:
         model = Qwen2VLForConditionalGeneration.from_pretrained(args.init)
         model.config._attn_implementation = "sdpa"
-    batcher = Batcher(model, tokenizer, describe=args.describe)
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):  # new words get new rows; old ids stay
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    batcher = Batcher(model, tokenizer, describe=args.describe, task=task)
+    batched_vision_attention(model)
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: {params / 1e6:.2f}M parameters; curriculum {args.lengths} frames", flush=True)
-    probe = CellProbe(args.hidden)
+    print(f"model: {params / 1e6:.2f}M parameters; task {args.task}; curriculum {args.lengths} frames", flush=True)
+    probe = CellProbe(args.hidden, len(CAMERA_SHAPES), (2, 2, 5)) if camera else CellProbe(args.hidden)
     optimizer = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=args.lr, weight_decay=0.01)
     budget_s = args.minutes * 60
     rng = np.random.default_rng(args.seed)
     stage, step, started = 0, 0, time.time()
+    cpu_started, last_eval = time.process_time(), time.time()
     stage_started = started
     perfect = 0
     best, history = None, []
@@ -289,7 +391,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        if step % args.eval_every == 0:
+        due = args.eval_minutes is not None and time.time() - last_eval > 60 * args.eval_minutes
+        if step % 10 == 0 and step % args.eval_every and not due:
+            print(f"step {step} {(time.time() - started) / 60:.1f} min frames {frames} loss {float(loss):.3f}",
+                  flush=True)
+        if step % args.eval_every == 0 or due:
+            last_eval = time.time()
             scores = evaluate(model, batcher, frames, args.eval_per_kind, args.batch)
             mean = sum(scores.values()) / len(scores)
             minutes = (time.time() - started) / 60
@@ -313,8 +420,10 @@ def main(argv: list[str] | None = None) -> None:
     total = (time.time() - started) / 60
     (args.out / "training.json").write_text(json.dumps(
         dict(args={k: str(v) for k, v in vars(args).items()}, parameters=params, steps=step,
-             minutes=round(total, 1), best=best, history=history), indent=2) + "\n")
-    print(f"done: {step} steps in {total:.1f} min; best {best}", flush=True)
+             minutes=round(total, 1), cpu_minutes=round((time.process_time() - cpu_started) / 60, 1), best=best,
+             history=history), indent=2) + "\n")
+    print(f"done: {step} steps in {total:.1f} min ({(time.process_time() - cpu_started) / 60:.1f} CPU min); "
+          f"best {best}", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from ..config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = ROOT / "models" / "emloc-tiny-qwen2vl"
+CAMERA_MODEL = ROOT / "models" / "emloc-tiny-camera"  # the model of the camera-like suite (demo --suite camera)
 RANDOM_MODEL = "builtin:random"  # a 28-layer tiny Qwen2-VL with random weights, for quick checks
 # With no config file, the probe observer carries the model's own answer to the probe: on the fidelity
 # benchmark that took query-agnostic pruning from 51% to 77% (docs/benchmarks/fidelity.md).

@@ -8,24 +8,27 @@ from tempfile import TemporaryDirectory
 
 from emloc import StreamContext
 
+from .. import synthetic, synthetic_camera
 from ..offline import answer_video
 from ..sources import VideoFile, write_video
-from ..synthetic import QUESTION_TYPES, make_video
-from .common import build_model, config_from, deliver, footer, progress_printer
+from .common import CAMERA_MODEL, build_model, config_from, deliver, footer, progress_printer
 
 
 def demo(args: argparse.Namespace) -> int:
     config, given = config_from(args)
-    adapter, settings, label = build_model(config, args.model, given)
+    suite = synthetic_camera if args.suite == "camera" else synthetic
+    model = args.model or (str(CAMERA_MODEL) if suite is synthetic_camera and not config.model.path else None)
+    adapter, settings, label = build_model(config, model, given)
     context = StreamContext(adapter, settings=settings)
     print(f"emloc-stream demo: {label}", flush=True)
-    video = make_video(args.seed, frames=args.frames, size=args.size)
+    video = suite.make_video(args.seed, frames=args.frames, **({"size": args.size} if args.size else {}))
+    size = video.frames.shape[1]
     with TemporaryDirectory() as tmp:
         path = write_video(args.save_video or Path(tmp) / "demo.mp4", video.frames, fps=video.fps)
         print(f"video: synthetic seed {args.seed}, {args.frames} frames at {video.fps:g} fps "
-              f"({args.frames / video.fps:.0f} s), {args.size}x{args.size}, written to {path}", flush=True)
-        questions = args.ask or [video.question(kind).text for kind in QUESTION_TYPES]
-        expected = None if args.ask else [video.question(kind).answer for kind in QUESTION_TYPES]
+              f"({args.frames / video.fps:.0f} s), {size}x{size}, written to {path}", flush=True)
+        questions = args.ask or [video.question(kind).text for kind in suite.QUESTION_TYPES]
+        expected = None if args.ask else [video.question(kind).answer for kind in suite.QUESTION_TYPES]
         if not args.probe:
             print("observers: the questions, known before the video (--probe: the probe prompt only, as a live "
                   "stream without standing questions)", flush=True)
@@ -43,7 +46,10 @@ def register(commands, common) -> None:
     p = commands.add_parser("demo", help="generate a synthetic video, fold it, answer its questions (offline)")
     common(p)
     p.add_argument("--frames", type=int, default=256, help="length of the synthetic video (even, >= 16)")
-    p.add_argument("--size", type=int, default=56, help="frame side in pixels (a multiple of 28)")
+    p.add_argument("--size", type=int, help="frame side in pixels, a multiple of 28 (default 56; camera: 112)")
+    p.add_argument("--suite", choices=["synthetic", "camera"], default="synthetic",
+                   help="camera: real footage, 112x112, five question types (stream/synthetic_camera.py); its "
+                   "model, models/emloc-tiny-camera, unless --model or --config names one")
     p.add_argument("--seed", type=int, default=7, help="which synthetic video")
     p.add_argument("--save-video", type=Path, help="keep the generated video file here")
     p.add_argument("--probe", action="store_true", help="prune guided by the probe prompt instead of the questions")
