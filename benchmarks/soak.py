@@ -111,33 +111,43 @@ def soak_video(args: argparse.Namespace, argv: list[str] | None) -> None:
         time.sleep(0.5)
     proc.wait()
     reader.join(timeout=10)
+    result = dict(video=str(path.name), budget=budget, returncode=proc.returncode,
+                  stopped_after_s=args.limit_s if proc.returncode != 0 else None, tree=str(tree),
+                  command="python benchmarks/soak.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  run=" ".join(command[1:]), last_lines=lines[-4:])
+    report_video(result, samples, args.out, f"soak-{name}{args.suffix}")
+
+
+def report_video(result: dict, samples: list[dict], out: Path, stem: str) -> None:
+    """Figures, JSON, markdown and plot of one `run` soak (also: --report FILE.json redraws them)."""
     total = max(s["frames_folded"] for s in samples)
     # the peak of each fold (samples grouped by the frames folded when they were taken), over the
-    # last 80% of the frames: flat means these peaks stay within 5% of each other
+    # last 80% of the frames; growth compares the highest of them in its first and second halves
     peaks: dict[int, float] = {}
     for s in samples:
         peaks[s["frames_folded"]] = max(peaks.get(s["frames_folded"], 0.0), s["rss_mib"])
-    tail = [peak for frames, peak in peaks.items() if frames >= 0.2 * total and frames < total]
-    result = dict(video=str(path.name), budget=budget, frames_folded=total, seconds=samples[-1]["seconds"],
-                  returncode=proc.returncode, stopped_after_s=args.limit_s if proc.returncode != 0 else None,
+    tail = [peak for frames, peak in sorted(peaks.items()) if 0.2 * total <= frames < total]
+    half = len(tail) // 2
+    growth = round(100 * (max(tail[half:]) - max(tail[:half])) / max(tail[:half]), 1) if half else None
+    result = dict(result, frames_folded=total, seconds=samples[-1]["seconds"],
                   peak_rss_mib=max(s["rss_mib"] for s in samples),
                   fold_peaks_last_80_percent_min_max_mib=[min(tail), max(tail)] if tail else None,
                   fold_peaks_spread_last_80_percent=round(100 * (max(tail) - min(tail)) / min(tail), 1)
-                  if tail else None,
-                  tree=str(tree), command="python benchmarks/soak.py " + " ".join(
-                      argv if argv is not None else sys.argv[1:]), run=" ".join(command[1:]),
-                  last_lines=lines[-4:])
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"soak-{name}{args.suffix}"
-    (args.out / f"{stem}.json").write_text(json.dumps(dict(result, samples=samples), indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(
-        f"# Soak at real resolution: `emloc-stream run` on {path.name}\n\n"
-        f"`{result['command']}` (runs `{result['run']}`), shipped tiny model, CPU: {total} frames folded "
-        f"in {result['seconds']:.0f} s.\n\n| figure | value |\n|---|---|\n"
+                  if tail else None, peak_growth_last_80_percent=growth)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(dict(result, samples=samples), indent=1) + "\n")
+    stopped = f", stopped after {result['stopped_after_s']:.0f} s" if result.get("stopped_after_s") else ""
+    (out / f"{stem}.md").write_text(
+        f"# Soak at real resolution: `emloc-stream run` on {result['video']}\n\n"
+        f"`{result['command']}` (runs `{result['run']}` on `{result['tree']}`), shipped tiny model, CPU: "
+        f"{total} frames folded in {result['seconds']:.0f} s{stopped}.\n\n| figure | value |\n|---|---|\n"
         f"| peak RSS | {result['peak_rss_mib']:.0f} MiB |\n"
+        f"| growth of the fold peaks over the last 80% of frames (highest of its 2nd half vs 1st half) | "
+        f"{result['peak_growth_last_80_percent']}% |\n"
         f"| peak RSS of each fold over the last 80% of frames, min / max | "
         f"{' / '.join(f'{x:.0f}' for x in result['fold_peaks_last_80_percent_min_max_mib'] or [])} MiB |\n"
-        f"| their spread | {result['fold_peaks_spread_last_80_percent']}% |\n\n![RSS over the stream]({stem}.png)\n")
+        f"| their spread (fold to fold: how much a fold's search does, not growth) | "
+        f"{result['fold_peaks_spread_last_80_percent']}% |\n\n![RSS over the stream]({stem}.png)\n")
     try:
         import matplotlib
 
@@ -153,9 +163,9 @@ def soak_video(args: argparse.Namespace, argv: list[str] | None) -> None:
                  label="frames folded")
         ax2.set_ylabel("frames folded")
         fig.legend(loc="lower right")
-        ax.set_title(f"emloc-stream run on {path.name}, budget {budget}")
+        ax.set_title(f"emloc-stream run on {result['video']}, budget {result['budget']}")
         fig.tight_layout()
-        fig.savefig(args.out / f"{stem}.png", dpi=110)
+        fig.savefig(out / f"{stem}.png", dpi=110)
     except ImportError:
         print("matplotlib is not installed: no plot", flush=True)
     print(json.dumps(result, indent=1))
@@ -172,7 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tree", type=Path, help="checkout whose code runs (e.g. an older commit, for 'before')")
     parser.add_argument("--suffix", default="", help="added to the output names (e.g. -before)")
     parser.add_argument("--limit-s", type=float, default=None, help="stop the run after this many seconds")
+    parser.add_argument("--report", type=Path, help="redraw the figures of a saved soak-<name>.json")
     args = parser.parse_args(argv)
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        samples = saved.pop("samples")
+        report_video(saved, samples, args.report.parent, args.report.stem)
+        return
     if args.video:
         soak_video(args, argv)
         return

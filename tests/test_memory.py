@@ -66,3 +66,23 @@ def test_chunker_holds_one_copy_of_the_frames():
             assert np.array_equal(pending.frames, np.stack(pushed)) and pending.times == [0.0, 0.5]
     assert np.array_equal(chunk.frames, np.stack(pushed)) and chunk.times == [0.0, 0.5, 1.0, 1.5]
     assert chunker.pending() is None and chunker.flush() is None
+
+
+def test_vision_tower_in_pieces_equals_the_whole_chunk(model, tokenizer):
+    """The vision tower runs a few temporal steps at a time; its attention never crosses a step,
+    so the pieces must give the embeddings of one call over the whole chunk (both families:
+    Qwen2.5-VL's windows and full-attention blocks included). Catches pieces cut inside a step
+    or given the wrong grid."""
+    import torch
+
+    from emloc import adapter_for
+
+    from .reference import random_frames
+
+    adapter = adapter_for(model, tokenizer)
+    pixels = adapter.preprocess(random_frames(8, 112, 84, seed=3))  # 4 steps of 8 x 6 patches
+    whole = model.model.visual(pixels.pixel_values, grid_thw=torch.tensor([pixels.grid_thw])).pooler_output
+    adapter.VISION_PATCHES_PER_CALL = 100  # two steps a call
+    torch.testing.assert_close(adapter.encode_video(pixels)[0], whole, rtol=0, atol=1e-5)
+    adapter.VISION_PATCHES_PER_CALL = 1  # one step a call
+    torch.testing.assert_close(adapter.encode_video(pixels)[0], whole, rtol=0, atol=1e-5)
