@@ -66,6 +66,7 @@ class MqttBridge(Sink):
         self.subscribed = threading.Event()
         self.connects = 0
         self.last_error = ""
+        self.persistent = False  # True: the broker keeps this client's subscription and QoS 1 questions while away
         self._thread = threading.Thread(target=self._main, name=f"mqtt:{stream_id}", daemon=True)
 
     # --- used by the stream loop (any thread) ----------------------------------------
@@ -130,7 +131,8 @@ class MqttBridge(Sink):
             try:
                 async with aiomqtt.Client(self.broker.host, self.broker.port, username=self.broker.username,
                                           password=self.broker.password, tls_context=tls, timeout=5,
-                                          identifier=f"emloc-stream-{self.stream_id}") as client:
+                                          identifier=f"emloc-stream-{self.stream_id}",
+                                          clean_session=False if self.persistent else None) as client:
                     self.connects += 1
                     self.connected.set()
                     await client.subscribe(self.topics["ask"], qos=1)
