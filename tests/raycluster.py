@@ -22,7 +22,7 @@ from pathlib import Path
 RAY = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
 # A dead node is declared dead after about period x threshold (Ray's defaults: 3 s x 5, plus timeouts).
 HEALTH_CHECK = dict(RAY_health_check_initial_delay_ms="1000", RAY_health_check_period_ms="1000",
-                    RAY_health_check_timeout_ms="3000", RAY_health_check_failure_threshold="4")
+                    RAY_health_check_timeout_ms="2000", RAY_health_check_failure_threshold="3")
 
 
 def free_port() -> int:
