@@ -116,7 +116,8 @@ def main() -> None:
     folder = work / "videos"
     folder.mkdir()
     questions = videos(folder, args.videos, args.frames)
-    result = dict(machine=f"{platform.node()}, {os.cpu_count()} cores (shared with other jobs)", videos=args.videos,
+    result = dict(machine=f"{platform.node()}, {os.cpu_count()} cores (shared with other jobs)",
+                  load_average_at_start=os.getloadavg()[0], videos=args.videos,
                   frames_per_video=args.frames, model="models/emloc-tiny-qwen2vl", health_check=HEALTH_CHECK)
 
     wall, lines, rc = timed([sys.executable, "-c", LOCAL, str(folder), str(questions), str(work / "local.jsonl")])
@@ -178,6 +179,7 @@ def main() -> None:
     result["decode"] = decode_rate(work)
     result["paper"] = paper(result)
     result["minutes"] = round((time.time() - began) / 60, 1)
+    result["load_average_at_end"] = os.getloadavg()[0]
     out = ROOT / "docs" / "benchmarks"
     (out / "ray.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

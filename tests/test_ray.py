@@ -27,6 +27,7 @@ pytest.importorskip("ray")
 
 from sinks import read_answers  # noqa: E402
 from stream.batch_job import answer_one_video  # noqa: E402
+from stream.cli import main  # noqa: E402
 from stream.commands.common import build_model  # noqa: E402
 from stream.config import Config  # noqa: E402
 from stream.questions import Question  # noqa: E402
@@ -258,3 +259,23 @@ def live_failover(cluster: Cluster, tmp_path: Path) -> dict:
         client.close()
         broker.stop()
 
+
+
+def test_without_ray_nothing_of_ray_is_imported_and_bad_ray_options_are_named(videos, tmp_path, capsys):
+    folder, questions = videos
+    code = ("import sys; from stream.cli import main; "
+            f"rc = main(['batch', {str(folder / 'v3000.mp4')!r}, '--questions', {str(questions)!r}, "
+            f"'--out', {str(tmp_path / 'a.jsonl')!r}]); "
+            "assert rc == 0 and 'ray' not in sys.modules, sorted(m for m in sys.modules if 'ray' in m)")
+    local = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert local.returncode == 0, local.stderr
+    assert len(read_answers(tmp_path / "a.jsonl")) == 4
+
+    config = tmp_path / "site.yaml"
+    config.write_text("streams:\n  - id: gate\n    source: udp://127.0.0.1:9\n")
+    for args, message in ((["--ray", "127.0.0.1:1"], "serve --ray needs --state-dir"),
+                          (["--ray", "--resources", "[1]"], "argument --resources: a JSON object"),
+                          (["--ray", "--gpus-per-worker", "-1"], "argument --gpus-per-worker: must be >= 0")):
+        with pytest.raises(SystemExit) as exit_:  # argparse's errors
+            sys.exit(main(["serve", "--config", str(config), *args]))
+        assert exit_.value.code == 2 and message in capsys.readouterr().err

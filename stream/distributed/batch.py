@@ -87,9 +87,10 @@ def run_batch(args: argparse.Namespace, config, given: bool, videos: list[Path],
                 running[worker.answer.remote(str(path.resolve()), str(path), mine)] = (worker, (path, mine))
             if running or idle:
                 last_alive = time.monotonic()
-            elif time.monotonic() - last_alive > args.worker_timeout:
+            elif not reviving or time.monotonic() - last_alive > args.worker_timeout:
+                why = "no worker could start" if not reviving else f"no worker up for {args.worker_timeout:g} s"
                 for path, _ in todo:
-                    failed.append((path, f"no worker came up in {args.worker_timeout:g} s"))
+                    failed.append((path, why))
                 todo.clear()
                 break
             ready, _ = ray.wait(list(running) + list(reviving), num_returns=1, timeout=1.0)
@@ -147,7 +148,7 @@ def _retry(todo: deque, attempts: Counter, failed: list, path: Path, mine: list,
     attempts[path] += 1
     if attempts[path] <= retries:
         print(f"{path}: attempt {attempts[path]} failed: {why}; retrying", file=sys.stderr, flush=True)
-        todo.append((path, mine))
+        todo.appendleft((path, mine))  # next, so work lost with a node is redone first
         return 1
     failed.append((path, f"{attempts[path]} attempts failed, the last: {why}"))
     print(f"{path}: failed after {attempts[path]} attempts: {why}", file=sys.stderr, flush=True)

@@ -100,11 +100,13 @@ def serve_ray(args: argparse.Namespace, config: Config) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    where, lost, asked = {}, {}, {}  # where it last ran; since when it is unreachable; info() calls in flight
+    where, lost, asked, failed = {}, {}, {}, []  # last placement; down since; info() calls in flight; failed
     started = time.monotonic()
     try:
         while not stop.is_set() and not (args.duration and time.monotonic() - started > args.duration):
-            for sid, actor in actors.items():
+            if not actors:
+                break
+            for sid, actor in list(actors.items()):
                 if sid not in asked:
                     asked[sid] = actor.info.remote()
             ready, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=args.status_every)
@@ -112,6 +114,11 @@ def serve_ray(args: argparse.Namespace, config: Config) -> int:
                 try:
                     info = ray.get(asked.pop(sid))
                 except RayActorError as error:  # its node died; Ray restarts it where there is room
+                    if getattr(error, "actor_init_failed", False):  # it cannot start (bad source, state): no retry
+                        print(f"{sid}: failed to start: {error}", file=sys.stderr, flush=True)
+                        del actors[sid]
+                        failed.append(sid)
+                        continue
                     lost.setdefault(sid, time.monotonic())
                     print(f"{sid}: lost ({str(error).splitlines()[0][:200]}); Ray restarts it", file=sys.stderr,
                           flush=True)
@@ -140,4 +147,4 @@ def serve_ray(args: argparse.Namespace, config: Config) -> int:
         for actor in actors.values():
             ray.kill(actor, no_restart=True)
         ray.shutdown()
-    return 0
+    return 1 if failed else 0
