@@ -110,7 +110,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--videos", type=int, default=12)
     parser.add_argument("--frames", type=int, default=128)
+    parser.add_argument("--live-only", action="store_true", help="rerun only the live failover (and decoding), "
+                        "keeping the rest of docs/benchmarks/ray.json")
     args = parser.parse_args()
+    docs = ROOT / "docs" / "benchmarks"
+    if args.live_only:
+        result = json.loads((docs / "ray.json").read_text())
+        began = time.time() - 60 * result["minutes"]
+        work = Path(tempfile.mkdtemp(prefix="raybench", dir="/tmp"))
+        with Cluster("rl") as cluster:
+            cluster.start_head(cpus=1)
+            result["live_recovery"] = live(cluster, work)
+        finish(result, work, began, docs)
+        return
     began = time.time()
     work = Path(tempfile.mkdtemp(prefix="raybench", dir="/tmp"))
     folder = work / "videos"
@@ -169,19 +181,27 @@ def main() -> None:
                                         answers_equal_local=answers == reference)
         print("batch recovery", result["batch_recovery"], flush=True)
 
-        from tests.test_ray import live_failover
+        result["live_recovery"] = live(cluster, work)
+    finish(result, work, began, docs)
 
-        live = work / "live"
-        live.mkdir()
-        result["live_recovery"] = {k: round(v, 1) for k, v in live_failover(cluster, live).items()}
-        print("live recovery", result["live_recovery"], flush=True)
 
+def live(cluster: Cluster, work: Path) -> dict:
+    from tests.test_ray import live_failover
+
+    folder = work / "live"
+    folder.mkdir()
+    times = {k: round(v, 1) for k, v in live_failover(cluster, folder).items()}
+    print("live recovery", times, flush=True)
+    return times
+
+
+def finish(result: dict, work: Path, began: float, docs: Path) -> None:
     result["decode"] = decode_rate(work)
     result["paper"] = paper(result)
     result["minutes"] = round((time.time() - began) / 60, 1)
     result["load_average_at_end"] = os.getloadavg()[0]
-    out = ROOT / "docs" / "benchmarks"
-    (out / "ray.json").write_text(json.dumps(result, indent=1) + "\n")
+    (docs / "ray.json").write_text(json.dumps(result, indent=1) + "\n")
+    (docs / "ray.md").write_text(markdown(result))
     print(json.dumps(result, indent=1))
 
 
@@ -204,6 +224,77 @@ def paper(result: dict) -> dict:
         cameras_compute_bound=int(nodes * search["frames_per_s"] // fps),
         cameras_one_model_per_stream=nodes * int(139 // search["peak_gpu_gib"]),
     )
+
+
+def markdown(r: dict) -> str:
+    def row(name: str, x: dict) -> str:
+        return (f"| {name} | {x['wall_s']} | {x['videos_per_min']} | {x['steady_videos_per_min']} | "
+                f"{x['s_per_video_steady']} | {x['first_video_s']} | {x.get('answers_equal_local', '(reference)')} |")
+
+    p, o, b, live, d = r["paper"], r["overhead"], r["batch_recovery"], r["live_recovery"], r["decode"]
+    lines = [
+        "# Ray: `batch --ray` and `serve --ray`",
+        "",
+        f"`python benchmarks/ray_batch.py` ({r['minutes']} min) on {r['machine']}; load average "
+        f"{r.get('load_average_at_start', '?')} at the start, {r.get('load_average_at_end', '?')} at the end "
+        f"(other jobs ran beside it, so every figure here is noisy). {r['videos']} synthetic videos of "
+        f"{r['frames_per_video']} frames, 4 questions each, {r['model']}; a local Ray cluster of separate "
+        "`ray start` processes; each worker 1 CPU, torch on 1 thread.",
+        "",
+        "## Throughput (one node, 2 CPUs)",
+        "",
+        "End to end: command start to exit (imports, joining the cluster, loading the model in each worker). "
+        "Steady: from the first answered video to the last.",
+        "",
+        "| run | wall s | videos/min end to end | videos/min steady | s/video steady | first video s "
+        "| answers = single process |",
+        "|---|---|---|---|---|---|---|",
+        row("single process", r["local"]),
+        row("`batch --ray`, 1 worker", r["ray_1_workers"]),
+        row("`batch --ray`, 2 workers", r["ray_2_workers"]),
+        "",
+        f"Ray's overhead against the single process, 1 worker: {o['end_to_end_s']:+} s end to end "
+        f"({o['end_to_end_pct']:+}%), {o['per_video_s']:+} s per video in the steady state ({o['per_video_pct']:+}%). "
+        "The fixed part is starting the driver, joining the cluster and a worker process importing torch and "
+        "loading the model; per video, Ray adds one actor call and the answers' trip back to the driver, "
+        "milliseconds against the fold. On this 2-core machine a second worker cannot double anything: the "
+        "cores are shared with the other jobs (see the load average), so the 2-worker row is no scaling figure.",
+        "",
+        "## Recovery after a node kill",
+        "",
+        f"Ray's health check in this cluster: {r['health_check']} (Ray's defaults take longer to declare a node "
+        "dead: about 3 s x 5 periods).",
+        "",
+        f"- **batch** (head + 2 worker nodes, one killed mid-video): the driver learned of the loss "
+        f"{b['loss_noticed_s']} s after the kill and the lost video was answered on the other node "
+        f"{b['lost_video_answered_s']} s after it; answers equal the single process's: {b['answers_equal_local']}.",
+        f"- **live stream** (`serve --ray`, 2 cameras on 2 nodes, one node killed; the scenario of "
+        f"`tests/test_ray.py`): the stream's actor was up again on the other node (model loaded, state restored) "
+        f"{live['actor_up_s']} s after the kill, folding new frames {live['recovered_s']} s after, and the question "
+        f"asked during the outage was answered {live['outage_answer_s']} s after. The other camera never stopped.",
+        "",
+        "## On paper: 10 nodes with one H200 each",
+        "",
+        f"Assumptions: {p['assumptions']}. Fold rates from [gpu_scale.md](gpu_scale.md): "
+        f"{p['fold_frames_per_s']['emloc_search']} frames/s with EMLoC's search, "
+        f"{p['fold_frames_per_s']['full_context']} full context.",
+        "",
+        f"- **Batch**: {p['batch_s_per_video_gpu']} s of GPU per video, so about **{p['batch_videos_per_hour']} "
+        f"videos/hour** ({p['batch_video_hours_per_hour']} hours of video per hour). Ray's share is negligible "
+        "(one call per video, the model loaded once per worker); the driver writes a few answers a second.",
+        f"- **Decoding is the first bottleneck**: one core here decodes {d['source']} at {d['source_frames_per_s']} "
+        f"frames/s ({d['video_seconds_per_s']} s of video per second; every frame must be decoded to sample 2 "
+        f"a second), so keeping one GPU fed at 42 frames/s takes about **{p['decode_cores_per_gpu']} cores per GPU** "
+        "(`--cpus-per-worker` accordingly, or several decode-only workers per GPU node), plus reading the files "
+        "from shared storage.",
+        f"- **Cameras**: compute allows {p['cameras_compute_bound']} cameras at 2 fps (42 / 2 per GPU), but "
+        "`serve --ray` runs one actor, with its own model copy, per stream: at 16.8 GiB peak per copy an H200 "
+        f"holds 8, so **{p['cameras_one_model_per_stream']} cameras** on 10 nodes: GPU memory for model copies is "
+        "the bottleneck there. Grouping several streams per actor around one model (as the single-process "
+        "`serve` does) would lift it to the compute bound; not built.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

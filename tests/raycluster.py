@@ -41,12 +41,38 @@ class Node:
         return self.process.poll() is None
 
     def kill(self) -> None:
-        """The machine dies: every process of this node at once."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        """The machine dies: every process of this node at once, its Ray workers included (they run in
+        sessions of their own; they are found by this node's raylet socket on their command line). All
+        are frozen first, so that none acts on another's death before it dies too."""
+        group = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(int(p.name)) ==
+                 self.process.pid]
+        sockets = [arg.split("=", 1)[1].encode() for pid in group for arg in _cmdline(pid)
+                   if arg.startswith("--raylet_socket_name=")]
+        workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and sockets
+                   and any(s in b"\0".join(_cmdline(int(p.name), raw=True)) for s in sockets)]
+        doomed = set(group) | set(workers)
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in doomed:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
         self.process.wait(timeout=30)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _cmdline(pid: int, raw: bool = False) -> list:
+    try:
+        parts = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+    return parts if raw else [p.decode(errors="replace") for p in parts]
 
 
 class Cluster:
@@ -79,9 +105,9 @@ class Cluster:
 
     def wait_nodes(self, condition, timeout: float = 90.0):
         """Waits until `condition(alive nodes)` (each a dict of id, resources) is truthy; returns it."""
-        script = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
+        script = (f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
                   "print('NODES', json.dumps([dict(id=n['NodeID'], alive=n['Alive'], resources=n['Resources']) "
-                  "for n in ray.nodes()]))" % self.address)
+                  "for n in ray.nodes()]))")
         deadline = time.time() + timeout
         while time.time() < deadline:
             for node in self.nodes:

@@ -41,7 +41,7 @@ from .test_live import stream_to, until  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = range(3000, 3008)
 WORKER = {"emloc_worker": 1}
-ACCURACY = 0.75  # the shipped model, 4 questions as observers, 64-frame videos: 29/32 measured; fidelity.md: 94.9%
+ACCURACY = 0.75  # exact match; the 4 questions as observers of one pass score 94.9% in fidelity.md (256 frames)
 ENV = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
 
 
@@ -165,8 +165,10 @@ def test_batch_over_two_nodes_resumes_and_survives_a_node_kill(cluster, videos, 
     keys = [(a["stream_id"], a["question_id"]) for a in answers]
     assert len(keys) == len(set(keys)) == len(reference) == 4 * len(SEEDS), "each (video, question) exactly once"
     assert by_pair(answers) == by_pair(reference)  # the cluster's answers are the single process's
+    assert all(a["time_span"][1] == 31.5 for a in answers), "questions without 'at' answered at the video's end"
     correct = sum(a["answer"].strip() == a["expected"] for a in answers)
     assert correct >= ACCURACY * len(answers), f"{correct}/{len(answers)} right"
+    print(f"batch: {correct}/{len(answers)} answers right")
 
 
 class TimedClient(Client):
@@ -250,7 +252,8 @@ def live_failover(cluster: Cluster, tmp_path: Path) -> dict:
         assert until(lambda: "before" in [a["question_id"] for a in answered(victim)], timeout=30)
         ids = [a["question_id"] for a in answered(victim)]
         assert sorted(ids) == ["before", "outage"], "each accepted question answered exactly once"
-        up = min(s["up_since"] for _, s in client.messages[f"emloc/{victim}/status"] if s["node_id"] != second)
+        up = min(s["up_since"] for _, s in client.messages[f"emloc/{victim}/status"]
+                 if s.get("node_id") not in (None, second))
         return dict(actor_up_s=up - killed_wall, recovered_s=recovered - killed, outage_answer_s=outage - killed)
     finally:
         serve.kill()
