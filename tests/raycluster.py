@@ -1,9 +1,9 @@
-"""A real local Ray cluster for tests and benchmarks: each node is its own `ray start --block` process group.
+"""A real local Ray cluster for tests and benchmarks: each node is its own `ray start --block` session.
 
-Every node lives in its own process session, so a node can be killed outright (SIGKILL to its
-whole group: raylet, object store, its workers), as when a machine dies; and `stop` ends
-exactly the processes this cluster started (by process group, then any left with this
-cluster's private temp dir on their command line), never another session's Ray.
+Every node lives in its own process session, so a node can be killed outright (SIGKILL to the
+whole session: raylet, object store, its workers), as when a machine dies; and `stop` ends
+exactly the processes this cluster started (by session, then any left with this cluster's
+private temp dir on their command line), never another session's Ray.
 """
 
 from __future__ import annotations
@@ -41,16 +41,11 @@ class Node:
         return self.process.poll() is None
 
     def kill(self) -> None:
-        """The machine dies: every process of this node at once, its Ray workers included (they run in
-        sessions of their own; they are found by this node's raylet socket on their command line). All
-        are frozen first, so that none acts on another's death before it dies too."""
-        group = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(int(p.name)) ==
-                 self.process.pid]
-        sockets = [arg.split("=", 1)[1].encode() for pid in group for arg in _cmdline(pid)
-                   if arg.startswith("--raylet_socket_name=")]
-        workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and sockets
-                   and any(s in b"\0".join(_cmdline(int(p.name), raw=True)) for s in sockets)]
-        doomed = set(group) | set(workers)
+        """The machine dies: every process of this node at once, its Ray workers included (each has a
+        process group of its own but stays in the node's session). All are frozen first, so that none
+        acts on another's death before it dies too."""
+        doomed = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _sid(int(p.name)) ==
+                  self.process.pid]
         for sig in (signal.SIGSTOP, signal.SIGKILL):
             for pid in doomed:
                 try:
@@ -60,19 +55,11 @@ class Node:
         self.process.wait(timeout=30)
 
 
-def _pgid(pid: int) -> int | None:
+def _sid(pid: int) -> int | None:
     try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
+        return os.getsid(pid)
+    except (ProcessLookupError, PermissionError):
         return None
-
-
-def _cmdline(pid: int, raw: bool = False) -> list:
-    try:
-        parts = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return []
-    return parts if raw else [p.decode(errors="replace") for p in parts]
 
 
 class Cluster:
