@@ -129,7 +129,7 @@ def main() -> None:
     folder.mkdir()
     questions = videos(folder, args.videos, args.frames)
     result = dict(machine=f"{platform.node()}, {os.cpu_count()} cores (shared with other jobs)",
-                  load_average_at_start=os.getloadavg()[0], videos=args.videos,
+                  load_average_at_start=round(os.getloadavg()[0], 1), videos=args.videos,
                   frames_per_video=args.frames, model="models/emloc-tiny-qwen2vl", health_check=HEALTH_CHECK)
 
     wall, lines, rc = timed([sys.executable, "-c", LOCAL, str(folder), str(questions), str(work / "local.jsonl")])
@@ -199,7 +199,7 @@ def finish(result: dict, work: Path, began: float, docs: Path) -> None:
     result["decode"] = decode_rate(work)
     result["paper"] = paper(result)
     result["minutes"] = round((time.time() - began) / 60, 1)
-    result["load_average_at_end"] = os.getloadavg()[0]
+    result["load_average_at_end"] = round(os.getloadavg()[0], 1)
     (docs / "ray.json").write_text(json.dumps(result, indent=1) + "\n")
     (docs / "ray.md").write_text(markdown(result))
     print(json.dumps(result, indent=1))
@@ -256,8 +256,8 @@ def markdown(r: dict) -> str:
         f"Ray's overhead against the single process, 1 worker: {o['end_to_end_s']:+} s end to end "
         f"({o['end_to_end_pct']:+}%), {o['per_video_s']:+} s per video in the steady state ({o['per_video_pct']:+}%). "
         "The fixed part is starting the driver, joining the cluster and a worker process importing torch and "
-        "loading the model; per video, Ray adds one actor call and the answers' trip back to the driver, "
-        "milliseconds against the fold. On this 2-core machine a second worker cannot double anything: the "
+        "loading the model. Per video Ray adds one actor call and the answers' trip back to the driver; the "
+        "per-video difference measured here is within the noise of this loaded machine. On this 2-core machine a second worker cannot double anything: the "
         "cores are shared with the other jobs (see the load average), so the 2-worker row is no scaling figure.",
         "",
         "## Recovery after a node kill",
@@ -283,8 +283,8 @@ def markdown(r: dict) -> str:
         f"videos/hour** ({p['batch_video_hours_per_hour']} hours of video per hour). Ray's share is negligible "
         "(one call per video, the model loaded once per worker); the driver writes a few answers a second.",
         f"- **Decoding is the first bottleneck**: one core here decodes {d['source']} at {d['source_frames_per_s']} "
-        f"frames/s ({d['video_seconds_per_s']} s of video per second; every frame must be decoded to sample 2 "
-        f"a second), so keeping one GPU fed at 42 frames/s takes about **{p['decode_cores_per_gpu']} cores per GPU** "
+        f"frames/s ({d['video_seconds_per_s']} s of video per second, measured under the load above; every frame "
+        f"must be decoded to sample 2 a second), so keeping one GPU fed at 42 frames/s takes about **{p['decode_cores_per_gpu']} cores per GPU** "
         "(`--cpus-per-worker` accordingly, or several decode-only workers per GPU node), plus reading the files "
         "from shared storage.",
         f"- **Cameras**: compute allows {p['cameras_compute_bound']} cameras at 2 fps (42 / 2 per GPU), but "
