@@ -257,7 +257,8 @@ def markdown(r: dict) -> str:
         f"({o['end_to_end_pct']:+}%), {o['per_video_s']:+} s per video in the steady state ({o['per_video_pct']:+}%). "
         "The fixed part is starting the driver, joining the cluster and a worker process importing torch and "
         "loading the model. Per video Ray adds one actor call and the answers' trip back to the driver; the "
-        "per-video difference measured here is within the noise of this loaded machine. On this 2-core machine a second worker cannot double anything: the "
+        "per-video difference measured here is within the noise of this loaded machine. "
+        "On this 2-core machine a second worker cannot double anything: the "
         "cores are shared with the other jobs (see the load average), so the 2-worker row is no scaling figure.",
         "",
         "## Recovery after a node kill",
@@ -284,7 +285,8 @@ def markdown(r: dict) -> str:
         "(one call per video, the model loaded once per worker); the driver writes a few answers a second.",
         f"- **Decoding is the first bottleneck**: one core here decodes {d['source']} at {d['source_frames_per_s']} "
         f"frames/s ({d['video_seconds_per_s']} s of video per second, measured under the load above; every frame "
-        f"must be decoded to sample 2 a second), so keeping one GPU fed at 42 frames/s takes about **{p['decode_cores_per_gpu']} cores per GPU** "
+        f"must be decoded to sample 2 a second), so keeping one GPU fed at 42 frames/s takes about "
+        f"**{p['decode_cores_per_gpu']} cores per GPU** "
         "(`--cpus-per-worker` accordingly, or several decode-only workers per GPU node), plus reading the files "
         "from shared storage.",
         f"- **Cameras**: compute allows {p['cameras_compute_bound']} cameras at 2 fps (42 / 2 per GPU), but "
