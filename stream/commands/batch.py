@@ -8,6 +8,7 @@ from pathlib import Path
 
 from emloc import InputError, StreamContext
 
+from .. import distributed
 from ..sources import IMAGE_SUFFIXES, VideoError, open_source
 from .common import build_model, config_from, load_questions
 
@@ -79,6 +80,10 @@ def batch(args: argparse.Namespace) -> int:
         print(f"emloc-stream batch: question {q.id!r} names video {q.meta['video']!r}, which is not in this batch; "
               f"not asked", file=sys.stderr, flush=True)
     done = {(a["stream_id"], a["question_id"]) for a in read_answers(args.out)}
+    if args.ray is not None:  # the same videos and questions, spread over a Ray cluster
+        from ..distributed.batch import run_batch
+
+        return run_batch(args, config, given, videos, questions, done)
     adapter, settings, label = build_model(config, args.model, given)
     aware = not args.no_query_aware
     print(f"emloc-stream batch: {len(videos)} videos, {len(questions)} questions; {label}; observers: "
@@ -159,4 +164,10 @@ def register(commands, common) -> None:
     p.add_argument("--no-query-aware", action="store_true",
                    help="prune guided by the probe prompt, not by the questions")
     p.add_argument("--out", required=True, type=Path, help="answers, JSON Lines; answered pairs are skipped")
+    distributed.options(p, "worker")
+    p.add_argument("--workers", type=int,
+                   help="with --ray: worker actors (default: the cluster's CPUs / --cpus-per-worker)")
+    p.add_argument("--retries", type=int, default=2, help="with --ray: times a failed video is tried again")
+    p.add_argument("--worker-timeout", type=float, default=600.0,
+                   help="with --ray: give up when no worker has been up for this many seconds")
     p.set_defaults(run=batch)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .. import distributed
 from ..config import Config, ConfigError, load_config
 from .common import build_model, check_state, config_from, load_questions
 
@@ -31,6 +32,10 @@ def serve_config(args: argparse.Namespace) -> int:
     config, given = load_config(args.config), True
     if not config.streams:
         raise ConfigError(f"{args.config}: no streams: list them under 'streams:' (id, source, ...)")
+    if args.ray is not None:  # every stream a Ray actor on some node of the cluster
+        from ..distributed.serve import serve_ray
+
+        return serve_ray(args, config)
     return _serve(config, given, args, list(config.streams), config.mqtt)
 
 
@@ -157,4 +162,7 @@ def register(commands, common) -> None:
                    help="seconds between status reports, on stderr and emloc/<id>/status (default 5)")
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
     add_web_options(p)
+    distributed.options(p, "stream")
+    p.add_argument("--state-dir", type=Path, help="with --ray: each stream's state in DIR/<id>, on storage every "
+                   "node can read, saved every chunk; a stream whose node dies resumes from it elsewhere")
     p.set_defaults(run=serve_config, budget=None)

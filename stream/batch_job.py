@@ -1,0 +1,46 @@
+"""One recorded video of a batch: its questions in, its answers out, as plain data.
+
+Whoever runs a batch (the local loop, a Ray worker) calls `answer_one_video` for each
+video; the answers it returns are what the batch writes. A question with `at` is answered
+when the video reaches that second; a question without it is answered at the end of the
+video, over the whole video, and guides the pruning all along (query-aware), since a
+batch knows its questions before it reads a frame.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+from emloc import EMLoCSettings, ModelAdapter, StreamContext
+from sinks import AnswerEvent, Sink
+
+from .questions import Question, QuestionQueue
+from .runtime import StreamRunner
+from .sources import open_source
+
+
+class _Collect(Sink):
+    def __init__(self) -> None:
+        self.events: list[AnswerEvent] = []
+
+    def deliver(self, event: AnswerEvent) -> None:
+        self.events.append(event)
+
+
+def answer_one_video(adapter: ModelAdapter, settings: EMLoCSettings, path: str | Path, questions: list[Question], *,
+                     fps: float, max_new_tokens: int = 16, stream_id: str | None = None) -> list[dict]:
+    """The answers (AnswerEvent dicts) to `questions` about the video at `path`; raises VideoError
+    if the video cannot be read. Nothing is written: the caller delivers the answers."""
+    stream_id = stream_id if stream_id is not None else str(path)
+    context = StreamContext(adapter, settings=settings)
+    queue = QuestionQueue(max_waiting=max(len(questions), 1))
+    for question in questions:  # no "at": due at the end only (take_all), an observer until then
+        queue.submit(question if question.at is not None else replace(question, at=math.inf))
+    collect = _Collect()
+    runner = StreamRunner(stream_id, context, queue, [collect], max_new_tokens=max_new_tokens)
+    for frame in open_source(path).frames(fps=fps):
+        runner.feed(frame)
+    runner.finish()
+    return [event.to_dict() for event in collect.events]

@@ -1,0 +1,162 @@
+"""`batch --ray`: videos spread over a pool of Ray actors, each holding the model; the driver writes.
+
+Each worker actor loads the model once and answers one video per call (`answer_one_video`).
+The driver hands a video to whichever worker is free, and it alone appends answers to the
+JSON Lines file, skipping any (video, question) already there, so every pair is written
+exactly once however often a video is retried or the batch rerun. A video whose call fails
+(the video cannot be read, or its worker's node died) goes back in the queue, at most
+`--retries` more times; the others go on. A worker whose node died is restarted by Ray
+wherever there is room (max_restarts) and rejoins the pool once it is up again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter, deque
+from pathlib import Path
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from ..batch_job import answer_one_video
+from .cluster import actor_options, connect, node_label, placement
+
+
+class VideoWorker:
+    """One model, many videos: the model is loaded when the actor starts (or restarts)."""
+
+    def __init__(self, config, model: str | None, settings_given: bool, max_new_tokens: int) -> None:
+        from ..commands.common import build_model
+
+        self.adapter, self.settings, self.label = build_model(config, model, settings_given)
+        self.fps, self.max_new_tokens = config.model.fps, max_new_tokens
+        self.where = placement()
+
+    def ready(self) -> dict:
+        return self.where
+
+    def answer(self, path: str, stream_id: str, questions: list) -> dict:
+        started = time.monotonic()
+        answers = answer_one_video(self.adapter, self.settings, path, questions, fps=self.fps,
+                                   max_new_tokens=self.max_new_tokens, stream_id=stream_id)
+        return dict(answers=answers, where=self.where, seconds=time.monotonic() - started)
+
+
+def run_batch(args: argparse.Namespace, config, given: bool, videos: list[Path], questions: list, done: set) -> int:
+    from sinks import AnswerEvent, ConsoleSink, JsonLinesSink
+
+    todo = deque()
+    for path in videos:
+        stream_id = str(path)
+        mine = [q for q in questions if q.meta.get("video") in (None, path.name, str(path))
+                and (stream_id, q.id) not in done]
+        if mine:
+            todo.append((path, mine))
+    total = len(todo)
+    print(f"emloc-stream batch --ray: {len(videos)} videos, {len(questions)} questions; "
+          f"{len(videos) - total} already answered, {total} to do", flush=True)
+    if not todo:
+        return 0
+    cluster = connect(args.ray)
+    per = max(args.cpus_per_worker, 1e-3)
+    count = args.workers or max(1, int(cluster.get("CPU", 1) / per + 1e-9))
+    count = min(count, total)
+    Worker = ray.remote(VideoWorker)
+    options = actor_options(args, max_restarts=-1, max_task_retries=0)
+    workers = [Worker.options(**options).remote(config, args.model, given, args.max_new_tokens) for _ in range(count)]
+    print(f"{count} worker(s) of {args.cpus_per_worker:g} CPU, {args.gpus_per_worker:g} GPU"
+          + (f", {args.resources}" if args.resources else "") + f" on a cluster of {cluster}", flush=True)
+    sinks = [JsonLinesSink(args.out), ConsoleSink()]
+    attempts, failed, retried, finished = Counter(), [], 0, 0
+    idle, running, reviving = [], {}, {}  # running: call -> (worker, video); reviving: ready() call -> worker
+    for worker in workers:
+        reviving[worker.ready.remote()] = worker
+    started, last_alive = time.monotonic(), time.monotonic()
+
+    def line(text: str) -> None:
+        minutes = (time.monotonic() - started) / 60
+        print(f"[{finished}/{total} videos, {len(failed)} failed, {retried} retried, "
+              f"{finished / minutes if minutes else 0:.1f} videos/min] {text}", flush=True)
+
+    try:
+        while todo or running:
+            while todo and idle:
+                worker, (path, mine) = idle.pop(), todo.popleft()
+                running[worker.answer.remote(str(path.resolve()), str(path), mine)] = (worker, (path, mine))
+            if running or idle:
+                last_alive = time.monotonic()
+            elif not reviving or time.monotonic() - last_alive > args.worker_timeout:
+                why = "no worker could start" if not reviving else f"no worker up for {args.worker_timeout:g} s"
+                for path, _ in todo:
+                    failed.append((path, why))
+                todo.clear()
+                break
+            ready, _ = ray.wait(list(running) + list(reviving), num_returns=1, timeout=1.0)
+            for call in ready:
+                if call in reviving:
+                    worker = reviving.pop(call)
+                    try:
+                        where = ray.get(call)
+                        idle.append(worker)
+                        print(f"worker up on {node_label(where)}", flush=True)
+                    except (RayActorError, RayTaskError) as error:
+                        print(f"a worker could not start: {_short(error)}", file=sys.stderr, flush=True)
+                    continue
+                worker, (path, mine) = running.pop(call)
+                try:
+                    result = ray.get(call)
+                except RayActorError as error:  # its node or process died: Ray restarts it somewhere
+                    reviving[worker.ready.remote()] = worker
+                    why = f"worker lost ({_short(error)})"
+                    retried += _retry(todo, attempts, failed, path, mine, args.retries, why)
+                    continue
+                except RayTaskError as error:  # the video itself failed (unreadable, ...)
+                    idle.append(worker)
+                    retried += _retry(todo, attempts, failed, path, mine, args.retries, _short(error))
+                    continue
+                idle.append(worker)
+                written = 0
+                for answer in result["answers"]:
+                    key = (answer["stream_id"], answer["question_id"])
+                    if key in done:  # already written: exactly once
+                        continue
+                    done.add(key)
+                    answer["time_span"] = tuple(answer["time_span"]) if answer["time_span"] else None
+                    event = AnswerEvent(**answer)
+                    for sink in sinks:
+                        sink.deliver(event)
+                    written += 1
+                finished += 1
+                line(f"{path}: {written} answers in {result['seconds']:.1f} s on {node_label(result['where'])}")
+    finally:
+        for sink in sinks:
+            sink.close()
+        for worker in workers:
+            ray.kill(worker)
+        ray.shutdown()
+    minutes = (time.monotonic() - started) / 60
+    print(f"emloc-stream batch --ray: {finished} videos answered, {len(failed)} failed, {retried} retries, "
+          f"{finished / minutes if minutes else 0:.1f} videos/min", flush=True)
+    for path, why in failed:
+        print(f"failed: {path}: {why}; its questions stay unanswered, a rerun retries it", file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
+def _retry(todo: deque, attempts: Counter, failed: list, path: Path, mine: list, retries: int, why: str) -> int:
+    attempts[path] += 1
+    if attempts[path] <= retries:
+        print(f"{path}: attempt {attempts[path]} failed: {why}; retrying", file=sys.stderr, flush=True)
+        todo.appendleft((path, mine))  # next, so work lost with a node is redone first
+        return 1
+    failed.append((path, f"{attempts[path]} attempts failed, the last: {why}"))
+    print(f"{path}: failed after {attempts[path]} attempts: {why}", file=sys.stderr, flush=True)
+    return 0
+
+
+def _short(error: Exception) -> str:
+    if isinstance(error, RayTaskError) and error.cause is not None:
+        return f"{type(error.cause).__name__}: {error.cause}"
+    return str(error).strip().splitlines()[0][:300]
+
