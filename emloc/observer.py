@@ -131,9 +131,3 @@ def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
     kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
     return float((0.5 * (kl_pm + kl_qm)).mean().clamp_min(0.0))
 
-
-def smooth(scores: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Average pool of width `kernel` along the token axis of (1, kv_heads, n) scores."""
-    if kernel == 1:
-        return scores
-    return F.avg_pool1d(scores, kernel_size=kernel, stride=1, padding=kernel // 2)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from .scorers import scorer_names
+
 DEFAULT_PROBE = "Describe what happens in the video."
 
 
@@ -42,6 +44,13 @@ class EMLoCSettings:
         answer to it (up to this many tokens) over the unpruned chunk, so the bound covers
         what the model says about the video and not only the prompt's next-token guesses
         (0 = the paper's observer, the prompt alone).
+    scorer: how a chunk's tokens are ranked before the search decides how many each layer
+        group keeps: one of `emloc.scorers.SCORERS` ('observer' = EMLoC's observer attention,
+        'tar' temporal novelty, 'van' value norm, 'keydiff' key diversity, 'template' the
+        assistant-turn template as proxy query) or several joined by '+' (equal weights).
+        The budget evicts by the same score.
+    coverage_buckets: when > 0, each chunk is cut into this many stretches of time and each
+        stretch's best token is ranked first, so no stretch is dropped whole (0 = off).
     """
 
     layer_group_size: int = 14
@@ -56,6 +65,8 @@ class EMLoCSettings:
     system_prompt: str = "You are a helpful assistant."
     max_observers: int = 4
     probe_answer_tokens: int = 0
+    scorer: str = "observer"
+    coverage_buckets: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
@@ -82,6 +93,12 @@ class EMLoCSettings:
                  "probe_prompt must be a non-empty string")
         _require(isinstance(self.probe_answer_tokens, int) and self.probe_answer_tokens >= 0,
                  f"probe_answer_tokens must be an integer >= 0, got {self.probe_answer_tokens!r}")
+        try:
+            scorer_names(self.scorer)
+        except ValueError as error:
+            raise SettingsError(f"scorer: {error}") from None
+        _require(isinstance(self.coverage_buckets, int) and self.coverage_buckets >= 0,
+                 f"coverage_buckets must be an integer >= 0, got {self.coverage_buckets!r}")
         _require(isinstance(self.max_observers, int) and self.max_observers >= 1,
                  f"max_observers must be an integer >= 1, got {self.max_observers!r}")
 

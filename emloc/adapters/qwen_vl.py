@@ -131,6 +131,9 @@ class QwenVLAdapter(ModelAdapter):
             raise InputError(f"a question must be a non-empty string, got {question!r}")
         return self._encode(f"<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n")
 
+    def template_ids(self) -> torch.Tensor:
+        return self._encode("<|vision_end|><|im_end|>\n<|im_start|>assistant\n")
+
     def stop_ids(self) -> set[int]:
         return {self._special["<|im_end|>"], self._special["<|endoftext|>"]}
 
