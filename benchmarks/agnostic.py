@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITES = {"synthetic": ("stream.synthetic", "emloc-tiny-qwen2vl", 3_000_000),
           "camera": ("stream.synthetic_camera", "emloc-tiny-camera", 3_000_000)}
 ANSWER = 16  # probe_answer_tokens of the observer rows that carry the model's own answer
+FINE = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)  # a finer ratio ladder than the paper's 0.02/0.1/0.5/1
 
 
 @dataclass(frozen=True)
@@ -57,25 +58,27 @@ class Method:
 
 
 def M(name, label, **settings):
-    return Method(name, label, tuple(settings.items()))
+    """An EMLoC row: the probe + its own answer observes (the bound), `scorer` ranks, finer ratios."""
+    return Method(name, label, tuple({"probe_answer_tokens": ANSWER, "ratios": FINE, **settings}.items()))
 
 
 METHODS = [
     Method("full", "full context", baseline="keep_all"),
-    M("paper", "paper: probe observer, observer attention"),
-    M("observer", "probe + own answer, observer attention", probe_answer_tokens=ANSWER),
-    M("template", "template proxy query", probe_answer_tokens=ANSWER, scorer="template"),
-    M("tar", "temporal novelty (TaR)", probe_answer_tokens=ANSWER, scorer="tar"),
-    M("van", "value norm (VaN)", probe_answer_tokens=ANSWER, scorer="van"),
-    M("keydiff", "key diversity (KeyDiff)", probe_answer_tokens=ANSWER, scorer="keydiff"),
-    M("observer_cov", "observer + coverage floor (4)", probe_answer_tokens=ANSWER, coverage_buckets=4),
-    M("tar_cov", "TaR + coverage floor (4)", probe_answer_tokens=ANSWER, scorer="tar", coverage_buckets=4),
-    M("tar_observer", "TaR + observer", probe_answer_tokens=ANSWER, scorer="tar+observer"),
-    M("tar_van", "TaR + VaN", probe_answer_tokens=ANSWER, scorer="tar+van"),
-    M("tar_keydiff", "TaR + KeyDiff", probe_answer_tokens=ANSWER, scorer="tar+keydiff"),
-    M("tar_observer_cov", "TaR + observer + coverage (4)", probe_answer_tokens=ANSWER, scorer="tar+observer",
+    Method("paper", "paper: probe observer, observer attention, ratios 0.02/0.1/0.5/1"),
+    M("observer_cli", "probe + own answer, ratios 0.02/0.1/0.5/1 (the old CLI default)", ratios=(0.02, 0.1, 0.5, 1.0)),
+    M("observer", "probe + own answer, observer attention"),
+    M("template", "template proxy query", scorer="template"),
+    M("tar", "temporal novelty (TaR)", scorer="tar"),
+    M("van", "value norm (VaN)", scorer="van"),
+    M("keydiff", "key diversity (KeyDiff)", scorer="keydiff"),
+    M("observer_cov", "observer + coverage floor (4)", coverage_buckets=4),
+    M("tar_cov", "TaR + coverage floor (4)", scorer="tar", coverage_buckets=4),
+    M("tar_observer", "TaR + observer", scorer="tar+observer"),
+    M("tar_van", "TaR + VaN", scorer="tar+van"),
+    M("tar_keydiff", "TaR + KeyDiff", scorer="tar+keydiff"),
+    M("tar_observer_cov", "TaR + observer + coverage (4)", scorer="tar+observer",
       coverage_buckets=4),
-    M("tar_paper", "TaR, paper's probe bound", scorer="tar"),
+    M("tar_paper", "TaR, paper's probe bound (no answer)", scorer="tar", probe_answer_tokens=0),
     Method("default", "default (EMLoCSettings())", default=True),
     Method("uniform", "uniform frames at the default's share", baseline="uniform_frames"),
 ]

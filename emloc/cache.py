@@ -16,6 +16,11 @@ number of tokens (pruning keeps the same count per head, not the same tokens), s
 each layer stays one rectangular tensor. Positions are never renumbered: keys
 keep the rotation of their original position, and `origins` records each kept
 token's index in the stream.
+
+With merging on (`EMLoCSettings.merge_dropped`), a kept token also stands for the
+dropped tokens most like it: `log_mass` (log of how many it stands for) is added to
+its attention logit, so the attention a run of redundant tokens drew is kept
+(proportional attention). A layer that never merged has none and no attention bias.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class PrunedLayer(CacheLayerMixin):
         self._v: torch.Tensor | None = None
         self.origins: torch.Tensor | None = None
         self.importance: torch.Tensor | None = None
+        self.log_mass: torch.Tensor | None = None
+        self.merged = False  # some token stands for more than itself: attention needs the bias
 
     # --- the transformers cache-layer interface -------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -56,6 +63,7 @@ class PrunedLayer(CacheLayerMixin):
         self._v = value_states.new_zeros(b, h, cap, value_states.shape[-1])
         self.origins = torch.zeros(b, h, cap, dtype=torch.long, device=self.device)
         self.importance = torch.zeros(b, h, cap, dtype=torch.float32, device=self.device)
+        self.log_mass = torch.zeros(b, h, cap, dtype=torch.float32, device=self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -66,6 +74,7 @@ class PrunedLayer(CacheLayerMixin):
         self._reserve(end + n)
         self._k[:, :, end:end + n] = key_states
         self._v[:, :, end:end + n] = value_states
+        self.log_mass[:, :, end:end + n] = 0
         self.tail += n
         return self._k[:, :, :end + n], self._v[:, :, :end + n]
 
@@ -103,13 +112,21 @@ class PrunedLayer(CacheLayerMixin):
     def committed_importance(self) -> torch.Tensor:
         return self.importance[:, :, :self.length]
 
+    def attention_bias(self) -> torch.Tensor | None:
+        """(1, kv_heads, length + tail) log-mass to add to the attention logits of the cached
+        keys, or None when no token stands for more than itself."""
+        return self.log_mass[:, :, :self.length + self.tail] if self.merged else None
+
     # --- tail edits --------------------------------------------------------------------
-    def set_tail(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Replaces the tail by `keys`/`values` (a retained selection of a chunk)."""
+    def set_tail(self, keys: torch.Tensor, values: torch.Tensor, log_mass: torch.Tensor | None = None) -> None:
+        """Replaces the tail by `keys`/`values` (a retained selection of a chunk); log_mass:
+        (1, kv_heads, n) what each stands for, when dropped tokens were merged into it."""
         n = keys.shape[-2]
         self._reserve(self.length + n)
         self._k[:, :, self.length:self.length + n] = keys
         self._v[:, :, self.length:self.length + n] = values
+        self.log_mass[:, :, self.length:self.length + n] = 0 if log_mass is None else log_mass
+        self.merged = self.merged or log_mass is not None
         self.tail = n
 
     def drop_tail(self, keep: int = 0) -> None:
@@ -137,6 +154,7 @@ class PrunedLayer(CacheLayerMixin):
         self._v[:, :, :n] = torch.gather(self._v[:, :, :self.length], 2, kidx)
         self.origins[:, :, :n] = torch.gather(self.origins[:, :, :self.length], 2, index)
         self.importance[:, :, :n] = torch.gather(self.importance[:, :, :self.length], 2, index)
+        self.log_mass[:, :, :n] = torch.gather(self.log_mass[:, :, :self.length], 2, index)
         self.length = n
 
     # --- snapshots --------------------------------------------------------------------
@@ -144,15 +162,19 @@ class PrunedLayer(CacheLayerMixin):
         """The committed state as standalone tensors (for saving); empty if never written."""
         if not self.is_initialized:
             return {}
-        return {name: view.contiguous().clone() for name, view in (
+        out = {name: view.contiguous().clone() for name, view in (
             ("keys", self.keys), ("values", self.values), ("origins", self.committed_origins()),
             ("importance", self.committed_importance()))}
+        if self.merged:
+            out["log_mass"] = self.log_mass[:, :, :self.length].contiguous().clone()
+        return out
 
     def restore(self, keys: torch.Tensor, values: torch.Tensor, origins: torch.Tensor,
-                importance: torch.Tensor) -> None:
+                importance: torch.Tensor, log_mass: torch.Tensor | None = None) -> None:
         """Replaces the layer by exported state (no tail)."""
         n = keys.shape[2]
-        shapes = (values.shape[2], origins.shape[-1], importance.shape[-1])
+        shapes = (values.shape[2], origins.shape[-1], importance.shape[-1]) + (
+            () if log_mass is None else (log_mass.shape[-1],))
         if any(m != n for m in shapes) or keys.dim() != 4 or keys.shape[0] != 1:
             raise ValueError(f"inconsistent layer state: keys {tuple(keys.shape)}, values {tuple(values.shape)}, "
                              f"origins {tuple(origins.shape)}, importance {tuple(importance.shape)}")
@@ -160,6 +182,8 @@ class PrunedLayer(CacheLayerMixin):
         self._reserve(n)
         self._k[:, :, :n], self._v[:, :, :n] = keys, values
         self.origins[:, :, :n], self.importance[:, :, :n] = origins, importance.float()
+        self.merged = log_mass is not None
+        self.log_mass[:, :, :n] = 0 if log_mass is None else log_mass.float()
         self.length, self.tail = n, 0
 
     def nbytes(self) -> int:
@@ -167,14 +191,16 @@ class PrunedLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         per_token = (self._k.shape[-1] * self._k.element_size() + self._v.shape[-1] * self._v.element_size()
-                     + self.origins.element_size() + self.importance.element_size())
+                     + self.origins.element_size() + self.importance.element_size()
+                     + (self.log_mass.element_size() if self.merged else 0))
         return self.length * self._k.shape[1] * per_token
 
     def capacity_nbytes(self) -> int:
         """Bytes allocated, committed or not."""
         if not self.is_initialized:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self._k, self._v, self.origins, self.importance))
+        return sum(t.numel() * t.element_size() for t in (self._k, self._v, self.origins, self.importance,
+                                                           self.log_mass))
 
     def _reserve(self, size: int) -> None:
         cap = self._k.shape[2]
@@ -190,7 +216,7 @@ class PrunedLayer(CacheLayerMixin):
             return new
 
         self._k, self._v = grow(self._k), grow(self._v)
-        self.origins, self.importance = grow(self.origins), grow(self.importance)
+        self.origins, self.importance, self.log_mass = grow(self.origins), grow(self.importance), grow(self.log_mass)
 
 
 class PrunedCache(Cache):
@@ -211,7 +237,8 @@ class PrunedCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
     def export(self) -> dict[str, torch.Tensor]:
-        """Every layer's committed state, named `layers.<i>.<keys|values|origins|importance>`."""
+        """Every layer's committed state, named `layers.<i>.<keys|values|origins|importance>` (and
+        `log_mass` for a layer that merged)."""
         return {f"layers.{i}.{name}": t for i, layer in enumerate(self.layers) for name, t in layer.export().items()}
 
     def restore(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -220,7 +247,7 @@ class PrunedCache(Cache):
                 parts = [tensors[f"layers.{i}.{name}"] for name in ("keys", "values", "origins", "importance")]
             except KeyError as error:
                 raise ValueError(f"saved cache has no {error.args[0]!r}") from error
-            layer.restore(*parts)
+            layer.restore(*parts, tensors.get(f"layers.{i}.log_mass"))
 
     def capacity_nbytes(self) -> int:
         return sum(layer.capacity_nbytes() for layer in self.layers)

@@ -15,6 +15,7 @@ import time
 from collections import deque
 
 import torch
+import torch.nn.functional as F
 
 from .adapters import InputError, ModelAdapter, adapter_for
 from .budget import enforce_budget
@@ -125,7 +126,9 @@ class StreamContext:
             score_s = time.perf_counter() - clock
 
             clock = time.perf_counter()
-            state = FoldState(adapter, cache, chunk_keys, chunk_values, importance, steps, passes)
+            merge = ([F.normalize(view.unrotated_keys(i), dim=-1) for i in range(adapter.num_layers)]
+                     if settings.merge_dropped else None)
+            state = FoldState(adapter, cache, chunk_keys, chunk_values, importance, steps, passes, merge)
             retention = self.policy.retain(state)
             search_s = time.perf_counter() - clock
             kept = self._commit(state, retention.keep, prefix_attention)

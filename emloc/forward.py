@@ -20,12 +20,21 @@ def prefix_mask(prefix_len: int, n: int, device: torch.device) -> torch.Tensor:
 
 
 def layer_mask(adapter: ModelAdapter, cache: PrunedCache, index: int, n: int,
-               device: torch.device) -> torch.Tensor | None:
+               device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """Boolean causal mask over [cached | new], or, where the layer holds merged tokens, an
+    additive float mask (1, heads, n, cached + n) that also adds each cached key's log-mass."""
+    layer = cache.layers[index]
+    bias = layer.attention_bias() if layer.is_initialized else None
     if adapter.uses_flash_attention:
-        return None  # flash-attn aligns causal masks bottom-right: the prefix is fully visible
-    if n == 1:
-        return None  # one query sees everything cached
-    return prefix_mask(cache.layers[index].get_seq_length(), n, device)
+        return None  # flash-attn aligns causal masks bottom-right: the prefix is fully visible (no merge bias)
+    if bias is None:
+        return None if n == 1 else prefix_mask(layer.get_seq_length(), n, device)
+    cached = layer.get_seq_length()
+    allowed = prefix_mask(cached, n, device)
+    additive = torch.zeros(1, bias.shape[1], 1, cached + n, device=device, dtype=torch.float32)
+    additive[..., :cached] = bias.unsqueeze(2)
+    additive = additive.repeat_interleave(adapter.num_heads // bias.shape[1], dim=1)
+    return additive.masked_fill(~allowed, float("-inf")).expand(1, adapter.num_heads, n, cached + n).to(dtype)
 
 
 def run_layers(adapter: ModelAdapter, cache: PrunedCache, hidden: torch.Tensor, positions: torch.Tensor,
@@ -42,7 +51,7 @@ def run_layers(adapter: ModelAdapter, cache: PrunedCache, hidden: torch.Tensor, 
     for index in range(start_layer, adapter.num_layers):
         if record_inputs is not None:
             record_inputs[index] = hidden
-        mask = layer_mask(adapter, cache, index, n, hidden.device)
+        mask = layer_mask(adapter, cache, index, n, hidden.device, hidden.dtype)
         hidden = adapter.run_layer(index, hidden, mask, rotary, cache)
     return hidden
 

@@ -29,7 +29,7 @@ from .reference import chat_preamble, published_rope_index, random_frames, video
 
 SYSTEM = "You are a helpful assistant."
 QUESTIONS = ["what colour was the triangle ?", "how many times did a star appear ?"]
-KEEP_ALL = EMLoCSettings(layer_group_size=2, ratios=(1.0,), chunk_frames=8, system_prompt=SYSTEM)
+KEEP_ALL = EMLoCSettings(layer_group_size=2, ratios=(1.0,), chunk_frames=8, system_prompt=SYSTEM, scorer="observer")
 
 
 class Spy(JSBoundedSearch):
@@ -147,7 +147,7 @@ def test_importance_carries_over_across_folds(qwen2_vl, eager, tokenizer):
 def test_importance_does_not_depend_on_who_watched(qwen2_vl, tokenizer):
     """A chunk seen by four questions and one seen by the probe commit scores on one scale
     (mean 1 per layer and head), so the budget cannot evict by the number of observers."""
-    settings = EMLoCSettings(layer_group_size=2, ratios=(1.0,), chunk_frames=8, max_observers=4)
+    settings = EMLoCSettings(layer_group_size=2, ratios=(1.0,), chunk_frames=8, max_observers=4, scorer="observer")
     context = StreamContext(qwen2_vl, tokenizer, settings)
     context.fold(random_frames(8, seed=1), questions=QUESTIONS + ["which came first ?", "what digit is on screen ?"])
     context.fold(random_frames(8, seed=2))
@@ -273,3 +273,30 @@ def test_scorer_setting_is_checked_and_saved():
         EMLoCSettings(scorer="tar+tar")
     with pytest.raises(SettingsError, match="coverage_buckets"):
         EMLoCSettings(coverage_buckets=-1)
+
+
+def test_merged_tokens_attend_like_their_duplicates(tokenizer):
+    """Proportional attention: a kept token standing for m tokens (log-mass log m) must give the
+    answer the plain model gives when that token's key and value are simply repeated m times.
+    One KV head, so the repeated cache stays rectangular."""
+    from emloc.tiny import tiny_qwen2_vl
+
+    from .reference import chat_question, observer_log_probs
+
+    model = tiny_qwen2_vl(tokenizer, heads=4, kv_heads=1, init_std=0.15, seed=2)
+    settings = EMLoCSettings(layer_group_size=2, delta=100.0, ratios=(0.3, 1.0), chunk_frames=8,
+                             merge_dropped=True, scorer="tar", probe_answer_tokens=0)
+    context = StreamContext(model, tokenizer, settings)
+    for k in range(2):
+        context.fold(random_frames(8, seed=20 + k))
+    answer = context.answer(QUESTIONS[0], max_new_tokens=1, return_logits=True)
+    repeated = []
+    for layer in context.cache.layers:
+        mass = layer.log_mass[0, 0, :layer.length].exp().round().long()
+        assert int(mass.sum()) == context.tokens_seen, "every folded token is stood for exactly once"
+        assert int(mass.max()) > 1, "the test must see merged tokens"
+        repeated.append((layer.keys.repeat_interleave(mass, dim=2), layer.values.repeat_interleave(mass, dim=2)))
+    ids = chat_question(tokenizer, QUESTIONS[0])
+    expected = observer_log_probs(model, repeated, ids, context.adapter.text_positions(context.max_position + 1,
+                                                                                       len(ids)), len(ids))
+    torch.testing.assert_close(torch.log_softmax(answer.prompt_logits.double(), -1), expected, atol=1e-4, rtol=0)
