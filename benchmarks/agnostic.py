@@ -79,7 +79,12 @@ METHODS = [
     M("tar_observer_cov", "TaR + observer + coverage (4)", scorer="tar+observer",
       coverage_buckets=4),
     M("tar_paper", "TaR, paper's probe bound (no answer)", scorer="tar", probe_answer_tokens=0),
-    Method("default", "default (EMLoCSettings())", default=True),
+    M("observer_merge", "observer + merging", merge_dropped=True),
+    M("template_merge", "template + merging", scorer="template", merge_dropped=True),
+    M("tar_merge", "TaR + merging", scorer="tar", merge_dropped=True),
+    M("keydiff_merge", "KeyDiff + merging", scorer="keydiff", merge_dropped=True),
+    M("tar_keydiff_merge", "TaR + KeyDiff + merging", scorer="tar+keydiff", merge_dropped=True),
+    Method("default", "default: TaR + observer + merging (EMLoCSettings())", default=True),
     Method("uniform", "uniform frames at the default's share", baseline="uniform_frames"),
 ]
 NEEDLE_METHODS = ["full", "default", "observer", "paper", "tar", "uniform"]
@@ -268,7 +273,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tag", default="", help="suffix of the output files")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    parser.add_argument("--combine", type=Path, nargs="+", help="join saved runs on the same seeds into one table")
     args = parser.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.out / ("agnostic" + (f"-{args.tag}" if args.tag else "")))
     module, model_dir, seeds = SUITES[args.suite]
     try:
         importlib.import_module(module)
@@ -314,6 +322,28 @@ def main(argv: list[str] | None = None) -> None:
     head = json.dumps(dict(meta=meta, summary=summary), indent=1)[:-2]
     (args.out / f"{stem}.json").write_text(f'{head},\n "videos": [\n  {videos}\n ]\n}}\n')
     (args.out / f"{stem}.md").write_text(text)
+    print(text)
+
+
+def combine(paths: list[Path], stem: Path) -> None:
+    """One table from runs over the same seeds (methods in METHODS order; first run's meta)."""
+    saved = [json.loads(p.read_text()) for p in paths]
+    rows = {r["seed"]: dict(r) for r in saved[0]["videos"]}
+    for other in saved[1:]:
+        for r in other["videos"]:
+            if r["seed"] in rows:
+                rows[r["seed"]].update({k: v for k, v in r.items() if isinstance(v, dict) and "correct" in v})
+    names = [m.name for m in METHODS if all(m.name in r for r in rows.values())]
+    rows = [rows[s] for s in sorted(rows)]
+    meta = dict(saved[0]["meta"], videos=len(rows), minutes=sum(x["meta"]["minutes"] for x in saved),
+                command=" ; ".join(x["meta"]["command"] for x in saved))
+    summary = summarize(rows, names)
+    text = markdown(meta, summary)
+    plot(summary, stem.with_suffix(".png"), f"Questions after the video: {meta['suite']}, {meta['frames']} frames")
+    videos = ",\n  ".join(json.dumps(r, separators=(",", ":")) for r in rows)
+    head = json.dumps(dict(meta=meta, summary=summary), indent=1)[:-2]
+    stem.with_suffix(".json").write_text(f'{head},\n "videos": [\n  {videos}\n ]\n}}\n')
+    stem.with_suffix(".md").write_text(text)
     print(text)
 
 

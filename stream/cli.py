@@ -21,9 +21,9 @@ from .synthetic import QUESTION_TYPES, make_video
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "emloc-tiny-qwen2vl"
 RANDOM_MODEL = "builtin:random"  # a 28-layer tiny Qwen2-VL with random weights, for quick checks
-# With no config file, the probe observer carries the model's own answer to the probe: on the fidelity
-# benchmark that took query-agnostic pruning from 51% to 77% (docs/benchmarks/fidelity.md).
-DEFAULT_PROBE_ANSWER_TOKENS = 16
+# With no config file, the query-agnostic default of EMLoCSettings (docs/benchmarks/agnostic.md): the probe
+# observer carries the model's own answer, tokens ranked by temporal novelty + observer attention, merged.
+DEFAULT_PROBE_ANSWER_TOKENS = EMLoCSettings().probe_answer_tokens
 
 
 def build_model(config: Config, model: str | None, settings_given: bool) -> tuple[ModelAdapter, EMLoCSettings, str]:
@@ -330,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="YAML config (see configs/); default: the paper's online setting, its "
-                       "layer groups scaled to the model's depth, the probe observer with its own answer")
+        p.add_argument("--config", help="YAML config (see configs/); default: the query-agnostic default "
+                       "(configs/query_agnostic.yaml), its layer groups scaled to the model's depth")
         p.add_argument("--model", help=f"checkpoint folder or hub id of a Qwen2-VL / Qwen2.5-VL model "
                        f"(default: the shipped {DEFAULT_MODEL.relative_to(ROOT)}; {RANDOM_MODEL}: random weights)")
         p.add_argument("--ask", action="append", help="a question (repeatable)")
