@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import multiprocessing
 import sys
@@ -279,9 +280,11 @@ def main(argv: list[str] | None = None) -> None:
         return combine(args.combine, args.out / ("agnostic" + (f"-{args.tag}" if args.tag else "")))
     module, model_dir, seeds = SUITES[args.suite]
     try:
-        importlib.import_module(module)
+        generator = importlib.import_module(module)
     except ImportError:
         parser.error(f"the {args.suite} suite needs {module}, which this checkout does not have")
+    if args.needle and "needle_before" not in inspect.signature(generator.make_video).parameters:
+        parser.error(f"{module}.make_video cannot place the needle early (no needle_before)")
     model = args.model or str(ROOT / "models" / model_dir)
     if not Path(model).is_dir():
         parser.error(f"no model at {model}")

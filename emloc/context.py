@@ -45,6 +45,10 @@ class StreamContext:
             model, tokenizer, **adapter_options)
         self.settings = settings or EMLoCSettings()
         self.settings.check_against(self.adapter.num_layers, self.adapter.temporal_patch)
+        if self.settings.merge_dropped and self.adapter.uses_flash_attention:
+            raise SettingsError("merge_dropped adds each merged token's log-mass to the attention logits, which "
+                                "flash-attn cannot take: load the model with sdpa or eager attention, or set "
+                                "merge_dropped: false")
         self.policy = policy or JSBoundedSearch.from_settings(self.settings)
         self.scorer = scorer or scorer_from_settings(self.settings)
         self.cache = PrunedCache(self.adapter.num_layers)

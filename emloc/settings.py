@@ -110,7 +110,8 @@ class EMLoCSettings:
             raise SettingsError(f"scorer: {error}") from None
         _require(isinstance(self.coverage_buckets, int) and self.coverage_buckets >= 0,
                  f"coverage_buckets must be an integer >= 0, got {self.coverage_buckets!r}")
-        _require(isinstance(self.merge_dropped, bool), f"merge_dropped must be true or false, got {self.merge_dropped!r}")
+        _require(isinstance(self.merge_dropped, bool),
+                 f"merge_dropped must be true or false, got {self.merge_dropped!r}")
         _require(isinstance(self.max_observers, int) and self.max_observers >= 1,
                  f"max_observers must be an integer >= 1, got {self.max_observers!r}")
 
