@@ -85,7 +85,8 @@ METHODS = [
     M("tar_merge", "TaR + merging", scorer="tar", merge_dropped=True),
     M("keydiff_merge", "KeyDiff + merging", scorer="keydiff", merge_dropped=True),
     M("tar_keydiff_merge", "TaR + KeyDiff + merging", scorer="tar+keydiff", merge_dropped=True),
-    Method("default", "default: TaR + observer + merging (EMLoCSettings())", default=True),
+    M("tar_observer_merge", "TaR + observer + merging", scorer="tar+observer", merge_dropped=True),
+    Method("default", "default: TaR + KeyDiff + merging (EMLoCSettings())", default=True),
     Method("uniform", "uniform frames at the default's share", baseline="uniform_frames"),
 ]
 NEEDLE_METHODS = ["full", "default", "observer", "paper", "tar", "uniform"]

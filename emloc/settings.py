@@ -26,7 +26,7 @@ class EMLoCSettings:
     The defaults are the query-agnostic setting that won the benchmark
     (docs/benchmarks/agnostic.md): the paper's online search (groups, delta 0.04, m = 16) with
     a finer ratio ladder, bounded on the probe plus the model's own answer, tokens ranked by
-    temporal novelty + observer attention, dropped tokens merged. The paper's exact method is
+    temporal novelty + key diversity (no question needed), dropped tokens merged. The paper's exact method is
     the `videomme_online` preset (and `reference_code`, `layer_wise`).
 
     layer_group_size: consecutive decoder layers that share one retention ratio
@@ -75,7 +75,7 @@ class EMLoCSettings:
     system_prompt: str = "You are a helpful assistant."
     max_observers: int = 4
     probe_answer_tokens: int = 16
-    scorer: str = "tar+observer"
+    scorer: str = "tar+keydiff"
     coverage_buckets: int = 0
     merge_dropped: bool = True
 

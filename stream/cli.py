@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "emloc-tiny-qwen2vl"
 RANDOM_MODEL = "builtin:random"  # a 28-layer tiny Qwen2-VL with random weights, for quick checks
 # With no config file, the query-agnostic default of EMLoCSettings (docs/benchmarks/agnostic.md): the probe
-# observer carries the model's own answer, tokens ranked by temporal novelty + observer attention, merged.
+# observer carries the model's own answer, tokens ranked by temporal novelty + key diversity, merged.
 DEFAULT_PROBE_ANSWER_TOKENS = EMLoCSettings().probe_answer_tokens
 
 
