@@ -248,7 +248,7 @@ def plot(summary, path: Path, title: str) -> None:
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[bench]'): no plot written", flush=True)
         return
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(10.5, 4.8))
     for i, s in enumerate(summary):
         marker = {"full": "s", "uniform": "D", "default": "*"}.get(s["name"], "o")
         ax.scatter(s["kept_percent"], 100 * s["accuracy"]["mean"], marker=marker, s=160 if marker == "*" else 45,
@@ -258,9 +258,9 @@ def plot(summary, path: Path, title: str) -> None:
     ax.set_ylabel("mean exact-match accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6.5, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def main(argv: list[str] | None = None) -> None:
