@@ -10,11 +10,20 @@ from .loading import load_adapter
 from .observer import Observer, js_divergence
 from .policies import GroupDecision, JSBoundedSearch, Retention, RetentionPolicy
 from .records import Answer, FoldRecord
-from .settings import EMLoCSettings, SettingsError, layer_wise, preset, reference_code, videomme_online
+from .scorers import Scorer, build_scorer
+from .settings import (
+    EMLoCSettings,
+    SettingsError,
+    layer_wise,
+    preset,
+    query_agnostic,
+    reference_code,
+    videomme_online,
+)
 
 __all__ = [
     "Answer", "EMLoCSettings", "FoldRecord", "GroupDecision", "InputError", "JSBoundedSearch", "ModelAdapter",
-    "Observer", "PrunedCache", "PrunedLayer", "Retention", "RetentionPolicy", "SettingsError", "StreamContext",
-    "UnsupportedModelError", "adapter_for", "js_divergence", "load_adapter", "layer_wise", "preset", "reference_code",
-    "videomme_online",
+    "Observer", "PrunedCache", "PrunedLayer", "Retention", "RetentionPolicy", "Scorer", "SettingsError",
+    "StreamContext", "UnsupportedModelError", "adapter_for", "build_scorer", "js_divergence", "load_adapter",
+    "layer_wise", "preset", "query_agnostic", "reference_code", "videomme_online",
 ]

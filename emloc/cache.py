@@ -16,6 +16,11 @@ number of tokens (pruning keeps the same count per head, not the same tokens), s
 each layer stays one rectangular tensor. Positions are never renumbered: keys
 keep the rotation of their original position, and `origins` records each kept
 token's index in the stream.
+
+With merging on (`EMLoCSettings.merge_dropped`), a kept token also stands for the
+dropped tokens most like it: `log_mass` (log of how many it stands for) is added to
+its attention logit, so the attention a run of redundant tokens drew is kept
+(proportional attention). A layer that never merged has none and no attention bias.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class PrunedLayer(CacheLayerMixin):
         self._v: torch.Tensor | None = None
         self.origins: torch.Tensor | None = None
         self.importance: torch.Tensor | None = None
+        self.log_mass: torch.Tensor | None = None
+        self.merged = False  # some token stands for more than itself: attention needs the bias
 
     # --- the transformers cache-layer interface -------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -58,6 +65,7 @@ class PrunedLayer(CacheLayerMixin):
         self._v = value_states.new_zeros(b, h, cap, value_states.shape[-1])
         self.origins = torch.zeros(b, h, cap, dtype=torch.long, device=self.device)
         self.importance = torch.zeros(b, h, cap, dtype=torch.float32, device=self.device)
+        self.log_mass = torch.zeros(b, h, cap, dtype=torch.float32, device=self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -68,6 +76,7 @@ class PrunedLayer(CacheLayerMixin):
         self._reserve(end + n)
         self._k[:, :, end:end + n] = key_states
         self._v[:, :, end:end + n] = value_states
+        self.log_mass[:, :, end:end + n] = 0
         self.tail += n
         return self._k[:, :, :end + n], self._v[:, :, :end + n]
 
@@ -105,13 +114,21 @@ class PrunedLayer(CacheLayerMixin):
     def committed_importance(self) -> torch.Tensor:
         return self.importance[:, :, :self.length]
 
+    def attention_bias(self) -> torch.Tensor | None:
+        """(1, kv_heads, length + tail) log-mass to add to the attention logits of the cached
+        keys, or None when no token stands for more than itself."""
+        return self.log_mass[:, :, :self.length + self.tail] if self.merged else None
+
     # --- tail edits --------------------------------------------------------------------
-    def set_tail(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Replaces the tail by `keys`/`values` (a retained selection of a chunk)."""
+    def set_tail(self, keys: torch.Tensor, values: torch.Tensor, log_mass: torch.Tensor | None = None) -> None:
+        """Replaces the tail by `keys`/`values` (a retained selection of a chunk); log_mass:
+        (1, kv_heads, n) what each stands for, when dropped tokens were merged into it."""
         n = keys.shape[-2]
         self._reserve(self.length + n)
         self._k[:, :, self.length:self.length + n] = keys
         self._v[:, :, self.length:self.length + n] = values
+        self.log_mass[:, :, self.length:self.length + n] = 0 if log_mass is None else log_mass
+        self.merged = self.merged or log_mass is not None
         self.tail = n
 
     def drop_tail(self, keep: int = 0) -> None:
@@ -144,6 +161,7 @@ class PrunedLayer(CacheLayerMixin):
 
         self._k, self._v = kept(self._k, kidx), kept(self._v, kidx)
         self.origins, self.importance = kept(self.origins, index), kept(self.importance, index)
+        self.log_mass = kept(self.log_mass, index)
         self.length = n
 
     # --- rollback -------------------------------------------------------------------
@@ -155,14 +173,15 @@ class PrunedLayer(CacheLayerMixin):
             raise RuntimeError("save the layer with no tail pending")
         if not self.is_initialized:
             return (None,)
-        return self.length, self._k, self._v, self.origins, self.importance, self.committed_importance().clone()
+        return (self.length, self._k, self._v, self.origins, self.importance, self.log_mass, self.merged,
+                self.committed_importance().clone())
 
     def put_back(self, saved: tuple) -> None:
         """Returns the layer to the state `save` recorded, with no tail."""
         if saved[0] is None:
             self.__init__()
             return
-        self.length, self._k, self._v, self.origins, self.importance, importance = saved
+        self.length, self._k, self._v, self.origins, self.importance, self.log_mass, self.merged, importance = saved
         self.importance[:, :, :self.length] = importance
         self.tail = 0
 
@@ -171,15 +190,19 @@ class PrunedLayer(CacheLayerMixin):
         """The committed state as standalone tensors (for saving); empty if never written."""
         if not self.is_initialized:
             return {}
-        return {name: view.contiguous().clone() for name, view in (
+        out = {name: view.contiguous().clone() for name, view in (
             ("keys", self.keys), ("values", self.values), ("origins", self.committed_origins()),
             ("importance", self.committed_importance()))}
+        if self.merged:
+            out["log_mass"] = self.log_mass[:, :, :self.length].contiguous().clone()
+        return out
 
     def restore(self, keys: torch.Tensor, values: torch.Tensor, origins: torch.Tensor,
-                importance: torch.Tensor) -> None:
+                importance: torch.Tensor, log_mass: torch.Tensor | None = None) -> None:
         """Replaces the layer by exported state (no tail)."""
         n = keys.shape[2]
-        shapes = (values.shape[2], origins.shape[-1], importance.shape[-1])
+        shapes = (values.shape[2], origins.shape[-1], importance.shape[-1]) + (
+            () if log_mass is None else (log_mass.shape[-1],))
         if any(m != n for m in shapes) or keys.dim() != 4 or keys.shape[0] != 1:
             raise ValueError(f"inconsistent layer state: keys {tuple(keys.shape)}, values {tuple(values.shape)}, "
                              f"origins {tuple(origins.shape)}, importance {tuple(importance.shape)}")
@@ -187,6 +210,8 @@ class PrunedLayer(CacheLayerMixin):
         self._reserve(n)
         self._k[:, :, :n], self._v[:, :, :n] = keys, values
         self.origins[:, :, :n], self.importance[:, :, :n] = origins, importance.float()
+        self.merged = log_mass is not None
+        self.log_mass[:, :, :n] = 0 if log_mass is None else log_mass.float()
         self.length, self.tail = n, 0
 
     def nbytes(self) -> int:
@@ -194,14 +219,16 @@ class PrunedLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         per_token = (self._k.shape[-1] * self._k.element_size() + self._v.shape[-1] * self._v.element_size()
-                     + self.origins.element_size() + self.importance.element_size())
+                     + self.origins.element_size() + self.importance.element_size()
+                     + (self.log_mass.element_size() if self.merged else 0))
         return self.length * self._k.shape[1] * per_token
 
     def capacity_nbytes(self) -> int:
         """Bytes allocated, committed or not."""
         if not self.is_initialized:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self._k, self._v, self.origins, self.importance))
+        return sum(t.numel() * t.element_size() for t in (self._k, self._v, self.origins, self.importance,
+                                                           self.log_mass))
 
     def _reserve(self, size: int) -> None:
         cap = self._k.shape[2]
@@ -217,7 +244,7 @@ class PrunedLayer(CacheLayerMixin):
             return new
 
         self._k, self._v = grow(self._k), grow(self._v)
-        self.origins, self.importance = grow(self.origins), grow(self.importance)
+        self.origins, self.importance, self.log_mass = grow(self.origins), grow(self.importance), grow(self.log_mass)
 
 
 class PrunedCache(Cache):
@@ -250,7 +277,8 @@ class PrunedCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
     def export(self) -> dict[str, torch.Tensor]:
-        """Every layer's committed state, named `layers.<i>.<keys|values|origins|importance>`."""
+        """Every layer's committed state, named `layers.<i>.<keys|values|origins|importance>` (and
+        `log_mass` for a layer that merged)."""
         return {f"layers.{i}.{name}": t for i, layer in enumerate(self.layers) for name, t in layer.export().items()}
 
     def restore(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -259,7 +287,7 @@ class PrunedCache(Cache):
                 parts = [tensors[f"layers.{i}.{name}"] for name in ("keys", "values", "origins", "importance")]
             except KeyError as error:
                 raise ValueError(f"saved cache has no {error.args[0]!r}") from error
-            layer.restore(*parts)
+            layer.restore(*parts, tensors.get(f"layers.{i}.log_mass"))
 
     def capacity_nbytes(self) -> int:
         return sum(layer.capacity_nbytes() for layer in self.layers)

@@ -17,14 +17,16 @@ import time
 from collections import deque
 
 import torch
+import torch.nn.functional as F
 
 from .adapters import InputError, ModelAdapter, adapter_for
 from .budget import enforce_budget
 from .cache import PrunedCache
 from .forward import generate, run_layers
-from .observer import Observer, observe, smooth
+from .observer import Observer, ObserverPass, observe
 from .policies import FoldState, JSBoundedSearch, RetentionPolicy
 from .records import Answer, FoldRecord
+from .scorers import ChunkView, Scorer, attention_share, scorer_from_settings
 from .settings import EMLoCSettings, SettingsError
 
 
@@ -46,19 +48,25 @@ class StreamContext:
 
     model: a supported *ForConditionalGeneration model, or a ready `ModelAdapter`.
     policy: how chunks are pruned; EMLoC's JS-bounded search by default.
+    scorer: how a chunk's tokens are ranked; by default what `settings.scorer` names.
     adapter_options: passed to the family adapter (fps, frame pixel limits).
     """
 
     KEEP_RECORDS = 1024
 
     def __init__(self, model, tokenizer=None, settings: EMLoCSettings | None = None, *,
-                 policy: RetentionPolicy | None = None, **adapter_options) -> None:
+                 policy: RetentionPolicy | None = None, scorer: Scorer | None = None, **adapter_options) -> None:
         self._lock = threading.RLock()
         self.adapter: ModelAdapter = model if isinstance(model, ModelAdapter) else adapter_for(
             model, tokenizer, **adapter_options)
         self.settings = settings or EMLoCSettings()
         self.settings.check_against(self.adapter.num_layers, self.adapter.temporal_patch)
+        if self.settings.merge_dropped and self.adapter.uses_flash_attention:
+            raise SettingsError("merge_dropped adds each merged token's log-mass to the attention logits, which "
+                                "flash-attn cannot take: load the model with sdpa or eager attention, or set "
+                                "merge_dropped: false")
         self.policy = policy or JSBoundedSearch.from_settings(self.settings)
+        self.scorer = scorer or scorer_from_settings(self.settings)
         self.cache = PrunedCache(self.adapter.num_layers)
         self.standing_questions: list[str] = []
         self.chunks_folded = 0
@@ -125,20 +133,24 @@ class StreamContext:
                 passes.append(observe(adapter, cache, observer, ids,
                                       adapter.text_positions(max_position + 1, len(ids)),
                                       settings.observed_positions))
-            chunk_attention, prefix_attention = [], []
-            for i in range(adapter.num_layers):  # observer attention onto [committed | chunk], summed
-                total = torch.zeros(1, adapter.num_kv_heads, before[i] + n, device=embeds.device)
-                for p in passes:
-                    total += p.attention[i]
-                prefix_attention.append(total[..., :before[i]])
-                chunk_attention.append(total[..., before[i]:])
-            importance = [smooth(a, settings.smoothing_kernel) for a in chunk_attention]
             observe_s = time.perf_counter() - clock
 
             clock = time.perf_counter()
-            state = FoldState(adapter, cache, [layer.tail_keys().clone() for layer in cache.layers],
-                              [layer.tail_values().clone() for layer in cache.layers], importance,
-                              torch.arange(pixels.grid_thw[0]).repeat_interleave(n // pixels.grid_thw[0]), passes)
+            chunk_keys = [layer.tail_keys().clone() for layer in cache.layers]
+            chunk_values = [layer.tail_values().clone() for layer in cache.layers]
+            steps = torch.arange(pixels.grid_thw[0]).repeat_interleave(n // pixels.grid_thw[0])
+            template = self._template_attention(max_position + 1, before) if self.scorer.needs_template else None
+            view = ChunkView(chunk_keys, chunk_values, adapter.rotary(embeds, positions), steps,
+                             [[p.attention[i][..., before[i]:] for p in passes] for i in range(adapter.num_layers)],
+                             template)
+            importance = [self.scorer.score(view, i) for i in range(adapter.num_layers)]
+            prefix_attention = [[p.attention[i][..., :before[i]] for p in passes] for i in range(adapter.num_layers)]
+            score_s = time.perf_counter() - clock
+
+            clock = time.perf_counter()
+            merge = ([F.normalize(view.unrotated_keys(i), dim=-1) for i in range(adapter.num_layers)]
+                     if settings.merge_dropped else None)
+            state = FoldState(adapter, cache, chunk_keys, chunk_values, importance, steps, passes, merge)
             retention = self.policy.retain(state)
             search_s = time.perf_counter() - clock
             kept = self._commit(state, retention.keep, prefix_attention)
@@ -159,7 +171,7 @@ class StreamContext:
             groups=retention.groups, kept=kept, evicted=evicted, tokens_before=before, tokens_after=cache.lengths(),
             observers=observers, positions=(first, int(positions[0].max())), max_position=max_position,
             time_span=self._time_span, cache_bytes=cache.nbytes(), vision_s=vision_s, prefill_s=prefill_s,
-            observe_s=observe_s, search_s=search_s, evaluations=state.evaluations)
+            observe_s=observe_s, search_s=search_s, evaluations=state.evaluations, score_s=score_s)
         self.chunks_folded += 1
         self.records.append(record)
         return record
@@ -179,8 +191,18 @@ class StreamContext:
             self.adapter.question_ids(observer.text)  # a bad question fails before any work
         return found[: self.settings.max_observers] or [Observer("probe", self.settings.probe_prompt)]
 
-    def _commit(self, state: FoldState, keep: list, prefix_attention: list[torch.Tensor]) -> list[int]:
-        """Puts each layer's retained chunk tokens after its committed ones."""
+    def _template_attention(self, start: int, before: list[int]) -> list[torch.Tensor]:
+        """Attention of the assistant-turn template (no question) onto the chunk, per layer."""
+        ids = self.adapter.template_ids()
+        run: ObserverPass = observe(self.adapter, self.cache, Observer("template", ""), ids,
+                                    self.adapter.text_positions(start, len(ids)), 1)
+        return [a[..., b:] for a, b in zip(run.attention, before)]
+
+    def _commit(self, state: FoldState, keep: list, prefix_attention: list[list[torch.Tensor]]) -> list[int]:
+        """Puts each layer's retained chunk tokens after its committed ones. With an attention
+        scorer, the committed tokens' importance also moves towards what this fold's observers
+        looked at: each observer's attention share among the committed video tokens (mean 1,
+        like a chunk's scores), weighted 1 - importance_decay."""
         decay = self.settings.importance_decay
         chunk_origins = torch.arange(self.tokens_seen, self.tokens_seen + state.chunk_len, device=self.adapter.device)
         chunk_origins = chunk_origins.view(1, 1, -1).expand(1, self.adapter.num_kv_heads, -1)
@@ -190,8 +212,9 @@ class StreamContext:
             origins, importance = chunk_origins, state.importance[i]
             if keep[i] is not None:
                 origins, importance = torch.gather(origins, 2, keep[i]), torch.gather(importance, 2, keep[i])
-            old = layer.committed_importance()
-            old.mul_(decay).add_((1 - decay) * prefix_attention[i])
+            if self.scorer.needs_attention and prefix_attention[i]:
+                old = layer.committed_importance()
+                old.mul_(decay).add_((1 - decay) * attention_share(prefix_attention[i], skip=self.sink_tokens))
             layer.commit_tail(origins, importance)
             kept.append(origins.shape[-1])
         return kept

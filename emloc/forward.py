@@ -28,11 +28,24 @@ def prefix_mask(attention: str, prefix_len: int, n: int, device: torch.device,
 
 
 def layer_mask(adapter: ModelAdapter, cache: PrunedCache, index: int, hidden: torch.Tensor):
+    """The implementation's own causal mask over [cached | new]; where the layer holds merged tokens,
+    an additive float mask (1, heads, n, cached + n) that also adds each cached key's log-mass
+    (sdpa and eager take it; flash attention cannot, and merging refuses it at the start)."""
     n = hidden.shape[1]
-    if n == 1:
-        return None  # one query sees everything cached
-    return prefix_mask(adapter.attention_implementation, cache.layers[index].get_seq_length(), n,
-                       hidden.device, hidden.dtype)
+    layer = cache.layers[index]
+    bias = layer.attention_bias() if layer.is_initialized else None
+    if bias is None:
+        if n == 1:
+            return None  # one query sees everything cached
+        return prefix_mask(adapter.attention_implementation, layer.get_seq_length(), n, hidden.device, hidden.dtype)
+    cached = layer.get_seq_length()
+    keys = torch.arange(cached + n, device=hidden.device)
+    allowed = keys.unsqueeze(0) <= torch.arange(n, device=hidden.device).unsqueeze(1) + cached  # (n, cached + n)
+    additive = torch.zeros(1, bias.shape[1], 1, cached + n, device=hidden.device, dtype=torch.float32)
+    additive[..., :cached] = bias.unsqueeze(2)
+    additive = additive.repeat_interleave(adapter.num_heads // bias.shape[1], dim=1)
+    additive = additive.masked_fill(~allowed, float("-inf")).expand(1, adapter.num_heads, n, cached + n)
+    return additive.to(hidden.dtype)
 
 
 def run_layers(adapter: ModelAdapter, cache: PrunedCache, hidden: torch.Tensor, positions: torch.Tensor,

@@ -61,8 +61,9 @@ def attention_capture(adapter: ModelAdapter, cache: PrunedCache, n_queries: int)
         def hook(module, args, kwargs, output):
             hidden = kwargs["hidden_states"]
             queries = adapter.queries(index, hidden, kwargs["position_embeddings"])
-            keys = cache.layers[index].all_keys()
-            captured[index] = observer_attention(queries, keys, adapter.attention_scale(index), n_queries)
+            layer = cache.layers[index]
+            captured[index] = observer_attention(queries, layer.all_keys(), adapter.attention_scale(index), n_queries,
+                                                 layer.attention_bias())
         return hook
 
     for index in range(adapter.num_layers):
@@ -75,13 +76,17 @@ def attention_capture(adapter: ModelAdapter, cache: PrunedCache, n_queries: int)
             handle.remove()
 
 
-def observer_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float, n: int) -> torch.Tensor:
+def observer_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float, n: int,
+                       key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of `queries` (1, H, n, D) onto `keys` (1, Hkv, P + n, D), the last n
     keys being the queries' own (causal). Returns (1, Hkv, P): attention onto the first P keys,
-    summed over the n queries and the query heads of each KV head, in float32."""
+    summed over the n queries and the query heads of each KV head, in float32.
+    key_bias: (1, Hkv, >= P + n) log-mass of merged keys, added to their logits."""
     heads, kv_heads = queries.shape[1], keys.shape[1]
     q = queries.float().reshape(1, kv_heads, heads // kv_heads * n, -1)
     scores = torch.matmul(q, keys.float().transpose(-1, -2)) * scale  # (1, Hkv, G*n, P+n)
+    if key_bias is not None:
+        scores = scores + key_bias[..., :keys.shape[2]].unsqueeze(2)
     prefix = keys.shape[2] - n
     own = torch.arange(n, device=keys.device)
     future = own.view(1, -1) > own.view(-1, 1)  # (n, n): query i must not see key j > i
@@ -131,9 +136,3 @@ def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
     kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
     return float((0.5 * (kl_pm + kl_qm)).mean().clamp_min(0.0))
 
-
-def smooth(scores: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Average pool of width `kernel` along the token axis of (1, kv_heads, n) scores."""
-    if kernel == 1:
-        return scores
-    return F.avg_pool1d(scores, kernel_size=kernel, stride=1, padding=kernel // 2)

@@ -38,6 +38,7 @@ class FoldRecord:
     observe_s: float
     search_s: float
     evaluations: int
+    score_s: float = 0.0  # ranking the chunk's tokens (the scorer), within the fold
 
     @property
     def kept_fraction(self) -> float:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from .scorers import scorer_names
+
 DEFAULT_PROBE = "Describe what happens in the video."
 
 
@@ -20,6 +22,12 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class EMLoCSettings:
     """How a stream's context is folded and pruned.
+
+    The defaults are the query-agnostic setting that won the benchmark
+    (docs/benchmarks/agnostic.md): the paper's online search (groups, delta 0.04, m = 16) with
+    a finer ratio ladder, bounded on the probe plus the model's own answer, tokens ranked by
+    temporal novelty + key diversity (no question needed), dropped tokens merged. The paper's exact method is
+    the `videomme_online` preset (and `reference_code`, `layer_wise`).
 
     layer_group_size: consecutive decoder layers that share one retention ratio
         (1 = layer-wise). Must divide the model's layer count.
@@ -42,11 +50,22 @@ class EMLoCSettings:
         answer to it (up to this many tokens) over the unpruned chunk, so the bound covers
         what the model says about the video and not only the prompt's next-token guesses
         (0 = the paper's observer, the prompt alone).
+    scorer: how a chunk's tokens are ranked before the search decides how many each layer
+        group keeps: one of `emloc.scorers.SCORERS` ('observer' = EMLoC's observer attention,
+        'tar' temporal novelty, 'van' value norm, 'keydiff' key diversity, 'template' the
+        assistant-turn template as proxy query) or several joined by '+' (equal weights).
+        The budget evicts by the same score.
+    coverage_buckets: when > 0, each chunk is cut into this many stretches of time and each
+        stretch's best token is ranked first, so no stretch is dropped whole (0 = off).
+    merge_dropped: each dropped chunk token is merged into the kept token whose key is most
+        like it, as proportional attention: a kept token that stands for m tokens draws the
+        attention m of them would (its logit + log m). Pruning then no longer shifts attention
+        onto what is kept, which counting needs (not with flash attention).
     """
 
     layer_group_size: int = 14
     delta: float = 0.04
-    ratios: tuple[float, ...] = (0.02, 0.1, 0.5, 1.0)
+    ratios: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
     chunk_frames: int = 64
     observed_positions: int = 16
     smoothing_kernel: int = 5
@@ -55,7 +74,10 @@ class EMLoCSettings:
     probe_prompt: str = DEFAULT_PROBE
     system_prompt: str = "You are a helpful assistant."
     max_observers: int = 4
-    probe_answer_tokens: int = 0
+    probe_answer_tokens: int = 16
+    scorer: str = "tar+keydiff"
+    coverage_buckets: int = 0
+    merge_dropped: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
@@ -82,6 +104,14 @@ class EMLoCSettings:
                  "probe_prompt must be a non-empty string")
         _require(isinstance(self.probe_answer_tokens, int) and self.probe_answer_tokens >= 0,
                  f"probe_answer_tokens must be an integer >= 0, got {self.probe_answer_tokens!r}")
+        try:
+            scorer_names(self.scorer)
+        except ValueError as error:
+            raise SettingsError(f"scorer: {error}") from None
+        _require(isinstance(self.coverage_buckets, int) and self.coverage_buckets >= 0,
+                 f"coverage_buckets must be an integer >= 0, got {self.coverage_buckets!r}")
+        _require(isinstance(self.merge_dropped, bool),
+                 f"merge_dropped must be true or false, got {self.merge_dropped!r}")
         _require(isinstance(self.max_observers, int) and self.max_observers >= 1,
                  f"max_observers must be an integer >= 1, got {self.max_observers!r}")
 
@@ -125,25 +155,35 @@ def _require(ok: bool, message: str) -> None:
         raise SettingsError(message)
 
 
+# The paper's method: its observer alone ranks and bounds, nothing merged.
+PAPER = dict(scorer="observer", probe_answer_tokens=0, coverage_buckets=0, merge_dropped=False)
+
+
+def query_agnostic(**overrides) -> EMLoCSettings:
+    """The default: what won the query-agnostic benchmark (see `EMLoCSettings`)."""
+    return EMLoCSettings(**overrides)
+
+
 def videomme_online(**overrides) -> EMLoCSettings:
     """The paper's online VideoMME setting (Qwen2-VL-7B: 27.9k -> 2.3k tokens)."""
-    base = dict(layer_group_size=14, delta=0.04, ratios=(0.02, 0.1, 0.5, 1.0), chunk_frames=64)
+    base = dict(layer_group_size=14, delta=0.04, ratios=(0.02, 0.1, 0.5, 1.0), chunk_frames=64, **PAPER)
     return EMLoCSettings(**{**base, **overrides})
 
 
 def reference_code(**overrides) -> EMLoCSettings:
     """The setting of the authors' video code path: groups of 7, delta 0.05, fallback keeps all."""
-    base = dict(layer_group_size=7, delta=0.05, ratios=(0.02, 0.05, 0.1, 1.0), chunk_frames=64)
+    base = dict(layer_group_size=7, delta=0.05, ratios=(0.02, 0.05, 0.1, 1.0), chunk_frames=64, **PAPER)
     return EMLoCSettings(**{**base, **overrides})
 
 
 def layer_wise(**overrides) -> EMLoCSettings:
     """Layer-wise search with the paper's many-shot bound and ratios."""
-    base = dict(layer_group_size=1, delta=0.005, ratios=(0.1, 0.2, 0.5, 1.0), chunk_frames=64)
+    base = dict(layer_group_size=1, delta=0.005, ratios=(0.1, 0.2, 0.5, 1.0), chunk_frames=64, **PAPER)
     return EMLoCSettings(**{**base, **overrides})
 
 
-PRESETS = {"videomme_online": videomme_online, "reference_code": reference_code, "layer_wise": layer_wise}
+PRESETS = {"query_agnostic": query_agnostic, "videomme_online": videomme_online, "reference_code": reference_code,
+           "layer_wise": layer_wise}
 
 
 def preset(name: str, **overrides) -> EMLoCSettings:

@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="YAML config (see configs/); default: the paper's online setting, its "
-                       "layer groups scaled to the model's depth, the probe observer with its own answer")
+        p.add_argument("--config", help="YAML config (see configs/); default: the query-agnostic default "
+                       "(configs/query_agnostic.yaml), its layer groups scaled to the model's depth")
         p.add_argument("--model", help=f"checkpoint folder or hub id of a Qwen2-VL / Qwen2.5-VL model "
                        f"(default: the shipped {DEFAULT_MODEL.relative_to(ROOT)}; {RANDOM_MODEL}: random weights)")
         p.add_argument("--ask", action="append", help="a question (repeatable)")

@@ -72,8 +72,12 @@ class SyntheticVideo:
 
 
 def make_video(seed: int, frames: int = 256, size: int = 56, fps: float = 2.0, max_stars: int = 4,
-               digit_changes: tuple[int, int] = (2, 5)) -> SyntheticVideo:
-    """The video and its four questions for `seed`. `frames` must be even and >= 16."""
+               digit_changes: tuple[int, int] = (2, 5), needle_before: float | None = None) -> SyntheticVideo:
+    """The video and its four questions for `seed`. `frames` must be even and >= 16.
+
+    needle_before: if given, the triangle (the needle) is moved to a free step within this
+        fraction of the video's start (e.g. 0.05: the first 5%); everything else is unchanged.
+    """
     if frames < 16 or frames % 2:
         raise ValueError(f"a synthetic video needs an even number of frames >= 16, got {frames}")
     if size % CELL or size < 2 * CELL:
@@ -85,6 +89,9 @@ def make_video(seed: int, frames: int = 256, size: int = 56, fps: float = 2.0, m
     stars = int(rng.integers(1, max_stars + 1))
     shapes = ["triangle", "square", "circle"] + ["star"] * stars
     when = rng.choice(steps, size=len(shapes), replace=False)
+    if needle_before is not None:
+        early = [t for t in range(max(1, int(needle_before * steps))) if t not in set(when[1:].tolist())]
+        when[0] = int(np.random.default_rng([seed, 1]).choice(early))
     events = sorted((Event(int(t), s, colours[int(rng.integers(len(colours)))], int(rng.integers(1, cells)))
                      for t, s in zip(when, shapes)), key=lambda e: e.step)
 

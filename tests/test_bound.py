@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from emloc import EMLoCSettings, SettingsError, StreamContext
+from emloc.settings import videomme_online
 
 from .reference import chat_question, js, observer_log_probs, prefill_kv, random_frames
 
 
 def test_accepted_groups_are_within_delta(model, tokenizer):
-    settings = EMLoCSettings(layer_group_size=2, delta=0.05, ratios=(0.1, 0.3, 0.5, 1.0), chunk_frames=8)
+    settings = videomme_online(layer_group_size=2, delta=0.05, ratios=(0.1, 0.3, 0.5, 1.0), chunk_frames=8)
     context = StreamContext(model, tokenizer, settings)
     adapter, steps, checked, rejected = context.adapter, 0, 0, 0
     for seed in range(4):

@@ -86,7 +86,9 @@ def test_bad_config_is_named(tmp_path):
 def test_shipped_configs_load_and_validate(tmp_path):
     online = load_config(ROOT / "configs" / "videomme_online.yaml")
     assert online.emloc == EMLoCSettings(layer_group_size=14, delta=0.04, ratios=(0.02, 0.1, 0.5, 1.0),
-                                         chunk_frames=64)
+                                         chunk_frames=64, scorer="observer", probe_answer_tokens=0,
+                                         merge_dropped=False)  # the paper's method, exactly
+    assert load_config(ROOT / "configs" / "query_agnostic.yaml").emloc == EMLoCSettings()  # one default
     assert online.model.max_frame_pixels == 336 * 336
     assert load_config(ROOT / "configs" / "reference_code.yaml").emloc.layer_group_size == 7
     site = load_config(ROOT / "configs" / "site.example.yaml")

@@ -124,6 +124,11 @@ class ModelAdapter(ABC):
     def question_ids(self, question: str) -> torch.Tensor:
         """Tokens that close the video and ask `question`, up to the assistant's turn."""
 
+    def template_ids(self) -> torch.Tensor:
+        """Tokens that close the video and open the assistant's turn with no question: the
+        proxy query of the 'template' scorer."""
+        raise NotImplementedError(f"{type(self).__name__} has no assistant-turn template")
+
     @abstractmethod
     def stop_ids(self) -> set[int]:
         """Token ids that end an answer."""

@@ -152,6 +152,9 @@ class QwenVLAdapter(ModelAdapter):
                             dtype=torch.long)
         return torch.cat([self._encode("<|vision_end|>"), text, self._encode("<|im_end|>\n<|im_start|>assistant\n")])
 
+    def template_ids(self) -> torch.Tensor:
+        return self._encode("<|vision_end|><|im_end|>\n<|im_start|>assistant\n")
+
     def stop_ids(self) -> set[int]:
         return {self._special["<|im_end|>"], self._special["<|endoftext|>"]}
 

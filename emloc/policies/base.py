@@ -41,18 +41,22 @@ class Retention:
 class FoldState:
     """What a policy sees of one chunk while it is folded.
 
-    importance[l]: (1, kv_heads, chunk_len) smoothed observer attention per chunk token.
+    importance[l]: (1, kv_heads, chunk_len) the scorer's importance of each chunk token.
     token_steps: (chunk_len,) temporal step (frame pair) of each chunk token, from 0.
+    merge_keys[l]: (1, kv_heads, chunk_len, head_dim) unit keys (RoPE undone) by which dropped
+        tokens are merged into the kept token most like them, or None (no merging).
     `apply` puts a selection into the cache's tails; `divergence` re-runs every observer
     from a layer against the tails as they stand and returns the largest JS.
     """
 
     def __init__(self, adapter: ModelAdapter, cache: PrunedCache, chunk_keys: list[torch.Tensor],
                  chunk_values: list[torch.Tensor], importance: list[torch.Tensor],
-                 token_steps: torch.Tensor, passes: list[ObserverPass]) -> None:
+                 token_steps: torch.Tensor, passes: list[ObserverPass],
+                 merge_keys: list[torch.Tensor] | None = None) -> None:
         self.adapter, self.cache = adapter, cache
         self.chunk_keys, self.chunk_values = chunk_keys, chunk_values
         self.importance, self.token_steps, self.passes = importance, token_steps, passes
+        self.merge_keys = merge_keys
         self.num_layers = adapter.num_layers
         self.chunk_len = chunk_keys[0].shape[2]
         self.evaluations = 0
@@ -60,15 +64,29 @@ class FoldState:
     def apply(self, selection: dict[int, torch.Tensor | None]) -> None:
         for layer, index in selection.items():
             keys, values = self.chunk_keys[layer], self.chunk_values[layer]
+            log_mass = None
             if index is not None:
                 keys = torch.gather(keys, 2, index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
                 values = torch.gather(values, 2, index.unsqueeze(-1).expand(-1, -1, -1, values.shape[-1]))
-            self.cache.layers[layer].set_tail(keys, values)
+                if self.merge_keys is not None:
+                    log_mass = merged_log_mass(self.merge_keys[layer], index)
+            self.cache.layers[layer].set_tail(keys, values, log_mass)
 
     def divergence(self, start_layer: int) -> float:
         self.evaluations += 1
         return max(js_divergence(run.reference, rerun_log_probs(self.adapter, self.cache, run, start_layer))
                    for run in self.passes)
+
+
+def merged_log_mass(unit_keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """StreamMem-like merging, as proportional attention: every dropped token is assigned to the
+    kept token whose key is most like its own (cosine, per KV head); returns (1, kv_heads, k)
+    log(1 + tokens assigned) for the kept tokens at `index` (1, kv_heads, k)."""
+    kept = torch.gather(unit_keys, 2, index.unsqueeze(-1).expand(-1, -1, -1, unit_keys.shape[-1]))
+    nearest = torch.matmul(unit_keys, kept.transpose(-1, -2)).argmax(dim=-1)  # (1, H, n): kept slot per token
+    mass = torch.zeros(index.shape, dtype=torch.float32, device=index.device)
+    mass.scatter_add_(-1, nearest, torch.ones(nearest.shape, dtype=torch.float32, device=index.device))
+    return mass.clamp_min(1).log()  # a kept token is its own nearest (cos 1), so mass >= 1
 
 
 def top_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:

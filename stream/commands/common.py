@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = ROOT / "models" / "emloc-tiny-qwen2vl"
 CAMERA_MODEL = ROOT / "models" / "emloc-tiny-camera"  # the model of the camera-like suite (demo --suite camera)
 RANDOM_MODEL = "builtin:random"  # a 28-layer tiny Qwen2-VL with random weights, for quick checks
-# With no config file, the probe observer carries the model's own answer to the probe: on the fidelity
-# benchmark that took query-agnostic pruning from 51% to 77% (docs/benchmarks/fidelity.md).
-DEFAULT_PROBE_ANSWER_TOKENS = 16
+# With no config file, the query-agnostic default of EMLoCSettings (docs/benchmarks/agnostic.md): the probe
+# observer carries the model's own answer, tokens ranked by temporal novelty + key diversity, merged.
+DEFAULT_PROBE_ANSWER_TOKENS = EMLoCSettings().probe_answer_tokens
 
 
 def build_model(config: Config, model: str | None, settings_given: bool) -> tuple[ModelAdapter, EMLoCSettings, str]:
