@@ -9,8 +9,6 @@ batch knows its questions before it reads a frame.
 
 from __future__ import annotations
 
-import math
-from dataclasses import replace
 from pathlib import Path
 
 from emloc import EMLoCSettings, ModelAdapter, StreamContext
@@ -35,11 +33,14 @@ def answer_one_video(adapter: ModelAdapter, settings: EMLoCSettings, path: str |
     if the video cannot be read. Nothing is written: the caller delivers the answers."""
     stream_id = stream_id if stream_id is not None else str(path)
     context = StreamContext(adapter, settings=settings)
-    queue = QuestionQueue(max_waiting=max(len(questions), 1))
-    for question in questions:  # no "at": due at the end only (take_all), an observer until then
-        queue.submit(question if question.at is not None else replace(question, at=math.inf))
+    scheduled = [q for q in questions if q.at is not None]
+    queue = QuestionQueue(max_waiting=max(len(scheduled), 1))
+    for question in scheduled:
+        queue.submit(question)
     collect = _Collect()
-    runner = StreamRunner(stream_id, context, queue, [collect], max_new_tokens=max_new_tokens)
+    # no "at": answered by `finish` over the whole video, an observer until then (as the local batch does)
+    runner = StreamRunner(stream_id, context, queue, [collect], max_new_tokens=max_new_tokens,
+                          at_end=[q for q in questions if q.at is None])
     for frame in open_source(path).frames(fps=fps):
         runner.feed(frame)
     runner.finish()

@@ -186,9 +186,10 @@ def _check_cache(folder: Path, context: StreamContext, preamble: int, tensors: d
     if sink != preamble:
         raise StateError(f"{folder}: the state keeps {sink} attention-sink tokens, this model's preamble has "
                          f"{preamble}")
-    if len(tensors) - 2 != 4 * adapter.num_layers:
+    merged = sum(k.endswith(".log_mass") for k in tensors)  # a layer that merged dropped tokens keeps their mass
+    if len(tensors) - 2 - merged != 4 * adapter.num_layers or merged > adapter.num_layers:
         raise StateError(f"{folder}: the cache file holds {len(tensors) - 2} layer tensors, the model needs "
-                         f"{4 * adapter.num_layers}")
+                         f"{4 * adapter.num_layers} (and up to {adapter.num_layers} log_mass)")
     for i, layer in enumerate(context.cache.layers):
         keys, origins = layer.keys, layer.committed_origins()
         shape = (1, adapter.num_kv_heads, layer.length, adapter.head_dim)
@@ -203,6 +204,9 @@ def _check_cache(folder: Path, context: StreamContext, preamble: int, tensors: d
             raise StateError(f"{folder}: layer {i} holds tokens beyond the {context.tokens_seen} tokens seen")
         if any(len(torch.unique(head)) != layer.length for head in origins[0]):
             raise StateError(f"{folder}: layer {i} holds a token twice")
+        mass = layer.attention_bias()
+        if mass is not None and not (torch.isfinite(mass).all() and (mass >= 0).all()):
+            raise StateError(f"{folder}: layer {i}'s log_mass is not finite and >= 0")
 
 
 def _finite(value) -> bool:

@@ -299,7 +299,7 @@ def test_every_config_binds_to_the_shipped_model_or_names_the_mismatch():
             config.emloc.check_against(28, 2)
             for_7b.append(path.name)
     assert {"site.local.yaml", "layer_wise.yaml"} <= set(works)
-    assert {"videomme_online.yaml", "reference_code.yaml", "site.example.yaml"} == set(for_7b)
+    assert {"videomme_online.yaml", "reference_code.yaml", "site.example.yaml", "query_agnostic.yaml"} == set(for_7b)
 
 
 def test_local_site_config_runs_as_is(tmp_path):
