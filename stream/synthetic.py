@@ -104,16 +104,20 @@ def make_video(seed: int, frames: int = 256, size: int = 56, fps: float = 2.0, m
         last = digit
 
     video = _render(rng, frames, size, events, digits)
+    return SyntheticVideo(seed, video, fps, events, digits, four_questions(rng, events, stars, digits))
+
+
+def four_questions(rng: np.random.Generator, events, stars: int, digits: list[tuple[int, int]]) -> list[Question]:
+    """needle, count, order and state of a video (the order question names its two shapes in a random order)."""
     order = [e.shape for e in events if e.shape in ("square", "circle")]
     first_two = ["square", "circle"] if rng.random() < 0.5 else ["circle", "square"]
     triangle = next(e for e in events if e.shape == "triangle")
-    questions = [
+    return [
         Question("needle", "what colour was the triangle ?", triangle.colour),
         Question("count", "how many times did a star appear ?", COUNT_WORDS[stars]),
         Question("order", f"which came first , the {first_two[0]} or the {first_two[1]} ?", order[0]),
         Question("state", "what digit is on screen now ?", COUNT_WORDS[digits[-1][1]]),
     ]
-    return SyntheticVideo(seed, video, fps, events, digits, questions)
 
 
 def _render(rng: np.random.Generator, frames: int, size: int, events: list[Event],

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .synthetic import COLOURS, COUNT_WORDS, PROBE, Question, _digit_sprite  # noqa: F401  (PROBE: same prompt)
+from .synthetic import COLOURS, COUNT_WORDS, PROBE, Question, _digit_sprite, four_questions  # noqa: F401  (PROBE: same prompt)
 
 QUESTION_TYPES = ("needle", "count", "order", "state", "when")
 WHEN_WORDS = ("beginning", "middle", "end")
@@ -152,16 +152,9 @@ def make_video(seed: int, frames: int = 256, size: int = 112, fps: float = 2.0, 
     movers = [_distractor(rng, steps, size, colours) for _ in range(int(rng.integers(distractors[0],
                                                                                     distractors[1] + 1)))]
     video, owner = _render(rng, clip, frames, size, events, movers, digits)
-    order = [e.shape for e in events if e.shape in ("square", "circle")]
-    first_two = ["square", "circle"] if rng.random() < 0.5 else ["circle", "square"]
     triangle = next(e for e in events if e.shape == "triangle")
-    questions = [
-        Question("needle", "what colour was the triangle ?", triangle.colour),
-        Question("count", "how many times did a star appear ?", COUNT_WORDS[stars]),
-        Question("order", f"which came first , the {first_two[0]} or the {first_two[1]} ?", order[0]),
-        Question("state", "what digit is on screen now ?", COUNT_WORDS[digits[-1][1]]),
-        Question("when", "when did the triangle appear ?", WHEN_WORDS[when_third(triangle, steps)]),
-    ]
+    questions = four_questions(rng, events, stars, digits) + [
+        Question("when", "when did the triangle appear ?", WHEN_WORDS[when_third(triangle, steps)])]
     return CameraVideo(seed, video, fps, clip, events, movers, digits, owner, questions)
 
 
