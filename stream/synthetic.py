@@ -95,16 +95,22 @@ def make_video(seed: int, frames: int = 256, size: int = 56, fps: float = 2.0, m
     events = sorted((Event(int(t), s, colours[int(rng.integers(len(colours)))], int(rng.integers(1, cells)))
                      for t, s in zip(when, shapes)), key=lambda e: e.step)
 
-    changes = int(rng.integers(digit_changes[0], digit_changes[1] + 1))
-    starts = [0] + sorted(int(x) for x in rng.choice(np.arange(1, steps), size=changes, replace=False))
+    digits = digit_schedule(rng, steps, digit_changes)
+
+    video = _render(rng, frames, size, events, digits)
+    return SyntheticVideo(seed, video, fps, events, digits, four_questions(rng, events, stars, digits))
+
+
+def digit_schedule(rng: np.random.Generator, steps: int, changes: tuple[int, int]) -> list[tuple[int, int]]:
+    """(first step shown, digit) of the display: a digit from step 0, then `changes` (a range) new ones."""
+    count = int(rng.integers(changes[0], changes[1] + 1))
+    starts = [0] + sorted(int(x) for x in rng.choice(np.arange(1, steps), size=count, replace=False))
     digits, last = [], None
     for start in starts:
         digit = int(rng.choice([d for d in range(10) if d != last]))
         digits.append((start, digit))
         last = digit
-
-    video = _render(rng, frames, size, events, digits)
-    return SyntheticVideo(seed, video, fps, events, digits, four_questions(rng, events, stars, digits))
+    return digits
 
 
 def four_questions(rng: np.random.Generator, events, stars: int, digits: list[tuple[int, int]]) -> list[Question]:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .synthetic import COLOURS, COUNT_WORDS, PROBE, Question, _digit_sprite, four_questions  # noqa: F401  (PROBE: same prompt)
+from .synthetic import COLOURS, COUNT_WORDS, PROBE, Question, _digit_sprite, digit_schedule, four_questions  # noqa: F401  (PROBE: same prompt)
 
 QUESTION_TYPES = ("needle", "count", "order", "state", "when")
 WHEN_WORDS = ("beginning", "middle", "end")
@@ -141,13 +141,7 @@ def make_video(seed: int, frames: int = 256, size: int = 112, fps: float = 2.0, 
     shapes = [shapes[i] for i in rng.permutation(len(shapes))]
     events = _schedule(rng, shapes, steps, size, colours)
 
-    changes = int(rng.integers(digit_changes[0], digit_changes[1] + 1))
-    starts = [0] + sorted(int(x) for x in rng.choice(np.arange(1, steps), size=changes, replace=False))
-    digits, last = [], None
-    for start in starts:
-        digit = int(rng.choice([d for d in range(10) if d != last]))
-        digits.append((start, digit))
-        last = digit
+    digits = digit_schedule(rng, steps, digit_changes)
 
     movers = [_distractor(rng, steps, size, colours) for _ in range(int(rng.integers(distractors[0],
                                                                                     distractors[1] + 1)))]
