@@ -11,10 +11,12 @@ from .observer import Observer, js_divergence
 from .policies import GroupDecision, JSBoundedSearch, Retention, RetentionPolicy
 from .records import Answer, FoldRecord
 from .scorers import Scorer, build_scorer
+from .task_pack import PackError, TaskExample, TaskPack
 from .settings import (
     EMLoCSettings,
     SettingsError,
     layer_wise,
+    many_shot,
     preset,
     query_agnostic,
     reference_code,
@@ -25,5 +27,5 @@ __all__ = [
     "Answer", "EMLoCSettings", "FoldRecord", "GroupDecision", "InputError", "JSBoundedSearch", "ModelAdapter",
     "Observer", "PrunedCache", "PrunedLayer", "Retention", "RetentionPolicy", "Scorer", "SettingsError",
     "StreamContext", "UnsupportedModelError", "adapter_for", "build_scorer", "js_divergence", "load_adapter",
-    "layer_wise", "preset", "query_agnostic", "reference_code", "videomme_online",
+    "layer_wise", "many_shot", "PackError", "TaskExample", "TaskPack", "preset", "query_agnostic", "reference_code", "videomme_online",
 ]

@@ -11,12 +11,16 @@ from .cache import PrunedCache
 def enforce_budget(cache: PrunedCache, budget: int, sink_tokens: int, by: str = "importance") -> list[int]:
     """Evicts, per layer and KV head, committed tokens until the layer holds at most `budget`:
     the lowest-importance ones (by="importance") or the oldest (by="recency"). Tokens whose
-    stream index is below `sink_tokens` (the attention sinks) are never evicted.
+    stream index is below `sink_tokens` (the attention sinks, and a task pack's examples) are
+    never evicted.
     Returns tokens evicted per layer."""
     if by not in ("importance", "recency"):
         raise ValueError(f"evict by 'importance' or 'recency', not {by!r}")
-    if sink_tokens > budget:
-        raise ValueError(f"a budget of {budget} tokens cannot hold the {sink_tokens} sink tokens")
+    protected = max((int((layer.committed_origins() < sink_tokens).sum(-1).max()) for layer in cache.layers
+                     if layer.is_initialized), default=0)
+    if protected > budget:
+        raise ValueError(f"a budget of {budget} tokens cannot hold the {protected} tokens that are never evicted "
+                         f"(the preamble and any task pack)")
     evicted = []
     for layer in cache.layers:
         excess = layer.length - budget

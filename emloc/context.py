@@ -49,13 +49,16 @@ class StreamContext:
     model: a supported *ForConditionalGeneration model, or a ready `ModelAdapter`.
     policy: how chunks are pruned; EMLoC's JS-bounded search by default.
     scorer: how a chunk's tokens are ranked; by default what `settings.scorer` names.
+    task: a `TaskPack` the stream starts from (its examples, compressed) instead of an empty
+        preamble; the video folds after it and the budget never evicts it.
     adapter_options: passed to the family adapter (fps, frame pixel limits).
     """
 
     KEEP_RECORDS = 1024
 
     def __init__(self, model, tokenizer=None, settings: EMLoCSettings | None = None, *,
-                 policy: RetentionPolicy | None = None, scorer: Scorer | None = None, **adapter_options) -> None:
+                 policy: RetentionPolicy | None = None, scorer: Scorer | None = None, task=None,
+                 **adapter_options) -> None:
         self._lock = threading.RLock()
         self.adapter: ModelAdapter = model if isinstance(model, ModelAdapter) else adapter_for(
             model, tokenizer, **adapter_options)
@@ -73,7 +76,27 @@ class StreamContext:
         self.records: deque[FoldRecord] = deque(maxlen=self.KEEP_RECORDS)  # an endless stream keeps the newest
         self._steps = 0  # temporal steps (frame pairs) folded so far
         self._time_span: tuple[float, float] | None = None
-        self._start_stream()
+        self.task = task
+        if task is None:
+            self._start_stream()
+        else:
+            self._start_from(task)
+
+    def _start_from(self, task) -> None:
+        """Starts from a task pack: its cache (preamble and compressed examples) becomes the sinks."""
+        task.check_model(self.adapter.identity())
+        if task.settings.system_prompt != self.settings.system_prompt:
+            raise SettingsError(f"the task pack was built with the system prompt {task.settings.system_prompt!r}, "
+                                f"this stream uses {self.settings.system_prompt!r}; use the same one")
+        device = self.adapter.device
+        self.cache.restore({k: v.to(device) for k, v in task.tensors.items()})
+        for name, value in task.counters.items():
+            setattr(self, name, value)
+        longest = max(self.cache.lengths())
+        budget = self.settings.token_budget
+        if budget is not None and budget <= longest:
+            raise SettingsError(f"token_budget={budget} leaves no room: the task pack alone holds up to {longest} "
+                                f"tokens per layer, which are never evicted")
 
     def _start_stream(self) -> None:
         """Commits the preamble (system and user turn up to the video): the attention sinks."""
@@ -107,7 +130,7 @@ class StreamContext:
         """
         if timestamps is not None and len(timestamps) != len(frames):
             raise InputError(f"{len(timestamps)} timestamps for {len(frames)} frames")
-        adapter, cache, settings = self.adapter, self.cache, self.settings
+        adapter = self.adapter
         clock = time.perf_counter()
         pixels = adapter.preprocess(frames)
         embeds = adapter.encode_video(pixels)
@@ -115,8 +138,94 @@ class StreamContext:
 
         n = embeds.shape[1]
         positions = adapter.video_positions(self.video_start, self._steps, pixels)
-        before = cache.lengths()
         observers = self._observers(questions) if self.policy.needs_observers else []
+        steps = torch.arange(pixels.grid_thw[0]).repeat_interleave(n // pixels.grid_thw[0])
+        fold = self._fold_segment(embeds, positions, steps,
+                                  lambda start: self._question_passes(observers, start, n))
+        first = int(positions[0].min())
+        self._steps += pixels.grid_thw[0]
+        if timestamps:
+            start = self._time_span[0] if self._time_span else float(timestamps[0])
+            self._time_span = (start, float(timestamps[-1]))
+        return self._record(fold, frames=len(frames), padded_frames=pixels.padded_frames, vision_s=vision_s,
+                            positions=(first, int(positions[0].max())))
+
+    @_one_at_a_time
+    @torch.no_grad()
+    def fold_examples(self, examples, observers=()) -> FoldRecord:
+        """Folds labelled examples (a task pack's chunk) into the cache: each example's picture or
+        clip, then its question and answer and the next user turn (`adapter.example_ids`).
+
+        examples, observers: objects with `frames` (T, H, W, 3) uint8, `question` and `answer`.
+        The observers are held-out examples (their picture, question and answer, run after the
+        chunk); the positions they must keep are their answer's tokens and the stop after it
+        (EMLoC's many-shot setting). Only before any video: examples come first in a stream.
+        """
+        if self._steps:
+            raise InputError("examples go before the video: this stream has already folded frames")
+        adapter = self.adapter
+        clock = time.perf_counter()
+        pieces, positions, steps = [], [], []
+        start = self.video_start
+        for k, example in enumerate(examples):
+            video, video_positions = self._example_video(example.frames, start)
+            tail = adapter.example_ids(example.question, example.answer)
+            first = int(video_positions.max()) + 1
+            pieces += [video, adapter.embed_text(tail)]
+            positions += [video_positions, adapter.text_positions(first, len(tail))]
+            steps.append(torch.full((video.shape[1] + len(tail),), k))
+            start = first + len(tail)
+        if not pieces:
+            raise InputError("a chunk of examples needs at least one example")
+        embeds, positions = torch.cat(pieces, dim=1), torch.cat(positions, dim=1)
+        prepared = [self._example_observer(o) for o in observers]
+        vision_s = time.perf_counter() - clock
+        fold = self._fold_segment(embeds, positions, torch.cat(steps),
+                                  lambda at: [self._example_pass(o, at) for o in prepared])
+        self.video_start = start  # the next picture (or the stream's video) starts here
+        self.max_position = max(self.max_position, start - 1)
+        self.sink_tokens = self.tokens_seen  # examples are never evicted
+        return self._record(fold, frames=sum(len(e.frames) for e in examples), padded_frames=0, vision_s=vision_s,
+                            positions=(int(positions[0].min()), int(positions[0].max())))
+
+    def _example_video(self, frames, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = self.adapter.preprocess(frames)
+        return self.adapter.encode_video(pixels), self.adapter.video_positions(start, 0, pixels)
+
+    def _example_observer(self, example) -> tuple[Observer, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(observer, picture embeddings, picture positions from 0, question + answer ids)."""
+        video, positions = self._example_video(example.frames, 0)
+        answer = self.adapter.answer_ids(example.answer)
+        ids = torch.cat([self.adapter.question_ids(example.question), answer])
+        return Observer("example", example.question, tuple(answer.tolist())), video, positions, ids
+
+    def _example_pass(self, prepared, start: int) -> ObserverPass:
+        observer, video, video_positions, ids = prepared
+        video_positions = video_positions + start
+        first = int(video_positions.max()) + 1
+        embeds = torch.cat([video, self.adapter.embed_text(ids)], dim=1)
+        positions = torch.cat([video_positions, self.adapter.text_positions(first, len(ids))], dim=1)
+        return observe(self.adapter, self.cache, observer, None, positions, len(observer.answer_ids) + 1,
+                       embeds=embeds)
+
+    def _question_passes(self, observers: list[Observer], start: int, chunk_len: int) -> list[ObserverPass]:
+        passes = []
+        for k, observer in enumerate(observers):
+            ids = self.adapter.question_ids(observer.text)
+            if observer.kind == "probe" and self.settings.probe_answer_tokens:
+                observer = observers[k] = self._with_own_answer(observer, ids, start, chunk_len)
+                ids = torch.cat([ids, torch.tensor(observer.answer_ids, dtype=ids.dtype)])
+            passes.append(observe(self.adapter, self.cache, observer, ids, self.adapter.text_positions(start, len(ids)),
+                                  self.settings.observed_positions))
+        return passes
+
+    def _fold_segment(self, embeds: torch.Tensor, positions: torch.Tensor, steps: torch.Tensor, make_passes) -> dict:
+        """Prefills a segment (1, n, d) at `positions` (3, n), runs the observers after it
+        (`make_passes(first free position)`), ranks its tokens, lets the policy choose what each
+        layer keeps, commits, and enforces the budget. All or nothing."""
+        adapter, cache, settings = self.adapter, self.cache, self.settings
+        n = embeds.shape[1]
+        before = cache.lengths()
         with cache.saved():  # all or nothing: a failure at any layer puts every layer back
             clock = time.perf_counter()
             run_layers(adapter, cache, embeds, positions)
@@ -124,21 +233,12 @@ class StreamContext:
 
             clock = time.perf_counter()
             max_position = max(self.max_position, int(positions.max()))
-            passes = []
-            for k, observer in enumerate(observers):
-                ids = adapter.question_ids(observer.text)
-                if observer.kind == "probe" and settings.probe_answer_tokens:
-                    observer = observers[k] = self._with_own_answer(observer, ids, max_position + 1, n)
-                    ids = torch.cat([ids, torch.tensor(observer.answer_ids, dtype=ids.dtype)])
-                passes.append(observe(adapter, cache, observer, ids,
-                                      adapter.text_positions(max_position + 1, len(ids)),
-                                      settings.observed_positions))
+            passes = make_passes(max_position + 1)
             observe_s = time.perf_counter() - clock
 
             clock = time.perf_counter()
             chunk_keys = [layer.tail_keys().clone() for layer in cache.layers]
             chunk_values = [layer.tail_values().clone() for layer in cache.layers]
-            steps = torch.arange(pixels.grid_thw[0]).repeat_interleave(n // pixels.grid_thw[0])
             template = self._template_attention(max_position + 1, before) if self.scorer.needs_template else None
             view = ChunkView(chunk_keys, chunk_values, adapter.rotary(embeds, positions), steps,
                              [[p.attention[i][..., before[i]:] for p in passes] for i in range(adapter.num_layers)],
@@ -158,20 +258,15 @@ class StreamContext:
             if settings.token_budget is not None:
                 budget = enforce_budget(cache, settings.token_budget, self.sink_tokens)
                 evicted = [a + b for a, b in zip(evicted, budget)]
-
-        first = int(positions[0].min())
-        self._steps += pixels.grid_thw[0]
         self.tokens_seen += n
         self.max_position = max_position
-        if timestamps:
-            start = self._time_span[0] if self._time_span else float(timestamps[0])
-            self._time_span = (start, float(timestamps[-1]))
-        record = FoldRecord(
-            index=self.chunks_folded, frames=len(frames), padded_frames=pixels.padded_frames, chunk_tokens=n,
-            groups=retention.groups, kept=kept, evicted=evicted, tokens_before=before, tokens_after=cache.lengths(),
-            observers=observers, positions=(first, int(positions[0].max())), max_position=max_position,
-            time_span=self._time_span, cache_bytes=cache.nbytes(), vision_s=vision_s, prefill_s=prefill_s,
-            observe_s=observe_s, search_s=search_s, evaluations=state.evaluations, score_s=score_s)
+        return dict(chunk_tokens=n, groups=retention.groups, kept=kept, evicted=evicted, tokens_before=before,
+                    observers=[p.observer for p in passes], max_position=max_position, prefill_s=prefill_s,
+                    observe_s=observe_s, search_s=search_s, evaluations=state.evaluations, score_s=score_s)
+
+    def _record(self, fold: dict, **fields) -> FoldRecord:
+        record = FoldRecord(index=self.chunks_folded, tokens_after=self.cache.lengths(), time_span=self._time_span,
+                            cache_bytes=self.cache.nbytes(), **fold, **fields)
         self.chunks_folded += 1
         self.records.append(record)
         return record
@@ -228,7 +323,8 @@ class StreamContext:
         model identity): everything needed to go on folding exactly where it stopped."""
         meta = {name.lstrip("_"): getattr(self, name) for name in self.STATE_FIELDS}
         meta.update(time_span=list(self._time_span) if self._time_span else None, settings=self.settings.to_dict(),
-                    model=self.adapter.identity(), standing_questions=list(self.standing_questions))
+                    model=self.adapter.identity(), standing_questions=list(self.standing_questions),
+                    task=self.task.digest if self.task is not None else None)
         return self.cache.export(), meta
 
     @_one_at_a_time
@@ -240,6 +336,10 @@ class StreamContext:
             differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise SettingsError(f"the saved state was made by another model (differs in {differ}); "
                                 f"it cannot be resumed with this one")
+        mine_task = self.task.digest if self.task is not None else None
+        if meta.get("task") != mine_task:
+            raise SettingsError(f"the saved state was made with task pack {meta.get('task')!r}, this stream "
+                                f"starts from {mine_task!r}; resume with the same --task")
         settings = EMLoCSettings.from_dict(meta.get("settings", {}))
         if settings != self.settings:
             ours, saved = self.settings.to_dict(), settings.to_dict()

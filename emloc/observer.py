@@ -95,11 +95,13 @@ def observer_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float, 
     return probs[..., :prefix].sum(dim=2)
 
 
-def observe(adapter: ModelAdapter, cache: PrunedCache, observer: Observer, token_ids: torch.Tensor,
-            positions: torch.Tensor, observed: int) -> ObserverPass:
-    """Runs `observer` after everything in the cache (committed + tail) and drops its tokens again."""
+def observe(adapter: ModelAdapter, cache: PrunedCache, observer: Observer, token_ids: torch.Tensor | None,
+            positions: torch.Tensor, observed: int, embeds: torch.Tensor | None = None) -> ObserverPass:
+    """Runs `observer` after everything in the cache (committed + tail) and drops its tokens again.
+    embeds: the observer's input embeddings (1, n, d) instead of `token_ids` (an example observer
+    holds a picture as well as text)."""
     tails = [layer.tail for layer in cache.layers]
-    hidden = adapter.embed_text(token_ids)
+    hidden = embeds if embeds is not None else adapter.embed_text(token_ids)
     rotary = adapter.rotary(hidden, positions)
     inputs: list = [None] * adapter.num_layers
     n = hidden.shape[1]

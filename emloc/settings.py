@@ -182,8 +182,15 @@ def layer_wise(**overrides) -> EMLoCSettings:
     return EMLoCSettings(**{**base, **overrides})
 
 
+def many_shot(**overrides) -> EMLoCSettings:
+    """The paper's many-shot adaptation (ImageNet100, 200 examples in chunks of 20): layer-wise,
+    delta 0.005, ratios 0.1/0.2/0.5/1.0, observer attention; what task packs are built with."""
+    base = dict(layer_group_size=1, delta=0.005, ratios=(0.1, 0.2, 0.5, 1.0), **PAPER)
+    return EMLoCSettings(**{**base, **overrides})
+
+
 PRESETS = {"query_agnostic": query_agnostic, "videomme_online": videomme_online, "reference_code": reference_code,
-           "layer_wise": layer_wise}
+           "layer_wise": layer_wise, "many_shot": many_shot}
 
 
 def preset(name: str, **overrides) -> EMLoCSettings:

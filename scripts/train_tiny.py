@@ -34,12 +34,12 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration  # noqa:
 
 from emloc.adapters.qwen_vl import QwenVLAdapter  # noqa: E402
 from emloc.tiny import WORDS, tiny_tokenizer  # noqa: E402
-from stream import synthetic, synthetic_camera  # noqa: E402
+from stream import synthetic, synthetic_camera, synthetic_examples  # noqa: E402
 from stream.synthetic import COLOURS, COUNT_WORDS, PROBE  # noqa: E402
 
 SYSTEM = "You are a helpful assistant."
 TRAIN_SEEDS = 10_000_000  # training videos use seeds from here upwards; evaluation uses 1_000_000+
-TASKS = {"synthetic": synthetic, "camera": synthetic_camera}
+TASKS = {"synthetic": synthetic, "camera": synthetic_camera, "examples": synthetic_examples}
 
 
 def build_model(tokenizer, args) -> Qwen2VLForConditionalGeneration:
@@ -145,6 +145,93 @@ class Batcher:
         labels = (camera_cell_labels if self.task is synthetic_camera else cell_labels)(video, steps, per_step)
         return (torch.cat(pieces), torch.cat(positions, dim=1), mask, pixels.pixel_values, pixels.grid_thw,
                 heads, rest, [b[0] for b in branches], labels)
+
+
+class ExampleBatcher:
+    """Few-shot episodes (stream/synthetic_examples.py) laid out as a task pack lays them out: the
+    preamble, then each example as a picture followed by `adapter.example_ids` (question, answer,
+    next user turn), then query branches (a clip and the question) that each see the examples but
+    not each other. Targets: every query's answer and the stop after it (read first), and the answer
+    of every example whose class an earlier example already named (dense in-context supervision;
+    the first example of a class cannot be known and is not a target)."""
+
+    task = synthetic_examples
+
+    def __init__(self, model, tokenizer, queries: int = 4, classes: tuple[int, int] = (2, 10)) -> None:
+        self.adapter = QwenVLAdapter(model, tokenizer)
+        self.tokenizer = tokenizer
+        self.preamble = self.adapter.preamble_ids(SYSTEM)
+        self.video_token = model.config.video_token_id
+        self.stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.queries, self.classes = queries, classes
+
+    def __call__(self, seeds: list[int], examples: int, mid: bool = True, query_steps: int | None = None,
+                 classes: int | None = None):
+        rng = np.random.default_rng(seeds[0])
+        steps = query_steps or int(rng.integers(1, 5))
+        rows = []
+        for seed in seeds:
+            n = classes or int(np.random.default_rng([seed, 3]).integers(self.classes[0], self.classes[1] + 1))
+            episode = synthetic_examples.make_episode(seed, examples=examples, classes=n, queries=self.queries,
+                                                      query_steps=(steps, steps))
+            rows.append(self._sample(episode))
+        ids = torch.stack([r[0] for r in rows])
+        positions = torch.stack([r[1] for r in rows], dim=1)
+        mask = torch.stack([r[2] for r in rows]).unsqueeze(1)
+        pixels = torch.cat([p for r in rows for p in r[3]])
+        grids = torch.tensor([g for r in rows for g in r[4]])
+        width = max(len(r[5]) for r in rows)
+        targets = torch.tensor([[t for t, _ in r[5]] + [-100] * (width - len(r[5])) for r in rows])
+        where = torch.tensor([[w for _, w in r[5]] + [0] * (width - len(r[5])) for r in rows])
+        return dict(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values_videos=pixels,
+                    video_grid_thw=grids, cell_labels=None), targets, where, ["query"] * self.queries
+
+    def _picture(self, frames, start: int):
+        pixels = self.adapter.preprocess(frames)
+        positions = self.adapter.video_positions(start, 0, pixels)
+        return pixels, positions, torch.full((positions.shape[1],), self.video_token)
+
+    def _sample(self, episode):
+        words = self.tokenizer.convert_tokens_to_ids
+        pieces, positions, pixels, grids = [self.preamble], [self.adapter.text_positions(0, len(self.preamble))], [], []
+        length = next_position = len(self.preamble)
+        named, later = set(), []
+        for example in episode.examples:
+            px, pos, ids = self._picture(example.frames, next_position)
+            tail = self.adapter.example_ids(example.question, example.label)
+            label_at = length + len(ids) + len(self.adapter.question_ids(example.question)) - 1
+            if example.cls in named:
+                later.append((words(example.label), label_at))
+            named.add(example.cls)
+            first = int(pos.max()) + 1
+            pieces += [ids, tail]
+            positions += [pos, self.adapter.text_positions(first, len(tail))]
+            pixels.append(px.pixel_values)
+            grids.append(px.grid_thw)
+            length += len(ids) + len(tail)
+            next_position = first + len(tail)
+        context = length
+        heads, stops, spans = [], [], []
+        for query in episode.queries:
+            px, pos, ids = self._picture(query.frames, next_position)
+            question = self.adapter.question_ids(query.question)
+            branch = torch.cat([ids, question, torch.tensor([words(query.label)])])
+            first = int(pos.max()) + 1
+            pieces.append(branch)
+            positions += [pos, self.adapter.text_positions(first, len(question) + 1)]
+            pixels.append(px.pixel_values)
+            grids.append(px.grid_thw)
+            last = length + len(ids) + len(question) - 1
+            heads.append((words(query.label), last))
+            stops.append((self.stop, last + 1))
+            spans.append((length, length + len(branch)))
+            length += len(branch)
+        mask = torch.zeros(length, length, dtype=torch.bool)
+        mask[:context, :context] = _causal(context)
+        for lo, hi in spans:
+            mask[lo:hi, :context] = True
+            mask[lo:hi, lo:hi] = _causal(hi - lo)
+        return (torch.cat(pieces), torch.cat(positions, dim=1), mask, pixels, grids, heads + stops + later)
 
 
 _CAUSAL = torch.ones(1, 1, dtype=torch.bool)
@@ -270,7 +357,7 @@ def batched_vision_attention(model) -> None:
 def forward(model, inputs, where, probe: CellProbe | None = None):
     """Answer logits (B, branches, vocab) at `where`, and the probe's loss on the vision tokens."""
     inputs = dict(inputs)
-    labels = inputs.pop("cell_labels")
+    labels = inputs.pop("cell_labels", None)
     video = model.model.visual(inputs.pop("pixel_values_videos"), grid_thw=inputs.pop("video_grid_thw")).pooler_output
     ids = inputs.pop("input_ids")
     embeds = model.get_input_embeddings()(ids)
@@ -293,6 +380,8 @@ def branch_logits(model, inputs, where):
 def evaluate(model, batcher, frames: int, per_kind: int, batch: int) -> dict[str, float]:
     """Accuracy of the end-of-video questions on held-out seeds (never trained on)."""
     model.eval()
+    if isinstance(batcher, ExampleBatcher):
+        return evaluate_examples(model, batcher, frames, per_kind, batch)
     kinds = batcher.task.QUESTION_TYPES
     n = len(kinds)
     correct = torch.zeros(n)
@@ -312,6 +401,25 @@ def evaluate(model, batcher, frames: int, per_kind: int, batch: int) -> dict[str
     return scores
 
 
+@torch.no_grad()
+def evaluate_examples(model, batcher, examples: int, episodes: int, batch: int) -> dict[str, float]:
+    """Query accuracy on held-out episodes (8 classes, clips of 1-4 frame pairs) after `examples`
+    examples, and after 8 (few: classes seen about once)."""
+    model.eval()
+    scores = {}
+    for name, count in (("query", examples), ("query@8", 8)):
+        correct = total = 0
+        for lo in range(0, episodes, batch):
+            seeds = [1_000_000 + i for i in range(lo, min(episodes, lo + batch))]
+            inputs, targets, where, kinds = batcher(seeds, count, query_steps=1 + lo // batch % 4, classes=8)
+            hit = branch_logits(model, inputs, where).argmax(-1) == targets
+            correct += int(hit[:, :len(kinds)].sum())
+            total += hit[:, :len(kinds)].numel()
+        scores[name] = correct / total
+    model.train()
+    return scores
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -320,7 +428,8 @@ def main(argv: list[str] | None = None) -> None:
                         "camera: stream/synthetic_camera.py")
     parser.add_argument("--minutes", type=float, default=58.0, help="wall-clock budget for training")
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128, 256],
-                        help="curriculum of video lengths (frames)")
+                        help="curriculum of video lengths (frames); with --task examples, of the most examples "
+                        "per episode (each batch draws its count from 2 up to it)")
     parser.add_argument("--advance-at", type=float, default=0.9,
                         help="mean held-out accuracy that moves the curriculum to the next length")
     parser.add_argument("--stage-minutes", type=float, nargs="+", default=[14, 10, 12],
@@ -353,14 +462,17 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     task = TASKS[args.task]
     camera = task is synthetic_camera
-    tokenizer = tiny_tokenizer(WORDS + list(synthetic_camera.WORDS) if camera else WORDS)
+    examples = task is synthetic_examples
+    tokenizer = tiny_tokenizer(WORDS + list(synthetic_camera.WORDS) if camera
+                               else WORDS + list(synthetic_examples.WORDS) if examples else WORDS)
     model = build_model(tokenizer, args)
     if args.init:
         model = Qwen2VLForConditionalGeneration.from_pretrained(args.init)
         model.config._attn_implementation = "sdpa"
         if model.get_input_embeddings().num_embeddings < len(tokenizer):  # new words get new rows; old ids stay
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    batcher = Batcher(model, tokenizer, describe=args.describe, task=task)
+    batcher = ExampleBatcher(model, tokenizer) if examples else Batcher(model, tokenizer, describe=args.describe,
+                                                                         task=task)
     batched_vision_attention(model)
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params / 1e6:.2f}M parameters; task {args.task}; curriculum {args.lengths} frames", flush=True)
@@ -381,8 +493,9 @@ def main(argv: list[str] | None = None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         seeds = [TRAIN_SEEDS + int(s) for s in rng.integers(0, 2**31, args.batch)]
-        inputs, targets, where, _ = batcher(seeds, frames)
-        logits, aux = forward(model, inputs, where, probe if args.probe_weight > 0 else None)
+        count = int(rng.integers(2, frames + 1)) if examples else frames
+        inputs, targets, where, _ = batcher(seeds, count)
+        logits, aux = forward(model, inputs, where, probe if args.probe_weight > 0 and not examples else None)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         if aux is not None:
             loss = loss + args.probe_weight * aux

@@ -129,6 +129,15 @@ class ModelAdapter(ABC):
         proxy query of the 'template' scorer."""
         raise NotImplementedError(f"{type(self).__name__} has no assistant-turn template")
 
+    def answer_ids(self, answer: str) -> torch.Tensor:
+        """An example's answer as the assistant's tokens (without the turn's end)."""
+        raise NotImplementedError(f"{type(self).__name__} has no example format")
+
+    def example_ids(self, question: str, answer: str) -> torch.Tensor:
+        """Tokens that close an example's picture, ask `question`, give `answer` as the assistant's
+        turn and open the next user turn up to the next picture (a task pack's examples)."""
+        raise NotImplementedError(f"{type(self).__name__} has no example format")
+
     @abstractmethod
     def stop_ids(self) -> set[int]:
         """Token ids that end an answer."""

@@ -155,6 +155,18 @@ class QwenVLAdapter(ModelAdapter):
     def template_ids(self) -> torch.Tensor:
         return self._encode("<|vision_end|><|im_end|>\n<|im_start|>assistant\n")
 
+    def answer_ids(self, answer: str) -> torch.Tensor:
+        """An example's answer as plain text (control tokens in it are read as characters)."""
+        if not isinstance(answer, str) or not answer.strip():
+            raise InputError(f"an example's answer must be a non-empty string, got {answer!r}")
+        return torch.tensor(self.tokenizer.encode(answer, add_special_tokens=False, split_special_tokens=True),
+                            dtype=torch.long)
+
+    def example_ids(self, question: str, answer: str) -> torch.Tensor:
+        """The question, the assistant's answer and a new user turn up to the next picture."""
+        return torch.cat([self.question_ids(question), self.answer_ids(answer),
+                          self._encode("<|im_end|>\n<|im_start|>user\n<|vision_start|>")])
+
     def stop_ids(self) -> set[int]:
         return {self._special["<|im_end|>"], self._special["<|endoftext|>"]}
 

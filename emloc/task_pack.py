@@ -1,0 +1,231 @@
+"""Task packs: labelled examples folded once into a compressed cache that streams start from.
+
+EMLoC's many-shot adaptation (method.md, section 7): examples are put in the context chunk by
+chunk, each chunk pruned under the JS bound as it is folded, the observers being held-out
+examples whose answer tokens are the positions that must keep their distribution. The
+result is a cache a stream starts from instead of an empty preamble; the video folds after
+it, and the model answers in the examples' terms with no training.
+
+    pack = TaskPack.build(adapter, examples)          # many_shot() settings by default
+    pack.save("van.pack")                             # safetensors; the manifest in its header
+    context = StreamContext(adapter, task=TaskPack.load("van.pack"))
+
+The file is one safetensors file: the pack's cache (`layers.<i>.<part>`) and, in the
+header's metadata, a JSON manifest (format, the model's identity, the settings it was built
+with, the examples' digest, counters, and a SHA-256 over the manifest and every tensor's
+bytes). A pack is untrusted input: loading checks the checksum, the counters and every
+layer's shapes, origins and numbers; a pack made by another model is refused by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .records import FoldRecord
+from .settings import EMLoCSettings, SettingsError, many_shot
+
+FORMAT = "emloc-task-pack/1"
+COUNTERS = ("sink_tokens", "video_start", "max_position", "tokens_seen")
+PARTS = ("keys", "values", "origins", "importance")
+
+
+class PackError(ValueError):
+    """A task pack cannot be used (damaged, edited, or for another model); the message says why."""
+
+
+@dataclass(frozen=True)
+class TaskExample:
+    """One labelled example: a picture (2 frames) or short clip (T, H, W, 3) uint8 RGB, a question
+    and its answer. `source` says where it came from (a file and line), for error messages."""
+
+    frames: np.ndarray
+    question: str
+    answer: str
+    source: str = ""
+
+
+class TaskPack:
+    """A compressed cache of labelled examples, read-only once built; any number of streams start
+    from one pack (each copies it into its own cache, which attention needs contiguous)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], manifest: dict) -> None:
+        self.tensors = tensors
+        self.manifest = manifest
+
+    # --- building --------------------------------------------------------------------
+    @classmethod
+    def build(cls, model, examples: list[TaskExample], settings: EMLoCSettings | None = None, *, tokenizer=None,
+              examples_per_chunk: int = 20, progress=None, **adapter_options) -> TaskPack:
+        """Folds `examples` in chunks of `examples_per_chunk` under `settings` (the paper's
+        many-shot settings by default). Each chunk's observers are up to `settings.max_observers`
+        examples held out from it (the examples after it, wrapping round; with a single chunk,
+        its own). progress(chunk, chunks, record) is called after each chunk."""
+        from .context import StreamContext
+
+        settings = settings or many_shot()
+        if not examples:
+            raise PackError("a task pack needs at least one example")
+        if not isinstance(examples_per_chunk, int) or examples_per_chunk < 1:
+            raise PackError(f"examples_per_chunk must be an integer >= 1, got {examples_per_chunk!r}")
+        context = StreamContext(model, tokenizer, settings, **adapter_options)
+        chunks = [examples[i:i + examples_per_chunk] for i in range(0, len(examples), examples_per_chunk)]
+        clock = time.perf_counter()
+        records: list[FoldRecord] = []
+        for c, chunk in enumerate(chunks):
+            record = context.fold_examples(chunk, held_out(examples, c, examples_per_chunk, settings.max_observers))
+            records.append(record)
+            if progress:
+                progress(c + 1, len(chunks), record)
+        tensors, meta = context.snapshot()
+        seen = context.tokens_seen - context.adapter.preamble_ids(settings.system_prompt).numel()
+        lengths = context.cache.lengths()
+        manifest = dict(
+            format=FORMAT, model=meta["model"], settings=settings.to_dict(), examples=len(examples),
+            examples_per_chunk=examples_per_chunk, examples_sha256=examples_digest(examples),
+            counters={name: int(meta[name.lstrip("_")]) for name in COUNTERS},
+            kept_tokens=lengths, example_tokens=seen,
+            kept_fraction=round((sum(lengths) / len(lengths) - (context.tokens_seen - seen)) / max(seen, 1), 4),
+            build_s=round(time.perf_counter() - clock, 3),
+            prefill_s=round(sum(r.vision_s + r.prefill_s for r in records), 3),
+            search_s=round(sum(r.observe_s + r.search_s + r.score_s for r in records), 3))
+        return cls(tensors, manifest)
+
+    # --- what it is ------------------------------------------------------------------
+    @property
+    def digest(self) -> str:
+        """The pack's identity: the checksum over its manifest and tensors."""
+        return self.manifest.get("sha256") or _checksum(self.tensors, self.manifest)
+
+    @property
+    def settings(self) -> EMLoCSettings:
+        return EMLoCSettings.from_dict(self.manifest["settings"])
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return dict(self.manifest["counters"])
+
+    def describe(self) -> str:
+        m = self.manifest
+        return (f"task pack: {m['examples']} examples, {m['example_tokens']} tokens, kept "
+                f"{100 * m['kept_fraction']:.1f}% ({m['kept_tokens']} tokens per layer with the preamble)")
+
+    def check_model(self, identity: dict) -> None:
+        """Refuses a pack made by another model (the same identity a saved state carries)."""
+        theirs = self.manifest.get("model") or {}
+        if theirs != identity:
+            differ = sorted(k for k in set(identity) | set(theirs) if identity.get(k) != theirs.get(k))
+            raise SettingsError(f"the task pack was made by another model (differs in {differ}); "
+                                f"build it again with this model (emloc-stream pack)")
+
+    # --- files -----------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        manifest = dict(self.manifest)
+        manifest["sha256"] = _checksum(self.tensors, manifest)
+        self.manifest = manifest
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp),
+                  metadata={"manifest": json.dumps(manifest, sort_keys=True)})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> TaskPack:
+        """Reads and checks a pack file; PackError naming the problem if it cannot be used."""
+        path = Path(path)
+        if not path.is_file():
+            raise PackError(f"{path}: no such task pack file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise PackError(f"{path}: not a readable task pack (safetensors): {error}") from error
+        try:
+            manifest = json.loads(metadata.get("manifest", ""))
+        except (json.JSONDecodeError, RecursionError) as error:
+            raise PackError(f"{path}: the pack's manifest is not valid JSON ({error})") from error
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else None
+            raise PackError(f"{path}: not a task pack of format {FORMAT!r} (found {found!r})")
+        if manifest.get("sha256") != _checksum(tensors, manifest):
+            raise PackError(f"{path}: the pack was modified after it was built (its checksum does not match); "
+                            f"refusing it")
+        pack = cls(tensors, manifest)
+        pack._check(path)
+        return pack
+
+    def _check(self, path: Path) -> None:
+        """Counters and layers consistent with each other: what a start from the pack relies on."""
+        m = self.manifest
+        counters = m.get("counters")
+        if not isinstance(counters, dict) or any(
+                not isinstance(counters.get(n), int) or isinstance(counters.get(n), bool) or not 0 <= counters[n] < 1 << 40
+                for n in COUNTERS):
+            raise PackError(f"{path}: the pack's counters must be non-negative integers, got {counters!r}")
+        if counters["sink_tokens"] != counters["tokens_seen"] or counters["max_position"] + 1 != counters["video_start"]:
+            raise PackError(f"{path}: the pack's counters contradict each other: {counters}")
+        try:
+            EMLoCSettings.from_dict(m.get("settings") or {})
+        except (SettingsError, TypeError) as error:
+            raise PackError(f"{path}: the pack's settings are invalid: {error}") from error
+        layers = sorted({int(k.split(".")[1]) for k in self.tensors if k.startswith("layers.")})
+        if not layers or layers != list(range(len(layers))) or any(
+                not k.startswith("layers.") or k.split(".")[2] not in PARTS + ("log_mass",) for k in self.tensors):
+            raise PackError(f"{path}: the pack holds unexpected tensors {sorted(self.tensors)[:6]}")
+        for i in layers:
+            parts = [self.tensors.get(f"layers.{i}.{p}") for p in PARTS]
+            if any(p is None for p in parts):
+                raise PackError(f"{path}: layer {i} lacks one of {PARTS}")
+            keys, values, origins, importance = parts
+            n = keys.shape[2] if keys.dim() == 4 else -1
+            if (keys.dim() != 4 or values.dim() != 4 or values.shape[:3] != keys.shape[:3]
+                    or origins.shape != keys.shape[:3] or importance.shape != keys.shape[:3]):
+                raise PackError(f"{path}: layer {i} has inconsistent shapes")
+            if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
+                raise PackError(f"{path}: layer {i}'s keys or values are not finite")
+            if n and (int(origins.min()) < 0 or int(origins.max()) >= counters["tokens_seen"]):
+                raise PackError(f"{path}: layer {i} holds tokens beyond the {counters['tokens_seen']} the pack saw")
+            if any(not bool((torch.diff(head) > 0).all()) for head in origins[0]):
+                raise PackError(f"{path}: layer {i}'s tokens are not in stream order")
+
+
+def held_out(examples: list[TaskExample], chunk: int, per_chunk: int, count: int) -> list[TaskExample]:
+    """The observers of chunk `chunk`: up to `count` examples not in it (those after it, wrapping
+    round); a pack of one chunk has nothing held out and observes with its own examples."""
+    lo, hi = chunk * per_chunk, min(len(examples), (chunk + 1) * per_chunk)
+    outside = examples[hi:] + examples[:lo]
+    pool = outside or examples[lo:hi]
+    step = max(1, len(pool) // count)
+    return pool[::step][:count]
+
+
+def examples_digest(examples: list[TaskExample]) -> str:
+    """SHA-256 over every example's frames, question and answer, in order."""
+    digest = hashlib.sha256()
+    for example in examples:
+        frames = np.ascontiguousarray(example.frames, dtype=np.uint8)
+        digest.update(json.dumps([list(frames.shape), example.question, example.answer]).encode())
+        digest.update(frames.tobytes())
+    return digest.hexdigest()
+
+
+def _checksum(tensors: dict[str, torch.Tensor], manifest: dict) -> str:
+    digest = hashlib.sha256()
+    body = {k: v for k, v in manifest.items() if k != "sha256"}
+    digest.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
