@@ -64,11 +64,12 @@ class TaskPack:
     # --- building --------------------------------------------------------------------
     @classmethod
     def build(cls, model, examples: list[TaskExample], settings: EMLoCSettings | None = None, *, tokenizer=None,
-              examples_per_chunk: int = 20, progress=None, **adapter_options) -> TaskPack:
+              examples_per_chunk: int = 20, progress=None, policy=None, **adapter_options) -> TaskPack:
         """Folds `examples` in chunks of `examples_per_chunk` under `settings` (the paper's
         many-shot settings by default). Each chunk's observers are up to `settings.max_observers`
         examples held out from it (the examples after it, wrapping round; with a single chunk,
-        its own). progress(chunk, chunks, record) is called after each chunk."""
+        its own). progress(chunk, chunks, record) is called after each chunk. policy: another
+        retention policy than EMLoC's search (the benchmark's equal-budget baselines)."""
         from .context import StreamContext
 
         settings = settings or many_shot()
@@ -76,7 +77,7 @@ class TaskPack:
             raise PackError("a task pack needs at least one example")
         if not isinstance(examples_per_chunk, int) or examples_per_chunk < 1:
             raise PackError(f"examples_per_chunk must be an integer >= 1, got {examples_per_chunk!r}")
-        context = StreamContext(model, tokenizer, settings, **adapter_options)
+        context = StreamContext(model, tokenizer, settings, policy=policy, **adapter_options)
         chunks = [examples[i:i + examples_per_chunk] for i in range(0, len(examples), examples_per_chunk)]
         clock = time.perf_counter()
         records: list[FoldRecord] = []
@@ -89,7 +90,8 @@ class TaskPack:
         seen = context.tokens_seen - context.adapter.preamble_ids(settings.system_prompt).numel()
         lengths = context.cache.lengths()
         manifest = dict(
-            format=FORMAT, model=meta["model"], settings=settings.to_dict(), examples=len(examples),
+            format=FORMAT, model=meta["model"], settings=settings.to_dict(), policy=type(context.policy).__name__,
+            examples=len(examples),
             examples_per_chunk=examples_per_chunk, examples_sha256=examples_digest(examples),
             counters={name: int(meta[name.lstrip("_")]) for name in COUNTERS},
             kept_tokens=lengths, example_tokens=seen,

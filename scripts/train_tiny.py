@@ -153,7 +153,10 @@ class ExampleBatcher:
     next user turn), then query branches (a clip and the question) that each see the examples but
     not each other. Targets: every query's answer and the stop after it (read first), and the answer
     of every example whose class an earlier example already named (dense in-context supervision;
-    the first example of a class cannot be known and is not a target)."""
+    the first example of a class cannot be known and is not a target). Training-only probe labels
+    (`cell_labels`): the class of the picture at each example's last question token, at its answer
+    token and at each query's last token, read by `ClassProbe` after the second decoder layer:
+    the features an induction circuit matches on (without them the loss sat at chance for 500 steps)."""
 
     task = synthetic_examples
 
@@ -183,8 +186,15 @@ class ExampleBatcher:
         width = max(len(r[5]) for r in rows)
         targets = torch.tensor([[t for t, _ in r[5]] + [-100] * (width - len(r[5])) for r in rows])
         where = torch.tensor([[w for _, w in r[5]] + [0] * (width - len(r[5])) for r in rows])
+        probed = torch.tensor([[c for c, _ in r[6]] for r in rows])  # same count in every row of a batch
+        probed_at = torch.tensor([[w for _, w in r[6]] for r in rows])
+        width = max(len(r[7][0]) for r in rows)
+        copy_at = torch.zeros(len(rows), width, dtype=torch.long)
+        copy = torch.zeros(len(rows), width, ids.shape[1], dtype=torch.bool)
+        for b, r in enumerate(rows):
+            copy_at[b, :len(r[7][0])], copy[b, :len(r[7][0])] = r[7]
         return dict(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values_videos=pixels,
-                    video_grid_thw=grids, cell_labels=None), targets, where, ["query"] * self.queries
+                    video_grid_thw=grids, cell_labels=(probed, probed_at, copy_at, copy)), targets, where, ["query"] * self.queries
 
     def _picture(self, frames, start: int):
         pixels = self.adapter.preprocess(frames)
@@ -195,13 +205,19 @@ class ExampleBatcher:
         words = self.tokenizer.convert_tokens_to_ids
         pieces, positions, pixels, grids = [self.preamble], [self.adapter.text_positions(0, len(self.preamble))], [], []
         length = next_position = len(self.preamble)
-        named, later = set(), []
+        named, later, probed = set(), [], []
+        answers: list[tuple[tuple[str, str], int]] = []  # (class, position of its answer token), in order
+        copies: list[tuple[int, list[int]]] = []  # (target position, answer tokens of earlier same-class examples)
+        classes = synthetic_examples.all_classes()
         for example in episode.examples:
             px, pos, ids = self._picture(example.frames, next_position)
             tail = self.adapter.example_ids(example.question, example.label)
             label_at = length + len(ids) + len(self.adapter.question_ids(example.question)) - 1
             if example.cls in named:
                 later.append((words(example.label), label_at))
+                copies.append((label_at, [p for c, p in answers if c == example.cls]))
+            answers.append((example.cls, label_at + 1))
+            probed += [(classes.index(example.cls), label_at), (classes.index(example.cls), label_at + 1)]
             named.add(example.cls)
             first = int(pos.max()) + 1
             pieces += [ids, tail]
@@ -223,6 +239,8 @@ class ExampleBatcher:
             grids.append(px.grid_thw)
             last = length + len(ids) + len(question) - 1
             heads.append((words(query.label), last))
+            probed.append((classes.index(query.cls), last))
+            copies.append((last, [p for c, p in answers if c == query.cls]))
             stops.append((self.stop, last + 1))
             spans.append((length, length + len(branch)))
             length += len(branch)
@@ -231,7 +249,11 @@ class ExampleBatcher:
         for lo, hi in spans:
             mask[lo:hi, :context] = True
             mask[lo:hi, lo:hi] = _causal(hi - lo)
-        return (torch.cat(pieces), torch.cat(positions, dim=1), mask, pixels, grids, heads + stops + later)
+        copy = torch.zeros(len(copies), length, dtype=torch.bool)
+        for row, (_, sources) in enumerate(copies):
+            copy[row, sources] = True
+        return (torch.cat(pieces), torch.cat(positions, dim=1), mask, pixels, grids, heads + stops + later, probed,
+                (torch.tensor([t for t, _ in copies]), copy))
 
 
 _CAUSAL = torch.ones(1, 1, dtype=torch.bool)
@@ -332,6 +354,61 @@ class CellProbe(torch.nn.Module):
         return sum(losses) / len(losses)
 
 
+class ClassProbe(torch.nn.Module):
+    """Training-only linear probe for --task examples: the class (shape and colour) of the picture an
+    example's answer belongs to, read from the residual stream after the second decoder layer at the
+    positions an in-context match needs it (the question's end, the answer). Not part of the model."""
+
+    COPY_LAYER = 2  # the layer whose first head is taught to look up the answer of a same-class example
+
+    def __init__(self, hidden: int, classes: int) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(hidden, classes)
+
+    def loss(self, hidden_states, labels, attention=None) -> torch.Tensor:
+        classes, where, copy_at, copy = labels
+        h = hidden_states[self.COPY_LAYER]
+        picked = torch.gather(h, 1, where.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        loss = F.cross_entropy(self.head(picked).float().flatten(0, 1), classes.flatten())
+        if attention is not None:
+            # attention of head 0 at each target position: its mass on earlier same-class answers (rows with
+            # no earlier same-class example carry no target)
+            probs = attention(copy_at)  # (B, T, L)
+            mass = (probs * copy).sum(-1)
+            has = copy.any(-1)
+            loss = loss + -(mass[has].clamp_min(1e-6).log()).mean()
+        return loss
+
+
+class CopyAttention:
+    """Captures layer `ClassProbe.COPY_LAYER`'s attention input during a forward, to recompute its first
+    head's attention (same q.k, rotary and mask as the model) at chosen query positions."""
+
+    def __init__(self, model, mask: torch.Tensor) -> None:
+        self.layer = model.model.language_model.layers[ClassProbe.COPY_LAYER].self_attn
+        self.mask = mask  # (B, 1, L, L) bool
+        self.captured = None
+        self.handle = self.layer.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output):
+        self.captured = (kwargs["hidden_states"], kwargs["position_embeddings"])
+
+    def __call__(self, at: torch.Tensor) -> torch.Tensor:
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+
+        self.handle.remove()
+        hidden, (cos, sin) = self.captured
+        attn = self.layer
+        b, n, _ = hidden.shape
+        q = attn.q_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)[:, :1]
+        k = attn.k_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)[:, :1]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q = torch.gather(q[:, 0], 1, at.unsqueeze(-1).expand(-1, -1, q.shape[-1]))  # (B, T, D)
+        scores = torch.matmul(q, k[:, 0].transpose(-1, -2)) * attn.scaling  # (B, T, L)
+        allowed = torch.gather(self.mask[:, 0], 1, at.unsqueeze(-1).expand(-1, -1, self.mask.shape[-1]))
+        return torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1)
+
+
 def batched_vision_attention(model) -> None:
     """Training speed-up, same arithmetic: the library's vision attention without flash-attn runs one
     attention call per frame pair (cu_seqlens split); when every frame pair has the same number of
@@ -362,11 +439,14 @@ def forward(model, inputs, where, probe: CellProbe | None = None):
     ids = inputs.pop("input_ids")
     embeds = model.get_input_embeddings()(ids)
     embeds = embeds.masked_scatter((ids == model.config.video_token_id).unsqueeze(-1), video.to(embeds.dtype))
+    copying = CopyAttention(model, inputs["attention_mask"]) if isinstance(probe, ClassProbe) else None
     out = model.model.language_model(inputs_embeds=embeds, output_hidden_states=probe is not None, **inputs)
     hidden = out.last_hidden_state
     picked = torch.gather(hidden, 1, where.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
     aux = None
-    if probe is not None:
+    if isinstance(probe, ClassProbe):
+        aux = probe.loss(out.hidden_states, labels, copying)
+    elif probe is not None:
         middle = out.hidden_states[len(out.hidden_states) // 2][ids == model.config.video_token_id]
         aux = probe.loss(video, middle, labels)
     return model.lm_head(picked).float(), aux
@@ -476,7 +556,8 @@ def main(argv: list[str] | None = None) -> None:
     batched_vision_attention(model)
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params / 1e6:.2f}M parameters; task {args.task}; curriculum {args.lengths} frames", flush=True)
-    probe = CellProbe(args.hidden, len(CAMERA_SHAPES), (2, 2, 5)) if camera else CellProbe(args.hidden)
+    probe = (ClassProbe(args.hidden, len(synthetic_examples.all_classes())) if examples
+             else CellProbe(args.hidden, len(CAMERA_SHAPES), (2, 2, 5)) if camera else CellProbe(args.hidden))
     optimizer = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=args.lr, weight_decay=0.01)
     budget_s = args.minutes * 60
     rng = np.random.default_rng(args.seed)
@@ -495,7 +576,7 @@ def main(argv: list[str] | None = None) -> None:
         seeds = [TRAIN_SEEDS + int(s) for s in rng.integers(0, 2**31, args.batch)]
         count = int(rng.integers(2, frames + 1)) if examples else frames
         inputs, targets, where, _ = batcher(seeds, count)
-        logits, aux = forward(model, inputs, where, probe if args.probe_weight > 0 and not examples else None)
+        logits, aux = forward(model, inputs, where, probe if args.probe_weight > 0 else None)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         if aux is not None:
             loss = loss + args.probe_weight * aux
