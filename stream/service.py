@@ -33,9 +33,9 @@ QUESTION_FIELDS = {"id", "text", "at", "every", "origin", "meta", "wait"}
 class LiveStream:
     def __init__(self, spec: StreamConfig, adapter: ModelAdapter, settings, *, fps: float,
                  mqtt: MqttConfig | None = None, max_new_tokens: int = 16, console: bool = True,
-                 questions: list[Question] = ()) -> None:
+                 questions: list[Question] = (), task=None) -> None:
         self.spec, self.fps = spec, fps
-        self.context = StreamContext(adapter, settings=settings)
+        self.context = StreamContext(adapter, settings=settings, task=task)  # task: a TaskPack, shared read-only
         self.queue = QuestionQueue(max_waiting=spec.max_waiting, max_scheduled=spec.max_scheduled,
                                    max_standing=spec.max_standing, horizon=spec.horizon)
         self.sinks: list = [ConsoleSink()] if console else []
