@@ -151,8 +151,10 @@ class TaskPack:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as error:
             raise PackError(f"{path}: not a readable task pack (safetensors): {error}") from error
+        if "manifest" not in metadata:
+            raise PackError(f"{path}: not a task pack (a safetensors file with no pack manifest in its header)")
         try:
-            manifest = json.loads(metadata.get("manifest", ""))
+            manifest = json.loads(metadata["manifest"])
         except (json.JSONDecodeError, RecursionError) as error:
             raise PackError(f"{path}: the pack's manifest is not valid JSON ({error})") from error
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
