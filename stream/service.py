@@ -167,7 +167,8 @@ class LiveStream:
             self.bridge.publish_status(status)
         print(f"status {self.spec.id}: {status['state']}, {status['frames_seen']} frames, "
               f"{status['chunks_folded']} chunks, {status['cache_tokens']} tokens/layer, lag {status['lag_s']:.1f} s, "
-              f"dropped {status['frames_dropped']}" + (f" ({status['detail']})" if status["detail"] else ""),
+              f"dropped {status['frames_dropped']}" + (f" ({status['detail']})" if status["detail"] else "")
+              + (f", from task pack {self.spec.task}" if self.spec.task else ""),
               file=sys.stderr, flush=True)
         return status
 
