@@ -103,6 +103,7 @@ def load_state(folder: str | Path, context: StreamContext) -> dict:
     _check_cache(folder, context, start, tensors)
     return stream
 
+
 def _start_of(context: StreamContext) -> dict:
     """What every state of this stream must begin with: the sink counters and each layer's committed
     tokens (origins; and keys when they come from a task pack, which are copied bit for bit)."""

@@ -249,6 +249,22 @@ def test_a_stream_with_a_pack_saves_and_resumes_only_with_it(model, tok, pack, t
         load_state(tmp_path / "plain", StreamContext(model, tok, VIDEO, task=pack))
 
 
+def test_a_state_whose_pack_tokens_were_edited_is_refused(model, tok, pack, tmp_path):
+    """A forger who edits the pack's keys inside a saved state (checksums recomputed): every layer must
+    begin with exactly the pack's tokens, keys included."""
+    from safetensors.torch import load_file
+
+    from .test_state import rewrite
+
+    save_state(tmp_path, folded(model, tok, pack, range(1)), {"last_time": 3.5})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    tensors = load_file(str(tmp_path / manifest["cache"]))
+    tensors["layers.2.keys"][0, 0, 3, 0] += 0.5  # a pack token (the preamble and examples come first)
+    rewrite(tmp_path, manifest, tensors)
+    with pytest.raises(StateError, match="layer 2 lost its attention-sink tokens"):
+        load_state(tmp_path, StreamContext(model, tok, VIDEO, task=pack))
+
+
 def test_examples_after_video_are_refused(model, tok, pack):
     context = folded(model, tok, pack, range(1))
     with pytest.raises(InputError, match="examples go before the video"):
