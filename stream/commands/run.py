@@ -11,8 +11,18 @@ from emloc import InputError, StreamContext
 from ..offline import answer_video
 from ..sources import IMAGE_SUFFIXES, open_source
 from ..state import StateError
-from .common import (add_task_option, build_model, check_state, check_task, config_from, deliver, footer, load_task,
-                     progress_printer, task_path)
+from .common import (
+    add_task_option,
+    build_model,
+    check_state,
+    check_task,
+    config_from,
+    deliver,
+    footer,
+    load_task,
+    progress_printer,
+    task_path,
+)
 
 
 def _check_folder(path: Path) -> None:
