@@ -62,7 +62,9 @@ def examples_of(seed: int, count: int = 12, classes: int = 4) -> list[TaskExampl
 
 @pytest.fixture(scope="module")
 def pack(model, tok):
-    return TaskPack.build(model, examples_of(9_100_001), tokenizer=tok, examples_per_chunk=5)
+    # the many-shot settings with two observers a chunk instead of five: the same search, a third of the time
+    return TaskPack.build(model, examples_of(9_100_001, count=10), many_shot(max_observers=2), tokenizer=tok,
+                          examples_per_chunk=4)
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +216,7 @@ def test_a_lossless_pack_reproduces_the_plain_model_on_examples_video_and_questi
 # --- the budget, states, order -------------------------------------------------------------
 def test_the_budget_never_evicts_the_pack(model, tok, pack):
     kept = pack.manifest["kept_tokens"]
+    assert len(set(kept)) > 1  # pruned layer by layer: the sinks differ in length between layers
     budget = max(kept) + 12
     context = StreamContext(model, tok, replace(VIDEO, ratios=(1.0,), token_budget=budget), task=pack)
     evicted = 0
