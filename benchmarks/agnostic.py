@@ -110,7 +110,7 @@ def run_method(adapter, method, frames, questions, share, budget, drift_referenc
     wall = time.perf_counter() - clock
     layers = adapter.num_layers
     seen = context.tokens_seen - context.sink_tokens
-    kept = sum(context.cache.lengths()) / layers - context.sink_tokens
+    kept = (sum(context.cache.lengths()) - sum(context.sink_lengths())) / layers
     per_token = context.cache.nbytes() / max(sum(context.cache.lengths()), 1)
     peak = max(per_token * (sum(r.tokens_before) + layers * r.chunk_tokens) for r in records)
     times = {k: float(sum(getattr(r, k) for r in records)) for k in

@@ -314,6 +314,12 @@ class StreamContext:
             kept.append(origins.shape[-1])
         return kept
 
+    def sink_lengths(self) -> list[int]:
+        """Per layer, the committed tokens that are never evicted (origin < sink_tokens): the
+        preamble, and a task pack's examples as that layer kept them (pruned layer by layer)."""
+        return [int((layer.committed_origins() < self.sink_tokens).sum(-1).max()) if layer.length else 0
+                for layer in self.cache.layers]
+
     # --- snapshots ---------------------------------------------------------------------
     STATE_FIELDS = ("chunks_folded", "_steps", "sink_tokens", "video_start", "max_position", "tokens_seen")
 

@@ -1,6 +1,6 @@
 """Task packs: labelled examples folded once into a compressed cache that streams start from.
 
-EMLoC's many-shot adaptation (method.md, section 7): examples are put in the context chunk by
+EMLoC's many-shot adaptation (docs/method.md, section 6): examples are put in the context chunk by
 chunk, each chunk pruned under the JS bound as it is folded, the observers being held-out
 examples whose answer tokens are the positions that must keep their distribution. The
 result is a cache a stream starts from instead of an empty preamble; the video folds after
@@ -153,8 +153,10 @@ class TaskPack:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as error:
             raise PackError(f"{path}: not a readable task pack (safetensors): {error}") from error
+        if "manifest" not in metadata:
+            raise PackError(f"{path}: not a task pack (a safetensors file with no pack manifest in its header)")
         try:
-            manifest = json.loads(metadata.get("manifest", ""))
+            manifest = json.loads(metadata["manifest"])
         except (json.JSONDecodeError, RecursionError) as error:
             raise PackError(f"{path}: the pack's manifest is not valid JSON ({error})") from error
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

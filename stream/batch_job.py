@@ -28,11 +28,12 @@ class _Collect(Sink):
 
 
 def answer_one_video(adapter: ModelAdapter, settings: EMLoCSettings, path: str | Path, questions: list[Question], *,
-                     fps: float, max_new_tokens: int = 16, stream_id: str | None = None) -> list[dict]:
+                     fps: float, max_new_tokens: int = 16, stream_id: str | None = None, task=None) -> list[dict]:
     """The answers (AnswerEvent dicts) to `questions` about the video at `path`; raises VideoError
-    if the video cannot be read. Nothing is written: the caller delivers the answers."""
+    if the video cannot be read. Nothing is written: the caller delivers the answers. task: the
+    TaskPack the video's stream starts from (shared, read-only), or None."""
     stream_id = stream_id if stream_id is not None else str(path)
-    context = StreamContext(adapter, settings=settings)
+    context = StreamContext(adapter, settings=settings, task=task)
     scheduled = [q for q in questions if q.at is not None]
     queue = QuestionQueue(max_waiting=max(len(scheduled), 1))
     for question in scheduled:

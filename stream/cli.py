@@ -8,7 +8,7 @@ import sys
 
 from emloc import InputError, SettingsError, UnsupportedModelError
 
-from .commands import batch, demo, live, run
+from .commands import batch, demo, live, pack, run
 from .commands.common import DEFAULT_MODEL, RANDOM_MODEL, ROOT
 from .config import ConfigError
 from .sources import VideoError
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--budget", type=int, help="hard cap of tokens per layer")
         p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer in tokens (default 16)")
 
-    for command in (demo, run, batch, live):
+    for command in (demo, run, batch, live, pack):
         command.register(commands, common)
 
     args = parser.parse_args(argv)

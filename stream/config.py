@@ -103,6 +103,7 @@ class StreamConfig:
     every: int = 1
     jsonl: str | None = None
     state: str | None = None  # folder to save the stream's state in and resume from
+    task: str | None = None  # a task pack the stream starts from (default: the config's task:, else none)
     save_every: int = 1
     buffer: int = 16
     max_waiting: int = 64  # one-off questions waiting; more are refused
@@ -127,6 +128,8 @@ class StreamConfig:
                               f"({self.max_scheduled})")
         if isinstance(self.horizon, bool) or not isinstance(self.horizon, (int, float)) or not 0 < self.horizon < 1e9:
             raise ConfigError(f"stream {self.id}: horizon must be a number of seconds > 0, got {self.horizon!r}")
+        if self.task is not None and (not isinstance(self.task, str) or not self.task.strip()):
+            raise ConfigError(f"stream {self.id}: task must be the path of a task pack, got {self.task!r}")
         for name in ("ask", "standing"):
             value = getattr(self, name)
             if not all(isinstance(q, str) and q.strip() for q in value):
@@ -140,6 +143,11 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mqtt: MqttConfig | None = None
     streams: tuple[StreamConfig, ...] = ()
+    task: str | None = None  # the task pack every stream starts from unless it names its own (--task overrides)
+
+    def __post_init__(self) -> None:
+        if self.task is not None and (not isinstance(self.task, str) or not self.task.strip()):
+            raise ConfigError(f"task must be the path of a task pack, got {self.task!r}")
 
 
 def load_config(path: str | Path) -> Config:
@@ -186,7 +194,7 @@ def config_from_dict(data: dict) -> Config:
     ids = [s.id for s in parsed]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"stream ids must be unique, got {ids}")
-    return Config(emloc=settings, model=ModelConfig(**model), mqtt=mqtt, streams=tuple(parsed))
+    return Config(emloc=settings, model=ModelConfig(**model), mqtt=mqtt, streams=tuple(parsed), task=data.get("task"))
 
 
 def _check_keys(section: str, data: dict, known: set[str]) -> None:

@@ -33,9 +33,9 @@ QUESTION_FIELDS = {"id", "text", "at", "every", "origin", "meta", "wait"}
 class LiveStream:
     def __init__(self, spec: StreamConfig, adapter: ModelAdapter, settings, *, fps: float,
                  mqtt: MqttConfig | None = None, max_new_tokens: int = 16, console: bool = True,
-                 questions: list[Question] = ()) -> None:
+                 questions: list[Question] = (), task=None) -> None:
         self.spec, self.fps = spec, fps
-        self.context = StreamContext(adapter, settings=settings)
+        self.context = StreamContext(adapter, settings=settings, task=task)  # task: a TaskPack, shared read-only
         self.queue = QuestionQueue(max_waiting=spec.max_waiting, max_scheduled=spec.max_scheduled,
                                    max_standing=spec.max_standing, horizon=spec.horizon)
         self.sinks: list = [ConsoleSink()] if console else []
@@ -167,7 +167,8 @@ class LiveStream:
             self.bridge.publish_status(status)
         print(f"status {self.spec.id}: {status['state']}, {status['frames_seen']} frames, "
               f"{status['chunks_folded']} chunks, {status['cache_tokens']} tokens/layer, lag {status['lag_s']:.1f} s, "
-              f"dropped {status['frames_dropped']}" + (f" ({status['detail']})" if status["detail"] else ""),
+              f"dropped {status['frames_dropped']}" + (f" ({status['detail']})" if status["detail"] else "")
+              + (f", from task pack {self.spec.task}" if self.spec.task else ""),
               file=sys.stderr, flush=True)
         return status
 

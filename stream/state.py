@@ -10,7 +10,8 @@ manifest's own checksum (an edited field is named as an edit), that the one file
 is `cache-<serial>.safetensors` directly inside DIR (no absolute path, no `..`, no symlink),
 the cache file's size and checksum, then that every field agrees with the cache it
 describes (the counters stored in both, the layers' shapes, the token origins against the
-tokens seen, the attention sinks against this model's preamble). Nothing is ever unpickled.
+tokens seen, the attention sinks against the cache the stream starts from: its preamble, or its
+task pack, whose checksum the state records). Nothing is ever unpickled.
 A checksum finds damage and edits, not a forger who recomputes it: keep DIR as private as
 the model.
 
@@ -90,16 +91,43 @@ def load_state(folder: str | Path, context: StreamContext) -> dict:
     meta, stream = manifest.get("context"), manifest.get("stream")
     if not isinstance(meta, dict) or not isinstance(stream, dict):
         raise StateError(f"{folder}: the manifest's 'context' and 'stream' must be objects")
-    _check_counters(folder, meta, stream, tensors)
-    preamble = context.sink_tokens  # this model's preamble, before the state replaces it
+    start = _start_of(context)  # the cache this stream starts from (preamble, or task pack), before it is replaced
+    _check_task(folder, meta, context)
+    _check_counters(folder, meta, stream, tensors, start)
     try:
         context.restore({k: v for k, v in tensors.items() if k.startswith("layers.")}, meta)
     except SettingsError as error:
         raise StateError(f"{folder}: {error}") from error
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
         raise StateError(f"{folder}: the saved state is inconsistent: {error}") from error
-    _check_cache(folder, context, preamble, tensors)
+    _check_cache(folder, context, start, tensors)
     return stream
+
+
+def _start_of(context: StreamContext) -> dict:
+    """What every state of this stream must begin with: the sink counters and each layer's committed
+    tokens (origins; and keys when they come from a task pack, which are copied bit for bit)."""
+    layers = [layer.committed_origins().cpu().clone() for layer in context.cache.layers]
+    keys = ([layer.keys[:, :, :layer.length].cpu().clone() for layer in context.cache.layers]
+            if context.task is not None else None)
+    return dict(sink_tokens=context.sink_tokens, video_start=context.video_start, origins=layers, keys=keys)
+
+
+def _check_task(folder: Path, meta: dict, context: StreamContext) -> None:
+    """A state folded after a task pack resumes only from that pack, and one folded without a pack without one."""
+    saved, mine = meta.get("task"), context.task.digest if context.task is not None else None
+    if saved == mine:
+        return
+    if saved is None:
+        raise StateError(f"{folder}: this state was saved without a task pack; resume it without --task (or use a "
+                         f"new state folder)")
+    if not isinstance(saved, str):
+        raise StateError(f"{folder}: the manifest's task must be a pack's checksum, got {saved!r}")
+    if mine is None:
+        raise StateError(f"{folder}: this state was saved with a task pack (checksum {saved[:12]}...); resume it "
+                         f"with the same --task")
+    raise StateError(f"{folder}: this state was saved with another task pack (checksum {saved[:12]}..., this "
+                     f"one is {mine[:12]}...); resume it with the same --task")
 
 
 def _manifest(folder: Path) -> dict:
@@ -145,7 +173,7 @@ def _times(meta: dict, stream: dict) -> list[float]:
     return [float(span[0]), float(span[1]), math.nan if last is None else float(last)]
 
 
-def _check_counters(folder: Path, meta: dict, stream: dict, tensors: dict) -> None:
+def _check_counters(folder: Path, meta: dict, stream: dict, tensors: dict, start: dict) -> None:
     """The manifest's counters and times against their copy in the checksummed cache file, and each other."""
     for name in COUNTERS:
         value = meta.get(name)
@@ -169,9 +197,9 @@ def _check_counters(folder: Path, meta: dict, stream: dict, tensors: dict) -> No
         raise StateError(f"{folder}: the manifest's times {expected_times.tolist()} differ from the cache file's "
                          f"{times.tolist()}; the manifest was edited")
     c = meta
-    if (c["video_start"] != c["sink_tokens"] or c["tokens_seen"] < c["sink_tokens"]
+    if (c["video_start"] != start["video_start"] or c["tokens_seen"] < c["sink_tokens"]
             or (c["chunks_folded"] == 0) != (c["tokens_seen"] == c["sink_tokens"]) or c["steps"] < c["chunks_folded"]
-            or c["max_position"] < c["sink_tokens"] - 1
+            or c["max_position"] < c["video_start"] - 1
             or (c["chunks_folded"] and c["max_position"] < c["video_start"])):
         raise StateError(f"{folder}: the saved counters contradict each other: {dict((n, c[n]) for n in COUNTERS)}")
     expected = {k for k in tensors if k.startswith("layers.")}
@@ -180,12 +208,14 @@ def _check_counters(folder: Path, meta: dict, stream: dict, tensors: dict) -> No
                          f"{sorted(set(tensors) - expected - {'state.counters', 'state.times'})[:5]}")
 
 
-def _check_cache(folder: Path, context: StreamContext, preamble: int, tensors: dict) -> None:
-    """The restored layers against the model and the counters: shapes, sinks, origins."""
+def _check_cache(folder: Path, context: StreamContext, start: dict, tensors: dict) -> None:
+    """The restored layers against the model, the counters and the cache the stream starts from:
+    shapes, sinks (each layer begins with exactly the tokens it started with), origins."""
     adapter, sink = context.adapter, context.sink_tokens
-    if sink != preamble:
-        raise StateError(f"{folder}: the state keeps {sink} attention-sink tokens, this model's preamble has "
-                         f"{preamble}")
+    if sink != start["sink_tokens"]:
+        raise StateError(f"{folder}: the state keeps {sink} attention-sink tokens, this stream starts from "
+                         f"{start['sink_tokens']} (this model's preamble"
+                         + (" and its task pack)" if context.task is not None else ")"))
     merged = sum(k.endswith(".log_mass") for k in tensors)  # a layer that merged dropped tokens keeps their mass
     if len(tensors) - 2 - merged != 4 * adapter.num_layers or merged > adapter.num_layers:
         raise StateError(f"{folder}: the cache file holds {len(tensors) - 2} layer tensors, the model needs "
@@ -197,8 +227,11 @@ def _check_cache(folder: Path, context: StreamContext, preamble: int, tensors: d
             raise StateError(f"{folder}: layer {i} holds keys {tuple(keys.shape)}; this model needs {shape}")
         if keys.dtype != adapter.dtype or not (torch.isfinite(keys).all() and torch.isfinite(layer.values).all()):
             raise StateError(f"{folder}: layer {i}'s keys/values are not finite {adapter.dtype} numbers")
-        if layer.length < sink or not torch.equal(origins[..., :sink].cpu(), torch.arange(sink).expand_as(
-                origins[..., :sink].cpu())):
+        first = start["origins"][i]
+        n = first.shape[-1]
+        if (layer.length < n or not torch.equal(origins[..., :n].cpu(), first)
+                or int((origins[..., n:] < sink).sum()) or (start["keys"] is not None and not torch.equal(
+                    keys[:, :, :n].cpu(), start["keys"][i]))):
             raise StateError(f"{folder}: layer {i} lost its attention-sink tokens")
         if int(origins.min()) < 0 or int(origins.max()) >= context.tokens_seen:
             raise StateError(f"{folder}: layer {i} holds tokens beyond the {context.tokens_seen} tokens seen")

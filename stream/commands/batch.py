@@ -10,7 +10,7 @@ from emloc import InputError, StreamContext
 
 from .. import distributed
 from ..sources import IMAGE_SUFFIXES, VideoError, open_source
-from .common import build_model, config_from, load_questions
+from .common import add_task_option, build_model, check_task, config_from, load_questions, load_task, task_path
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".ts", ".m4v", ".flv", ".mpg", ".mpeg"}
 
@@ -80,14 +80,20 @@ def batch(args: argparse.Namespace) -> int:
         print(f"emloc-stream batch: question {q.id!r} names video {q.meta['video']!r}, which is not in this batch; "
               f"not asked", file=sys.stderr, flush=True)
     done = {(a["stream_id"], a["question_id"]) for a in read_answers(args.out)}
+    task = task_path(args, config)
+    pack = load_task(task)  # a damaged pack is named before any video is read
     if args.ray is not None:  # the same videos and questions, spread over a Ray cluster
         from ..distributed.batch import run_batch
 
-        return run_batch(args, config, given, videos, questions, done)
+        return run_batch(args, config, given, videos, questions, done,
+                         task=str(Path(task).resolve()) if task else None)
     adapter, settings, label = build_model(config, args.model, given)
+    check_task(task, pack, adapter, settings)
     aware = not args.no_query_aware
     print(f"emloc-stream batch: {len(videos)} videos, {len(questions)} questions; {label}; observers: "
           + ("the questions (--no-query-aware: the probe prompt)" if aware else "the probe prompt"), flush=True)
+    if pack is not None:
+        print(f"every video starts from {task}: {pack.describe()}", flush=True)
     sinks = [JsonLinesSink(args.out), ConsoleSink()]
     failed = 0
     try:
@@ -113,7 +119,7 @@ def batch(args: argparse.Namespace) -> int:
                 print(f"{tag}: error: {error}; its questions stay unanswered, a rerun retries it", file=sys.stderr,
                       flush=True)
                 continue
-            runner = StreamRunner(stream_id, StreamContext(adapter, settings=settings), queue, sinks,
+            runner = StreamRunner(stream_id, StreamContext(adapter, settings=settings, task=pack), queue, sinks,
                                   max_new_tokens=args.max_new_tokens,
                                   on_fold=_progress(tag, duration, config.model.fps),
                                   at_end=[q for q in todo if q.at is None], observe_questions=aware)
@@ -164,6 +170,7 @@ def register(commands, common) -> None:
     p.add_argument("--no-query-aware", action="store_true",
                    help="prune guided by the probe prompt, not by the questions")
     p.add_argument("--out", required=True, type=Path, help="answers, JSON Lines; answered pairs are skipped")
+    add_task_option(p)
     distributed.options(p, "worker")
     p.add_argument("--workers", type=int,
                    help="with --ray: worker actors (default: the cluster's CPUs / --cpus-per-worker)")

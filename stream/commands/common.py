@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from emloc import EMLoCSettings, InputError, ModelAdapter, StreamContext
+from emloc import EMLoCSettings, InputError, ModelAdapter, StreamContext, TaskPack
 
 from ..config import Config, load_config
 
@@ -57,6 +57,42 @@ def build_model(config: Config, model: str | None, settings_given: bool) -> tupl
                            probe_answer_tokens=DEFAULT_PROBE_ANSWER_TOKENS)
     settings.check_against(adapter.num_layers, adapter.temporal_patch)  # before any video is read
     return adapter, settings, f"{label}, {adapter.num_layers} layers; {describe(settings)}"
+
+
+_PACKS: dict[Path, TaskPack] = {}  # one pack per file per process, shared read-only by every stream
+
+
+def add_task_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", help="a task pack (emloc-stream pack) the stream starts from: the model answers in "
+                   "its examples' terms; the video folds after it (default: the config's task:, else none)")
+
+
+def task_path(args: argparse.Namespace, config: Config) -> str | None:
+    """The pack a command's streams start from: --task, else the config's top-level task:."""
+    return getattr(args, "task", None) or config.task
+
+
+def load_task(path: str | Path | None) -> TaskPack | None:
+    """Reads a task pack once per process (PackError naming the problem); every stream shares it."""
+    if path is None:
+        return None
+    key = Path(path).expanduser().resolve()
+    if key not in _PACKS:
+        _PACKS[key] = TaskPack.load(key)
+    return _PACKS[key]
+
+
+def check_task(path, pack: TaskPack | None, adapter: ModelAdapter, settings: EMLoCSettings) -> None:
+    """Refuses, before any video is read, a pack this model and these settings cannot start from:
+    another model, another system prompt, or a token budget the pack alone fills."""
+    from emloc import SettingsError
+
+    if pack is None:
+        return
+    try:
+        StreamContext(adapter, settings=settings, task=pack)
+    except SettingsError as error:
+        raise SettingsError(f"task pack {path}: {error}") from error
 
 
 def check_model(name: str) -> None:
@@ -132,7 +168,8 @@ def deliver(context: StreamContext, stream_id: str, questions: list[str], answer
 
 def footer(context: StreamContext) -> str:
     seen = context.tokens_seen - context.sink_tokens
-    kept = sum(context.cache.lengths()) / context.adapter.num_layers - context.sink_tokens
+    sinks = context.sink_lengths()  # a task pack's examples are kept pruned, a different number in each layer
+    kept = (sum(context.cache.lengths()) - sum(sinks)) / context.adapter.num_layers
     return (f"video tokens seen {seen}, kept {kept:.0f} per layer ({100 * kept / max(seen, 1):.1f}%), "
             f"cache {context.cache.nbytes() / 1024:.0f} KiB")
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .. import distributed
 from ..config import Config, ConfigError, load_config
-from .common import build_model, check_state, config_from, load_questions
+from .common import add_task_option, build_model, check_state, check_task, config_from, load_questions, load_task
 
 
 def live(args: argparse.Namespace) -> int:
@@ -23,7 +24,8 @@ def live(args: argparse.Namespace) -> int:
                         standing=tuple(args.standing or ()), every=args.every,
                         jsonl=str(args.jsonl) if args.jsonl else None, state=str(args.state) if args.state else None,
                         save_every=args.save_every, buffer=args.buffer, max_waiting=args.max_waiting,
-                        max_scheduled=args.max_scheduled, max_standing=args.max_standing, horizon=args.horizon)
+                        max_scheduled=args.max_scheduled, max_standing=args.max_standing, horizon=args.horizon,
+                        task=args.task or config.task)
     questions = load_questions(args.questions) if args.questions else []
     return _serve(config, given, args, [spec], mqtt, questions)
 
@@ -32,11 +34,15 @@ def serve_config(args: argparse.Namespace) -> int:
     config, given = load_config(args.config), True
     if not config.streams:
         raise ConfigError(f"{args.config}: no streams: list them under 'streams:' (id, source, ...)")
+    default = args.task or config.task  # a stream's own task: wins
+    specs = [replace(spec, task=spec.task or default) for spec in config.streams]
+    for spec in specs:
+        load_task(spec.task)  # a damaged pack is named before any model or source is opened
     if args.ray is not None:  # every stream a Ray actor on some node of the cluster
         from ..distributed.serve import serve_ray
 
-        return serve_ray(args, config)
-    return _serve(config, given, args, list(config.streams), config.mqtt)
+        return serve_ray(args, replace(config, streams=tuple(specs)))
+    return _serve(config, given, args, specs, config.mqtt)
 
 
 def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, mqtt, questions=()) -> int:
@@ -54,10 +60,17 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
         raise ConfigError("--ha-discovery publishes to MQTT: give --mqtt HOST:PORT (or mqtt: in the config)")
     for spec in specs:
         check_state(spec.state, f"stream {spec.id}: state" if len(specs) > 1 else "--state")
+    packs = {spec.id: load_task(spec.task) for spec in specs}  # one TaskPack per file, shared by its streams
     adapter, settings, label = build_model(config, args.model, given)
+    for spec in specs:
+        check_task(spec.task, packs[spec.id], adapter, settings)
     print(f"emloc-stream: {len(specs)} stream(s) [{', '.join(s.id for s in specs)}]; {label}", flush=True)
+    for spec in specs:
+        if spec.task:
+            print(f"{spec.id} starts from {spec.task}: {packs[spec.id].describe()}", flush=True)
     streams = [LiveStream(spec, adapter, settings, fps=config.model.fps, mqtt=mqtt,
-                          max_new_tokens=args.max_new_tokens, questions=questions if i == 0 else ())
+                          max_new_tokens=args.max_new_tokens, questions=questions if i == 0 else (),
+                          task=packs[spec.id])
                for i, spec in enumerate(specs)]
     if getattr(args, "stdin", False):
         queue = streams[0].queue
@@ -140,6 +153,7 @@ def register(commands, common) -> None:
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--state", type=Path, help="save the stream state here; resume from it if present")
     p.add_argument("--save-every", type=int, default=1, help="chunks between saves of --state")
+    add_task_option(p)
     add_web_options(p)
     p.set_defaults(run=live)
 
@@ -161,6 +175,8 @@ def register(commands, common) -> None:
     p.add_argument("--status-every", type=float, default=5.0,
                    help="seconds between status reports, on stderr and emloc/<id>/status (default 5)")
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
+    p.add_argument("--task", help="a task pack every stream starts from unless it names its own (task: in the "
+                   "stream); overrides the config's top-level task:")
     add_web_options(p)
     distributed.options(p, "stream")
     p.add_argument("--state-dir", type=Path, help="with --ray: each stream's state in DIR/<id>, on storage every "

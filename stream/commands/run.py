@@ -11,7 +11,18 @@ from emloc import InputError, StreamContext
 from ..offline import answer_video
 from ..sources import IMAGE_SUFFIXES, open_source
 from ..state import StateError
-from .common import build_model, check_state, config_from, deliver, footer, progress_printer
+from .common import (
+    add_task_option,
+    build_model,
+    check_state,
+    check_task,
+    config_from,
+    deliver,
+    footer,
+    load_task,
+    progress_printer,
+    task_path,
+)
 
 
 def _check_folder(path: Path) -> None:
@@ -32,10 +43,15 @@ def run(args: argparse.Namespace) -> int:
 
     _check_folder(Path(args.video))
     check_state(args.state)
+    task = task_path(args, config)
+    pack = load_task(task)  # a damaged pack is named before the video is opened
     source = open_source(args.video, args.image_fps)
     adapter, settings, label = build_model(config, args.model, given)
-    context = StreamContext(adapter, settings=settings)
+    check_task(task, pack, adapter, settings)
+    context = StreamContext(adapter, settings=settings, task=pack)
     print(f"emloc-stream run: {label}", flush=True)
+    if pack is not None:
+        print(f"starts from {task}: {pack.describe()}", flush=True)
     frames = source.frames(fps=config.model.fps)
     video_id = str(Path(args.video).resolve())
     if args.state and has_state(args.state):
@@ -91,4 +107,5 @@ def register(commands, common) -> None:
                    help="let the questions guide pruning (they are known before the video)")
     p.add_argument("--state", type=Path, help="save the stream state here; resume from it if present")
     p.add_argument("--save-every", type=int, default=1, help="chunks between saves of --state")
+    add_task_option(p)
     p.set_defaults(run=run)

@@ -27,10 +27,13 @@ from .cluster import actor_options, connect, node_label, placement
 class VideoWorker:
     """One model, many videos: the model is loaded when the actor starts (or restarts)."""
 
-    def __init__(self, config, model: str | None, settings_given: bool, max_new_tokens: int) -> None:
-        from ..commands.common import build_model
+    def __init__(self, config, model: str | None, settings_given: bool, max_new_tokens: int,
+                 task: str | None = None) -> None:
+        from ..commands.common import build_model, check_task, load_task
 
         self.adapter, self.settings, self.label = build_model(config, model, settings_given)
+        self.task = load_task(task)  # from the path, on storage every node can read; once per worker
+        check_task(task, self.task, self.adapter, self.settings)
         self.fps, self.max_new_tokens = config.model.fps, max_new_tokens
         self.where = placement()
 
@@ -40,11 +43,12 @@ class VideoWorker:
     def answer(self, path: str, stream_id: str, questions: list) -> dict:
         started = time.monotonic()
         answers = answer_one_video(self.adapter, self.settings, path, questions, fps=self.fps,
-                                   max_new_tokens=self.max_new_tokens, stream_id=stream_id)
+                                   max_new_tokens=self.max_new_tokens, stream_id=stream_id, task=self.task)
         return dict(answers=answers, where=self.where, seconds=time.monotonic() - started)
 
 
-def run_batch(args: argparse.Namespace, config, given: bool, videos: list[Path], questions: list, done: set) -> int:
+def run_batch(args: argparse.Namespace, config, given: bool, videos: list[Path], questions: list, done: set,
+              task: str | None = None) -> int:
     from sinks import AnswerEvent, ConsoleSink, JsonLinesSink
 
     todo = deque()
@@ -65,7 +69,8 @@ def run_batch(args: argparse.Namespace, config, given: bool, videos: list[Path],
     count = min(count, total)
     Worker = ray.remote(VideoWorker)
     options = actor_options(args, max_restarts=-1, max_task_retries=0)
-    workers = [Worker.options(**options).remote(config, args.model, given, args.max_new_tokens) for _ in range(count)]
+    workers = [Worker.options(**options).remote(config, args.model, given, args.max_new_tokens, task)
+               for _ in range(count)]
     print(f"{count} worker(s) of {args.cpus_per_worker:g} CPU, {args.gpus_per_worker:g} GPU"
           + (f", {args.resources}" if args.resources else "") + f" on a cluster of {cluster}", flush=True)
     sinks = [JsonLinesSink(args.out), ConsoleSink()]

@@ -30,7 +30,7 @@ from .cluster import actor_options, connect, node_label, placement
 
 class StreamActor:
     def __init__(self, spec, config: Config, model: str | None, max_new_tokens: int, status_every: float) -> None:
-        from ..commands.common import build_model
+        from ..commands.common import build_model, check_task, load_task
         from ..service import LiveStream
         from ..state import has_state
 
@@ -39,8 +39,10 @@ class StreamActor:
         if self.restarted and has_state(spec.state):  # its one-off config questions were saved if still waiting
             spec = replace(spec, ask=())
         adapter, settings, _ = build_model(config, model, True)
+        task = load_task(spec.task)  # from the path, on storage every node can read; once per process
+        check_task(spec.task, task, adapter, settings)
         self.stream = LiveStream(spec, adapter, settings, fps=config.model.fps, mqtt=config.mqtt,
-                                 max_new_tokens=max_new_tokens)
+                                 max_new_tokens=max_new_tokens, task=task)
         self.status_every, self.started = status_every, time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"stream:{spec.id}", daemon=True)
@@ -88,7 +90,7 @@ def serve_ray(args: argparse.Namespace, config: Config) -> int:
             raise ConfigError(f"stream {spec.id}: serve --ray needs --state-dir (storage every node can read) "
                               f"or a state: folder for each stream, to restart it elsewhere")
         state = spec.state or str(Path(args.state_dir).resolve() / spec.id)
-        specs.append(replace(spec, state=state))
+        specs.append(replace(spec, state=state, task=str(Path(spec.task).resolve()) if spec.task else None))
     cluster = connect(args.ray)
     print(f"emloc-stream serve --ray: {len(specs)} stream(s) on a cluster of {cluster}", flush=True)
     Actor = ray.remote(StreamActor)
