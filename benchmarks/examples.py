@@ -43,14 +43,17 @@ METHODS = {"full": "full context", "layer": "EMLoC layer-wise", "group": "EMLoC 
            "uniform": "uniform examples, equal budget", "random": "random tokens, equal budget"}
 
 
+DELTA = {}  # --delta: many_shot's bound for the EMLoC rows (the paper's 0.005 when not given)
+
+
 def pack_for(adapter, examples, method: str, share: float | None, seed: int):
     layers = adapter.num_layers
     if method == "full":
         return TaskPack.build(adapter, examples, many_shot(ratios=(1.0,)))
     if method == "layer":
-        return TaskPack.build(adapter, examples, many_shot())
+        return TaskPack.build(adapter, examples, many_shot(**DELTA))
     if method == "group":
-        return TaskPack.build(adapter, examples, many_shot(layer_group_size=max(1, layers // 2)))
+        return TaskPack.build(adapter, examples, many_shot(layer_group_size=max(1, layers // 2), **DELTA))
     policy = UniformFrames(share) if method == "uniform" else RandomTokens(share, seed=seed)
     return TaskPack.build(adapter, examples, many_shot(), policy=policy)
 
@@ -107,14 +110,15 @@ def markdown(meta: dict, summary: list[dict]) -> str:
              f"`{meta['command']}`", "",
              f"{meta['episodes']} held-out episodes (seeds {SEEDS}+), 8 classes with fresh names, 4 queries each "
              f"({meta['episodes'] * 4} questions per cell); chance 12.5% with examples (one of the 8 names), "
-             f"~5% without (one of 20). {meta['minutes']} min on {meta['threads']} CPU threads.", "",
+             f"~5% without (one of 20). EMLoC rows: delta {meta['delta']}, {meta.get('observers', 4)} observers a chunk. {meta['minutes']} min on "
+             f"{meta['threads']} CPU threads.", "",
              "| examples | method | accuracy | kept % of example tokens | example tokens | prefill s | "
              "observers + search s | cache KiB |", "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         kept = "-" if s["kept"] is None else f"{s['kept']:.1f}"
         lines.append(f"| {s['count']} | {s['label']} | {s['accuracy']:.1f} | {kept} | {s['example_tokens']} | "
                      f"{s['prefill_s']:.2f} | {s['search_s']:.2f} | {s['cache_kib']:.0f} |")
-    lines += ["", "![accuracy against examples](examples.png)", ""]
+    lines += ["", f"![accuracy against examples]({meta.get('png', 'examples.png')})", ""]
     return "\n".join(lines)
 
 
@@ -145,8 +149,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[0, 10, 50, 200])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--delta", type=float, help="JS bound of the EMLoC rows (default: many_shot's 0.005)")
+    parser.add_argument("--observers", type=int, help="held-out examples observing each chunk (default: many_shot's)")
+    parser.add_argument("--tag", default="", help="suffix of the output files")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     args = parser.parse_args(argv)
+    if args.delta is not None:
+        DELTA["delta"] = args.delta
+    if args.observers is not None:
+        DELTA["max_observers"] = args.observers
     torch.set_num_threads(args.threads)
     adapter = load_adapter(args.model)
     methods = ["layer"] + [m for m in args.methods if m != "layer"] if "layer" in args.methods else args.methods
@@ -158,12 +169,17 @@ def main(argv: list[str] | None = None) -> None:
         print(" | ".join(f"{count} {s['method']} {s['accuracy']:.1f}% kept {s['kept']}" for s in done), flush=True)
     summary = summarize(rows, [m for m in METHODS if m in methods], args.counts)
     meta = dict(model=Path(args.model).name, episodes=args.episodes, counts=args.counts, threads=args.threads,
+                delta=args.delta if args.delta is not None else many_shot().delta,
+                observers=args.observers or many_shot().max_observers,
                 minutes=round((time.time() - started) / 60, 1),
                 command="python benchmarks/examples.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "examples.json").write_text(json.dumps(dict(meta=meta, summary=summary, rows=rows), indent=1) + "\n")
-    (args.out / "examples.md").write_text(markdown(meta, summary))
-    plot(summary, args.out / "examples.png")
+    stem = args.out / ("examples" + (f"-{args.tag}" if args.tag else ""))
+    meta["png"] = stem.name + ".png"
+    stem.parent.joinpath(stem.name + ".json").write_text(json.dumps(dict(meta=meta, summary=summary, rows=rows),
+                                                                    indent=1) + "\n")
+    stem.parent.joinpath(stem.name + ".md").write_text(markdown(meta, summary))
+    plot(summary, stem.parent / (stem.name + ".png"))
     print(markdown(meta, summary))
 
 
