@@ -110,8 +110,8 @@ def markdown(meta: dict, summary: list[dict]) -> str:
              f"`{meta['command']}`", "",
              f"{meta['episodes']} held-out episodes (seeds {SEEDS}+), 8 classes with fresh names, 4 queries each "
              f"({meta['episodes'] * 4} questions per cell); chance 12.5% with examples (one of the 8 names), "
-             f"~5% without (one of 20). EMLoC rows: delta {meta['delta']}, {meta.get('observers', 4)} observers a chunk. {meta['minutes']} min on "
-             f"{meta['threads']} CPU threads.", "",
+             f"~5% without (one of 20). EMLoC rows: delta {meta['delta']}, {meta.get('observers', 4)} observers a "
+             f"chunk. {meta['minutes']} min on {meta['threads']} CPU threads.", "",
              "| examples | method | accuracy | kept % of example tokens | example tokens | prefill s | "
              "observers + search s | cache KiB |", "|---|---|---|---|---|---|---|---|"]
     for s in summary:

@@ -83,7 +83,8 @@ def run(adapter, settings, policy, video: np.ndarray, device) -> dict:
     latencies = [context.answer("what colour was the triangle ?", max_new_tokens=8).latency_s for _ in range(3)]
     records = context.records
     out = dict(frames=len(video), chunks=len(records), video_tokens=context.tokens_seen - context.sink_tokens,
-               kept_tokens_per_layer=round((sum(context.cache.lengths()) - sum(context.sink_lengths())) / adapter.num_layers),
+               kept_tokens_per_layer=round((sum(context.cache.lengths()) - sum(context.sink_lengths()))
+                                           / adapter.num_layers),
                prefill_s=round(sum(r.vision_s + r.prefill_s for r in records), 3),
                search_s=round(sum(r.observe_s + r.search_s for r in records), 3),
                score_s=round(sum(r.score_s for r in records), 3),

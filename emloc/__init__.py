@@ -11,7 +11,6 @@ from .observer import Observer, js_divergence
 from .policies import GroupDecision, JSBoundedSearch, Retention, RetentionPolicy
 from .records import Answer, FoldRecord
 from .scorers import Scorer, build_scorer
-from .task_pack import PackError, TaskExample, TaskPack
 from .settings import (
     EMLoCSettings,
     SettingsError,
@@ -22,10 +21,12 @@ from .settings import (
     reference_code,
     videomme_online,
 )
+from .task_pack import PackError, TaskExample, TaskPack
 
 __all__ = [
     "Answer", "EMLoCSettings", "FoldRecord", "GroupDecision", "InputError", "JSBoundedSearch", "ModelAdapter",
     "Observer", "PrunedCache", "PrunedLayer", "Retention", "RetentionPolicy", "Scorer", "SettingsError",
     "StreamContext", "UnsupportedModelError", "adapter_for", "build_scorer", "js_divergence", "load_adapter",
-    "layer_wise", "many_shot", "PackError", "TaskExample", "TaskPack", "preset", "query_agnostic", "reference_code", "videomme_online",
+    "layer_wise", "many_shot", "PackError", "TaskExample", "TaskPack", "preset", "query_agnostic", "reference_code",
+    "videomme_online",
 ]

@@ -173,11 +173,13 @@ class TaskPack:
         """Counters and layers consistent with each other: what a start from the pack relies on."""
         m = self.manifest
         counters = m.get("counters")
-        if not isinstance(counters, dict) or any(
-                not isinstance(counters.get(n), int) or isinstance(counters.get(n), bool) or not 0 <= counters[n] < 1 << 40
-                for n in COUNTERS):
+        def bad(value) -> bool:
+            return not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 40
+
+        if not isinstance(counters, dict) or any(bad(counters.get(n)) for n in COUNTERS):
             raise PackError(f"{path}: the pack's counters must be non-negative integers, got {counters!r}")
-        if counters["sink_tokens"] != counters["tokens_seen"] or counters["max_position"] + 1 != counters["video_start"]:
+        if (counters["sink_tokens"] != counters["tokens_seen"]
+                or counters["max_position"] + 1 != counters["video_start"]):
             raise PackError(f"{path}: the pack's counters contradict each other: {counters}")
         try:
             EMLoCSettings.from_dict(m.get("settings") or {})

@@ -193,8 +193,9 @@ class ExampleBatcher:
         copy = torch.zeros(len(rows), width, ids.shape[1], dtype=torch.bool)
         for b, r in enumerate(rows):
             copy_at[b, :len(r[7][0])], copy[b, :len(r[7][0])] = r[7]
-        return dict(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values_videos=pixels,
-                    video_grid_thw=grids, cell_labels=(probed, probed_at, copy_at, copy)), targets, where, ["query"] * self.queries
+        inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values_videos=pixels,
+                      video_grid_thw=grids, cell_labels=(probed, probed_at, copy_at, copy))
+        return inputs, targets, where, ["query"] * self.queries
 
     def _picture(self, frames, start: int):
         pixels = self.adapter.preprocess(frames)
