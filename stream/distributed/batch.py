@@ -163,5 +163,8 @@ def _retry(todo: deque, attempts: Counter, failed: list, path: Path, mine: list,
 def _short(error: Exception) -> str:
     if isinstance(error, RayTaskError) and error.cause is not None:
         return f"{type(error.cause).__name__}: {error.cause}"
-    return str(error).strip().splitlines()[0][:300]
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if getattr(error, "actor_init_failed", False) and lines:  # the worker's own error ends the traceback
+        return lines[-1][:500]
+    return lines[0][:300] if lines else type(error).__name__
 
