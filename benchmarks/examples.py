@@ -43,22 +43,20 @@ METHODS = {"full": "full context", "layer": "EMLoC layer-wise", "group": "EMLoC 
            "uniform": "uniform examples, equal budget", "random": "random tokens, equal budget"}
 
 
-DELTA = {}  # --delta: many_shot's bound for the EMLoC rows (the paper's 0.005 when not given)
-
-
-def pack_for(adapter, examples, method: str, share: float | None, seed: int):
+def pack_for(adapter, examples, method: str, share: float | None, seed: int, overrides: dict):
+    """overrides: of many_shot() for the EMLoC rows (--delta, --observers)."""
     layers = adapter.num_layers
     if method == "full":
         return TaskPack.build(adapter, examples, many_shot(ratios=(1.0,)))
     if method == "layer":
-        return TaskPack.build(adapter, examples, many_shot(**DELTA))
+        return TaskPack.build(adapter, examples, many_shot(**overrides))
     if method == "group":
-        return TaskPack.build(adapter, examples, many_shot(layer_group_size=max(1, layers // 2), **DELTA))
+        return TaskPack.build(adapter, examples, many_shot(layer_group_size=max(1, layers // 2), **overrides))
     policy = UniformFrames(share) if method == "uniform" else RandomTokens(share, seed=seed)
     return TaskPack.build(adapter, examples, many_shot(), policy=policy)
 
 
-def run_episode(adapter, seed: int, count: int, methods: list[str]) -> list[dict]:
+def run_episode(adapter, seed: int, count: int, methods: list[str], overrides: dict) -> list[dict]:
     episode = synthetic_examples.make_episode(seed, examples=count, classes=8, queries=4)
     examples = [TaskExample(e.frames, e.question, e.label) for e in episode.examples]
     rows, share = [], None
@@ -66,7 +64,7 @@ def run_episode(adapter, seed: int, count: int, methods: list[str]) -> list[dict
         if count == 0 and method != "full":
             continue
         clock = time.perf_counter()
-        pack = pack_for(adapter, examples, method, share, seed) if count else None
+        pack = pack_for(adapter, examples, method, share, seed, overrides) if count else None
         build_s = time.perf_counter() - clock
         m = pack.manifest if pack else {}
         if method == "layer":
@@ -154,17 +152,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default="", help="suffix of the output files")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     args = parser.parse_args(argv)
-    if args.delta is not None:
-        DELTA["delta"] = args.delta
-    if args.observers is not None:
-        DELTA["max_observers"] = args.observers
+    overrides = {k: v for k, v in (("delta", args.delta), ("max_observers", args.observers)) if v is not None}
     torch.set_num_threads(args.threads)
     adapter = load_adapter(args.model)
     methods = ["layer"] + [m for m in args.methods if m != "layer"] if "layer" in args.methods else args.methods
     started, rows = time.time(), []
     for count in args.counts:
         for i in range(args.episodes):
-            rows += run_episode(adapter, SEEDS + i, count, methods)
+            rows += run_episode(adapter, SEEDS + i, count, methods, overrides)
         done = [s for s in summarize(rows, methods, [count])]
         print(" | ".join(f"{count} {s['method']} {s['accuracy']:.1f}% kept {s['kept']}" for s in done), flush=True)
     summary = summarize(rows, [m for m in METHODS if m in methods], args.counts)

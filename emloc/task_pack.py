@@ -78,6 +78,7 @@ class TaskPack:
         if not isinstance(examples_per_chunk, int) or examples_per_chunk < 1:
             raise PackError(f"examples_per_chunk must be an integer >= 1, got {examples_per_chunk!r}")
         context = StreamContext(model, tokenizer, settings, policy=policy, **adapter_options)
+        preamble = context.sink_tokens  # before the examples join the sinks
         chunks = [examples[i:i + examples_per_chunk] for i in range(0, len(examples), examples_per_chunk)]
         clock = time.perf_counter()
         records: list[FoldRecord] = []
@@ -87,7 +88,7 @@ class TaskPack:
             if progress:
                 progress(c + 1, len(chunks), record)
         tensors, meta = context.snapshot()
-        seen = context.tokens_seen - context.adapter.preamble_ids(settings.system_prompt).numel()
+        seen = context.tokens_seen - preamble
         lengths = context.cache.lengths()
         manifest = dict(
             format=FORMAT, model=meta["model"], settings=settings.to_dict(), policy=type(context.policy).__name__,
@@ -95,10 +96,11 @@ class TaskPack:
             examples_per_chunk=examples_per_chunk, examples_sha256=examples_digest(examples),
             counters={name: int(meta[name.lstrip("_")]) for name in COUNTERS},
             kept_tokens=lengths, example_tokens=seen,
-            kept_fraction=round((sum(lengths) / len(lengths) - (context.tokens_seen - seen)) / max(seen, 1), 4),
+            kept_fraction=round((sum(lengths) / len(lengths) - preamble) / max(seen, 1), 4),
             build_s=round(time.perf_counter() - clock, 3),
             prefill_s=round(sum(r.vision_s + r.prefill_s for r in records), 3),
             search_s=round(sum(r.observe_s + r.search_s + r.score_s for r in records), 3))
+        manifest["sha256"] = _checksum(tensors, manifest)  # the identity every stream snapshot records
         return cls(tensors, manifest)
 
     # --- what it is ------------------------------------------------------------------

@@ -185,37 +185,50 @@ def load_questions(path: str | Path) -> list:
 
     from ..questions import BadQuestion, Question
 
-    path = Path(path)
+    ids = set()
+
+    def question(line: str, number: int) -> Question:
+        data = json.loads(line)
+        if not isinstance(data, dict):
+            raise BadQuestion("each line must be a JSON object")
+        unknown = set(data) - {"id", "question", "video", "at", "expected"}
+        if unknown:
+            raise BadQuestion(f"unknown field(s) {sorted(unknown)}")
+        qid = data.get("id", f"q{number}")
+        if not isinstance(qid, (str, int)) or isinstance(qid, bool):
+            raise BadQuestion(f"'id' must be a string or an integer, got {type(qid).__name__}")
+        qid = str(qid)
+        if qid in ids:
+            raise BadQuestion(f"duplicate id {qid!r}")
+        if "video" in data and (not isinstance(data["video"], str) or not data["video"]):
+            raise BadQuestion("'video' must be a file name or path")
+        meta = {k: data[k] for k in ("video", "expected") if k in data}
+        ids.add(qid)
+        return Question(qid, data.get("question"), at=data.get("at"), origin="file", meta=meta)
+
+    return parse_lines(Path(path), question, (json.JSONDecodeError, BadQuestion), reading="questions",
+                       refused="nothing was run", empty="no questions")
+
+
+def parse_lines(path: Path, parse, errors: tuple[type[Exception], ...], *, reading: str, refused: str,
+                empty: str) -> list:
+    """Every non-blank line of a JSON Lines file through `parse(line, number)`. A file with any bad
+    line (`parse` raised one of `errors`) is refused whole, with an InputError listing every bad line
+    by its number and saying what was `refused`; an unreadable file or one with no lines too."""
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: cannot read questions: {getattr(error, 'strerror', None) or error}") from error
-    out, ids, problems = [], set(), []
+        raise InputError(f"{path}: cannot read {reading}: {getattr(error, 'strerror', None) or error}") from error
+    out, problems = [], []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            data = json.loads(line)
-            if not isinstance(data, dict):
-                raise BadQuestion("each line must be a JSON object")
-            unknown = set(data) - {"id", "question", "video", "at", "expected"}
-            if unknown:
-                raise BadQuestion(f"unknown field(s) {sorted(unknown)}")
-            qid = data.get("id", f"q{number}")
-            if not isinstance(qid, (str, int)) or isinstance(qid, bool):
-                raise BadQuestion(f"'id' must be a string or an integer, got {type(qid).__name__}")
-            qid = str(qid)
-            if qid in ids:
-                raise BadQuestion(f"duplicate id {qid!r}")
-            if "video" in data and (not isinstance(data["video"], str) or not data["video"]):
-                raise BadQuestion("'video' must be a file name or path")
-            meta = {k: data[k] for k in ("video", "expected") if k in data}
-            out.append(Question(qid, data.get("question"), at=data.get("at"), origin="file", meta=meta))
-            ids.add(qid)
-        except (json.JSONDecodeError, BadQuestion) as error:
+            out.append(parse(line, number))
+        except errors as error:
             problems.append(f"  line {number}: {error}")
     if problems:
-        raise InputError(f"{path}: {len(problems)} bad line(s), nothing was run:\n" + "\n".join(problems))
+        raise InputError(f"{path}: {len(problems)} bad line(s), {refused}:\n" + "\n".join(problems))
     if not out:
-        raise InputError(f"{path}: no questions")
+        raise InputError(f"{path}: {empty}")
     return out

@@ -24,7 +24,7 @@ import numpy as np
 from emloc import InputError, TaskExample, TaskPack
 from emloc.settings import PRESETS, preset
 
-from .common import build_model, config_from, describe
+from .common import build_model, config_from, describe, parse_lines
 
 DEFAULT_QUESTION = "what is this ?"
 FIELDS = {"image", "clip", "question", "answer"}
@@ -38,24 +38,9 @@ def read_examples(path: str | Path, fps: float, clip_frames: int = 16) -> list[T
     """Every example of the JSON Lines file, pictures and clips decoded; InputError listing every
     bad line (with its number) if any line cannot be used."""
     path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: cannot read the examples: {getattr(error, 'strerror', None) or error}") from error
     root = path.parent.resolve()
-    examples, problems = [], []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            examples.append(_example(line, root, fps, clip_frames, f"{path}:{number}"))
-        except BadExample as error:
-            problems.append(f"  line {number}: {error}")
-    if problems:
-        raise InputError(f"{path}: {len(problems)} bad line(s), no pack was built:\n" + "\n".join(problems))
-    if not examples:
-        raise InputError(f"{path}: no examples")
-    return examples
+    return parse_lines(path, lambda line, number: _example(line, root, fps, clip_frames, f"{path}:{number}"),
+                       (BadExample,), reading="the examples", refused="no pack was built", empty="no examples")
 
 
 def _example(line: str, root: Path, fps: float, clip_frames: int, source: str) -> TaskExample:
