@@ -116,7 +116,10 @@ class Run:
         return "\n".join(line for _, line in self.lines)
 
     def wait(self, timeout: float) -> int:
-        rc = self.process.wait(timeout=timeout)
+        try:
+            rc = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:  # say where the run stood, not only that it ran out of time
+            raise AssertionError(f"still running after {timeout} s; its output so far:\n{self.output()}") from None
         self.reader.join(timeout=10)
         return rc
 
