@@ -75,8 +75,9 @@ class Batcher:
     ends with its answer token, which must be followed by <|im_end|>, so the model stops.
     """
 
-    def __init__(self, model, tokenizer, describe: bool = False, task=synthetic) -> None:
+    def __init__(self, model, tokenizer, describe: bool = False, task=synthetic, look: bool = False) -> None:
         self.describe = describe
+        self.look = look
         self.task = task
         self.adapter = QwenVLAdapter(model, tokenizer)
         self.tokenizer = tokenizer
@@ -97,6 +98,8 @@ class Batcher:
         where = torch.stack([torch.tensor([w for _, w in r[5]] + [w for _, w in r[6]]) for r in rows])
         kinds = rows[0][7]
         labels = torch.cat([r[8] for r in rows])  # (all vision tokens, 3): shape, colour, digit
+        if self.task is synthetic_camera and self.look:
+            labels = (labels, *_pad_looks([r[9] for r in rows], ids.shape[1]))
         return dict(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values_videos=pixels,
                     video_grid_thw=grids, cell_labels=labels), targets, where, kinds
 
@@ -143,8 +146,10 @@ class Batcher:
             mask[lo:hi, :start + cut * per_step] = True
             mask[lo:hi, lo:hi] = _causal(hi - lo)
         labels = (camera_cell_labels if self.task is synthetic_camera else cell_labels)(video, steps, per_step)
+        looks = (_camera_looks(labels, branches, [last for _, last in heads], start, per_step)
+                 if self.task is synthetic_camera and self.look else None)
         return (torch.cat(pieces), torch.cat(positions, dim=1), mask, pixels.pixel_values, pixels.grid_thw,
-                heads, rest, [b[0] for b in branches], labels)
+                heads, rest, [b[0] for b in branches], labels, looks)
 
 
 class ExampleBatcher:
@@ -337,6 +342,48 @@ def camera_cell_labels(video, steps: int, per_step: int, cover: float = 0.25) ->
     return labels.reshape(-1, 6)
 
 
+# Where the question's last token should look (training-only attention targets for --task camera --look):
+# the objects a question is about, read by head 0 of layer LOOK_LAYER; the latest frame pair (the running
+# star count, the display) by head 1. Without them the question-dependent types stayed at chance.
+LOOK_LAYER = 2
+LOOK_OBJECTS = {"needle": ("triangle",), "when": ("triangle",), "order": ("square", "circle"),
+                "colour:square": ("square",), "colour:circle": ("circle",)}
+LOOK_LATEST = {"count": "all", "count@cut": "all", "state": "display", "state@cut": "display"}
+
+
+def _camera_looks(labels: torch.Tensor, branches: list, lasts: list[int], start: int, per_step: int) -> list:
+    """[(question's last position, head, vision positions to look at)] for the branches that have a target."""
+    shape = labels[:, 0].reshape(-1, per_step)
+    looks = []
+    for (kind, _, _, cut), last in zip(branches, lasts):
+        if kind in LOOK_OBJECTS:
+            wanted = torch.tensor([CAMERA_SHAPES.index(s) for s in LOOK_OBJECTS[kind]])
+            hit = torch.isin(shape[:cut], wanted).flatten().nonzero().flatten()
+            head = 0
+        elif kind in LOOK_LATEST:
+            hit = torch.arange(per_step) if LOOK_LATEST[kind] == "all" else torch.tensor([0])
+            hit = hit + (cut - 1) * per_step
+            head = 1
+        else:
+            continue
+        if len(hit):
+            looks.append((last, head, (start + hit).tolist()))
+    return looks
+
+
+def _pad_looks(rows: list[list], length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch the looks: (B, T) positions, (B, T) heads, (B, T, L) targets (padding rows have no target)."""
+    width = max(1, max(len(r) for r in rows))
+    at = torch.zeros(len(rows), width, dtype=torch.long)
+    head = torch.zeros(len(rows), width, dtype=torch.long)
+    look = torch.zeros(len(rows), width, length, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        for t, (last, h, where) in enumerate(row):
+            at[b, t], head[b, t] = last, h
+            look[b, t, where] = True
+    return at, head, look
+
+
 class CellProbe(torch.nn.Module):
     """Training-only linear probes on vision tokens: dense supervision that makes features form
     quickly. Shape, colour and digit are read from the vision tower's output; "was the square /
@@ -348,11 +395,21 @@ class CellProbe(torch.nn.Module):
         self.heads = torch.nn.ModuleList([torch.nn.Linear(hidden, n) for n in (shapes, 1 + len(COLOURS), 10)])
         self.seen = torch.nn.ModuleList([torch.nn.Linear(hidden, n) for n in middle])
 
-    def loss(self, vision: torch.Tensor, middle: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, vision: torch.Tensor, middle: torch.Tensor, labels, attention=None) -> torch.Tensor:
+        looks = None
+        if isinstance(labels, tuple):
+            labels, *looks = labels
         heads = [(head, vision, i) for i, head in enumerate(self.heads)]
         heads += [(head, middle, 3 + i) for i, head in enumerate(self.seen)]
         losses = [F.cross_entropy(head(x).float(), labels[:, i], ignore_index=-100) for head, x, i in heads]
-        return sum(losses) / len(losses)
+        loss = sum(losses) / len(losses)
+        if attention is not None and looks is not None:
+            at, head, look = looks
+            probs = attention(at, head)  # (B, T, L)
+            mass = (probs * look).sum(-1)
+            has = look.any(-1)
+            loss = loss + -(mass[has].clamp_min(1e-6).log()).mean()
+        return loss
 
 
 class ClassProbe(torch.nn.Module):
@@ -382,11 +439,11 @@ class ClassProbe(torch.nn.Module):
 
 
 class CopyAttention:
-    """Captures layer `ClassProbe.COPY_LAYER`'s attention input during a forward, to recompute its first
-    head's attention (same q.k, rotary and mask as the model) at chosen query positions."""
+    """Captures one layer's attention input during a forward (`ClassProbe.COPY_LAYER` unless told), to
+    recompute a head's attention (same q.k, rotary and mask as the model) at chosen query positions."""
 
-    def __init__(self, model, mask: torch.Tensor) -> None:
-        self.layer = model.model.language_model.layers[ClassProbe.COPY_LAYER].self_attn
+    def __init__(self, model, mask: torch.Tensor, layer: int = ClassProbe.COPY_LAYER) -> None:
+        self.layer = model.model.language_model.layers[layer].self_attn
         self.mask = mask  # (B, 1, L, L) bool
         self.captured = None
         self.handle = self.layer.register_forward_hook(self._hook, with_kwargs=True)
@@ -394,18 +451,24 @@ class CopyAttention:
     def _hook(self, module, args, kwargs, output):
         self.captured = (kwargs["hidden_states"], kwargs["position_embeddings"])
 
-    def __call__(self, at: torch.Tensor) -> torch.Tensor:
+    def __call__(self, at: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention (B, T, L) of query head `head` (B, T; head 0 when None) at positions `at` (B, T)."""
         from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
         self.handle.remove()
         hidden, (cos, sin) = self.captured
         attn = self.layer
         b, n, _ = hidden.shape
-        q = attn.q_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)[:, :1]
-        k = attn.k_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)[:, :1]
+        head = torch.zeros_like(at) if head is None else head
+        used = int(head.max()) + 1
+        q = attn.q_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)[:, :used]
+        k = attn.k_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        k = k.repeat_interleave(attn.num_key_value_groups, dim=1)[:, :used]  # GQA: query head h reads KV head h // groups
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        q = torch.gather(q[:, 0], 1, at.unsqueeze(-1).expand(-1, -1, q.shape[-1]))  # (B, T, D)
-        scores = torch.matmul(q, k[:, 0].transpose(-1, -2)) * attn.scaling  # (B, T, L)
+        rows = torch.arange(b).unsqueeze(-1)
+        q = q.transpose(1, 2)[rows, at, head]  # (B, T, D)
+        k = k[rows, head]  # (B, T, L, D)
+        scores = torch.einsum("btd,btld->btl", q, k) * attn.scaling  # (B, T, L)
         allowed = torch.gather(self.mask[:, 0], 1, at.unsqueeze(-1).expand(-1, -1, self.mask.shape[-1]))
         return torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1)
 
@@ -440,7 +503,8 @@ def forward(model, inputs, where, probe: CellProbe | None = None):
     ids = inputs.pop("input_ids")
     embeds = model.get_input_embeddings()(ids)
     embeds = embeds.masked_scatter((ids == model.config.video_token_id).unsqueeze(-1), video.to(embeds.dtype))
-    copying = CopyAttention(model, inputs["attention_mask"]) if isinstance(probe, ClassProbe) else None
+    copying = (CopyAttention(model, inputs["attention_mask"]) if isinstance(probe, ClassProbe)
+               else CopyAttention(model, inputs["attention_mask"], LOOK_LAYER) if isinstance(labels, tuple) else None)
     out = model.model.language_model(inputs_embeds=embeds, output_hidden_states=probe is not None, **inputs)
     hidden = out.last_hidden_state
     picked = torch.gather(hidden, 1, where.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
@@ -449,7 +513,7 @@ def forward(model, inputs, where, probe: CellProbe | None = None):
         aux = probe.loss(out.hidden_states, labels, copying)
     elif probe is not None:
         middle = out.hidden_states[len(out.hidden_states) // 2][ids == model.config.video_token_id]
-        aux = probe.loss(video, middle, labels)
+        aux = probe.loss(video, middle, labels, copying)
     return model.lm_head(picked).float(), aux
 
 
@@ -535,6 +599,9 @@ def main(argv: list[str] | None = None) -> None:
                         "question type (no later checkpoint could be selected over the best)")
     parser.add_argument("--describe", action="store_true",
                         help="also teach an answer to the probe prompt (every slot of the task, in a fixed order)")
+    parser.add_argument("--look", action="store_true",
+                        help="--task camera: also teach the question's last token where to look (layer 2: head 0 "
+                        "on the objects asked about, head 1 on the latest frame pair); training only")
     parser.add_argument("--init", type=Path, help="start from this checkpoint instead of random weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -553,7 +620,7 @@ def main(argv: list[str] | None = None) -> None:
         if model.get_input_embeddings().num_embeddings < len(tokenizer):  # new words get new rows; old ids stay
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     batcher = ExampleBatcher(model, tokenizer) if examples else Batcher(model, tokenizer, describe=args.describe,
-                                                                         task=task)
+                                                                         task=task, look=args.look)
     batched_vision_attention(model)
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params / 1e6:.2f}M parameters; task {args.task}; curriculum {args.lengths} frames", flush=True)

@@ -177,4 +177,7 @@ def register(commands, common) -> None:
     p.add_argument("--retries", type=int, default=2, help="with --ray: times a failed video is tried again")
     p.add_argument("--worker-timeout", type=float, default=600.0,
                    help="with --ray: give up when no worker has been up for this many seconds")
+    p.add_argument("--revive-timeout", type=float, default=300.0,
+                   help="with --ray: a worker started to replace a lost one and not up after this many seconds "
+                   "is given up and another started")
     p.set_defaults(run=batch)

@@ -5,8 +5,11 @@ The driver hands a video to whichever worker is free, and it alone appends answe
 JSON Lines file, skipping any (video, question) already there, so every pair is written
 exactly once however often a video is retried or the batch rerun. A video whose call fails
 (the video cannot be read, or its worker's node died) goes back in the queue, at most
-`--retries` more times; the others go on. A worker whose node died is restarted by Ray
-wherever there is room (max_restarts) and rejoins the pool once it is up again.
+`--retries` more times; the others go on. A worker whose node died is replaced by a new actor,
+started wherever there is room, which joins the pool once it is up; a replacement not up within
+`--revive-timeout` seconds is given up and another one started, given twice as long (a start can
+hang on a node that died but is not yet known dead; waiting on it without a deadline once stalled
+a whole batch; the doubling keeps a slow but healthy start from being killed forever).
 """
 
 from __future__ import annotations
@@ -68,16 +71,23 @@ def run_batch(args: argparse.Namespace, config, given: bool, videos: list[Path],
     count = args.workers or max(1, int(cluster.get("CPU", 1) / per + 1e-9))
     count = min(count, total)
     Worker = ray.remote(VideoWorker)
-    options = actor_options(args, max_restarts=-1, max_task_retries=0)
-    workers = [Worker.options(**options).remote(config, args.model, given, args.max_new_tokens, task)
-               for _ in range(count)]
+    # No Ray restarts: the driver replaces a lost worker itself, so that it can put a deadline on the start.
+    options = actor_options(args, max_restarts=0, max_task_retries=0)
+    workers = []
+    idle, running, reviving = [], {}, {}  # running: call -> (worker, video); reviving: ready() call -> (worker, wait)
+
+    def start(wait: float | None = None) -> None:
+        """A new worker; a replacement (`wait` seconds) is given up if not up by then."""
+        worker = Worker.options(**options).remote(config, args.model, given, args.max_new_tokens, task)
+        workers.append(worker)
+        reviving[worker.ready.remote()] = (worker, None if wait is None else (wait, time.monotonic() + wait))
+
+    for _ in range(count):
+        start()  # a first start has no deadline of its own (a big model may load for minutes): --worker-timeout
     print(f"{count} worker(s) of {args.cpus_per_worker:g} CPU, {args.gpus_per_worker:g} GPU"
           + (f", {args.resources}" if args.resources else "") + f" on a cluster of {cluster}", flush=True)
     sinks = [JsonLinesSink(args.out), ConsoleSink()]
     attempts, failed, retried, finished = Counter(), [], 0, 0
-    idle, running, reviving = [], {}, {}  # running: call -> (worker, video); reviving: ready() call -> worker
-    for worker in workers:
-        reviving[worker.ready.remote()] = worker
     started, last_alive = time.monotonic(), time.monotonic()
 
     def line(text: str) -> None:
@@ -99,21 +109,34 @@ def run_batch(args: argparse.Namespace, config, given: bool, videos: list[Path],
                 todo.clear()
                 break
             ready, _ = ray.wait(list(running) + list(reviving), num_returns=1, timeout=1.0)
+            now = time.monotonic()
+            for call, (worker, wait) in list(reviving.items()):
+                if call not in ready and wait is not None and now > wait[1]:
+                    del reviving[call]
+                    ray.kill(worker, no_restart=True)
+                    print(f"a replacement worker was not up after {wait[0]:g} s: starting another "
+                          f"(given {2 * wait[0]:g} s)", file=sys.stderr, flush=True)
+                    start(2 * wait[0])
             for call in ready:
                 if call in reviving:
-                    worker = reviving.pop(call)
+                    worker, _ = reviving.pop(call)
                     try:
                         where = ray.get(call)
                         idle.append(worker)
                         print(f"worker up on {node_label(where)}", flush=True)
-                    except (RayActorError, RayTaskError) as error:
+                    except RayActorError as error:
+                        print(f"a worker could not start: {_short(error)}", file=sys.stderr, flush=True)
+                        if not getattr(error, "actor_init_failed", False):  # its node died while it started
+                            start(args.revive_timeout)
+                    except RayTaskError as error:
                         print(f"a worker could not start: {_short(error)}", file=sys.stderr, flush=True)
                     continue
                 worker, (path, mine) = running.pop(call)
                 try:
                     result = ray.get(call)
-                except RayActorError as error:  # its node or process died: Ray restarts it somewhere
-                    reviving[worker.ready.remote()] = worker
+                except RayActorError as error:  # its node or process died: a new worker replaces it
+                    ray.kill(worker, no_restart=True)
+                    start(args.revive_timeout)
                     why = f"worker lost ({_short(error)})"
                     retried += _retry(todo, attempts, failed, path, mine, args.retries, why)
                     continue
