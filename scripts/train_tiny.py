@@ -75,9 +75,10 @@ class Batcher:
     ends with its answer token, which must be followed by <|im_end|>, so the model stops.
     """
 
-    def __init__(self, model, tokenizer, describe: bool = False, task=synthetic, look: bool = False) -> None:
+    def __init__(self, model, tokenizer, describe: bool = False, task=synthetic, look: bool = False,
+                 look_first: bool = False) -> None:
         self.describe = describe
-        self.look = look
+        self.look, self.look_first = look, look_first
         self.task = task
         self.adapter = QwenVLAdapter(model, tokenizer)
         self.tokenizer = tokenizer
@@ -146,7 +147,7 @@ class Batcher:
             mask[lo:hi, :start + cut * per_step] = True
             mask[lo:hi, lo:hi] = _causal(hi - lo)
         labels = (camera_cell_labels if self.task is synthetic_camera else cell_labels)(video, steps, per_step)
-        looks = (_camera_looks(labels, branches, [last for _, last in heads], start, per_step)
+        looks = (_camera_looks(labels, branches, [last for _, last in heads], start, per_step, self.look_first)
                  if self.task is synthetic_camera and self.look else None)
         return (torch.cat(pieces), torch.cat(positions, dim=1), mask, pixels.pixel_values, pixels.grid_thw,
                 heads, rest, [b[0] for b in branches], labels, looks)
@@ -304,9 +305,11 @@ CAMERA_SHAPES = SHAPES + ["distractor"]
 
 
 def camera_cell_labels(video, steps: int, per_step: int, cover: float = 0.25) -> torch.Tensor:
-    """(steps * per_step, 6) labels of each vision token of the camera suite: shape, colour, digit of what
+    """(steps * per_step, 7) labels of each vision token of the camera suite: shape, colour, digit of what
     covers at least `cover` of its 28 x 28 cell (-100 where something covers less, ignored), whether the
-    square / the circle appeared at an earlier step, and how many stars have appeared so far (0..4)."""
+    square / the circle appeared at an earlier step, how many stars have appeared so far (0..4), and how
+    long the video has run, in half-octaves of frame pairs (floor(2 log2(step + 1)), 0..15: read by
+    `--elapsed-probe`; a *when* answer compares the event's with the question's)."""
     owner = torch.from_numpy(video.owner.astype(np.int64))  # (steps, H, W)
     side = int(round(per_step ** 0.5))
     cell = owner.shape[1] // side
@@ -318,8 +321,9 @@ def camera_cell_labels(video, steps: int, per_step: int, cover: float = 0.25) ->
     share = counts.reshape(steps, per_step, owners).float() / cell ** 2  # (steps, cells, owners)
     covered, top = share[..., 1:].max(-1)
     top = top + 1
-    labels = torch.zeros(steps, per_step, 6, dtype=torch.long)
+    labels = torch.zeros(steps, per_step, 7, dtype=torch.long)
     labels[..., 2] = -100
+    labels[..., 6] = (2 * torch.log2(torch.arange(steps) + 1.0)).floor().long().clamp_max(15).unsqueeze(-1)
     colours = list(COLOURS)
     shape_of = ([0, CAMERA_SHAPES.index("display")] + [CAMERA_SHAPES.index(e.shape) for e in video.events]
                 + [CAMERA_SHAPES.index("distractor")] * len(video.distractors))
@@ -339,7 +343,7 @@ def camera_cell_labels(video, steps: int, per_step: int, cover: float = 0.25) ->
             labels[event.start + 1:, :, 3 if event.shape == "square" else 4] = 1
         else:
             labels[event.start:, :, 5] += event.shape == "star"
-    return labels.reshape(-1, 6)
+    return labels.reshape(-1, 7)
 
 
 # Where the question's last token should look (training-only attention targets for --task camera --look):
@@ -349,15 +353,21 @@ LOOK_LAYER = 2
 LOOK_OBJECTS = {"needle": ("triangle",), "when": ("triangle",), "order": ("square", "circle"),
                 "colour:square": ("square",), "colour:circle": ("circle",)}
 LOOK_LATEST = {"count": "all", "count@cut": "all", "state": "display", "state@cut": "display"}
+LOOK_FIRST = {"order"}  # with --look-first: only the shape that came first (the answer is then its identity)
 
 
-def _camera_looks(labels: torch.Tensor, branches: list, lasts: list[int], start: int, per_step: int) -> list:
+def _camera_looks(labels: torch.Tensor, branches: list, lasts: list[int], start: int, per_step: int,
+                  first: bool = False) -> list:
     """[(question's last position, head, vision positions to look at)] for the branches that have a target."""
     shape = labels[:, 0].reshape(-1, per_step)
     looks = []
     for (kind, _, _, cut), last in zip(branches, lasts):
         if kind in LOOK_OBJECTS:
             wanted = torch.tensor([CAMERA_SHAPES.index(s) for s in LOOK_OBJECTS[kind]])
+            if first and kind in LOOK_FIRST:
+                shown = torch.isin(shape[:cut], wanted)
+                if shown.any():
+                    wanted = shape[:cut][shown][:1]  # row-major: the earliest step's shape
             hit = torch.isin(shape[:cut], wanted).flatten().nonzero().flatten()
             head = 0
         elif kind in LOOK_LATEST:
@@ -586,6 +596,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-per-kind", type=int, default=64)
     parser.add_argument("--eval-minutes", type=float,
                         help="also evaluate when this long has passed since the last evaluation (long videos)")
+    parser.add_argument("--eval-at-end", action="store_true",
+                        help="also evaluate (and maybe keep) the last step (short runs: a run without it keeps "
+                        "only what an earlier evaluation saw)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
@@ -602,6 +615,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--look", action="store_true",
                         help="--task camera: also teach the question's last token where to look (layer 2: head 0 "
                         "on the objects asked about, head 1 on the latest frame pair); training only")
+    parser.add_argument("--look-first", action="store_true",
+                        help="with --look: the order question looks only at the shape that came first")
+    parser.add_argument("--elapsed-probe", action="store_true",
+                        help="--task camera: also probe the decoder's middle layer for how long the video has run")
     parser.add_argument("--init", type=Path, help="start from this checkpoint instead of random weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -620,12 +637,14 @@ def main(argv: list[str] | None = None) -> None:
         if model.get_input_embeddings().num_embeddings < len(tokenizer):  # new words get new rows; old ids stay
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     batcher = ExampleBatcher(model, tokenizer) if examples else Batcher(model, tokenizer, describe=args.describe,
-                                                                         task=task, look=args.look)
+                                                                         task=task, look=args.look,
+                                                                         look_first=args.look_first)
     batched_vision_attention(model)
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params / 1e6:.2f}M parameters; task {args.task}; curriculum {args.lengths} frames", flush=True)
     probe = (ClassProbe(args.hidden, len(synthetic_examples.all_classes())) if examples
-             else CellProbe(args.hidden, len(CAMERA_SHAPES), (2, 2, 5)) if camera else CellProbe(args.hidden))
+             else CellProbe(args.hidden, len(CAMERA_SHAPES), (2, 2, 5, 16) if args.elapsed_probe else (2, 2, 5))
+             if camera else CellProbe(args.hidden))
     optimizer = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=args.lr, weight_decay=0.01)
     budget_s = args.minutes * 60
     rng = np.random.default_rng(args.seed)
@@ -654,6 +673,7 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.step()
         step += 1
         due = args.eval_minutes is not None and time.time() - last_eval > 60 * args.eval_minutes
+        due = due or (args.eval_at_end and time.time() - started >= budget_s)  # the last step, too
         if step % 10 == 0 and step % args.eval_every and not due:
             print(f"step {step} {(time.time() - started) / 60:.1f} min frames {frames} loss {float(loss):.3f}",
                   flush=True)
