@@ -1,0 +1,100 @@
+"""The training-only targets of scripts/train_tiny.py: the attention it teaches is the model's own
+attention (recomputed by separate code here: the eager implementation's weights), and the look
+targets point at the object the question names (read from the generator's owner map)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import train_tiny as T  # noqa: E402
+from transformers import Qwen2VLForConditionalGeneration  # noqa: E402
+
+from emloc.tiny import WORDS, tiny_tokenizer  # noqa: E402
+from stream import synthetic_camera  # noqa: E402
+
+MODEL = ROOT / "models" / "emloc-tiny-camera"
+SEEDS = [10_000_001, 10_000_002]
+
+
+def batch():
+    tokenizer = tiny_tokenizer(WORDS + list(synthetic_camera.WORDS))
+    model = Qwen2VLForConditionalGeneration.from_pretrained(MODEL).eval()
+    batcher = T.Batcher(model, tokenizer, describe=True, task=synthetic_camera, look=True, look_first=True)
+    inputs, _, _, kinds = batcher(SEEDS, 32)
+    return model, inputs, kinds
+
+
+def test_look_attention_is_the_models_attention():
+    model, inputs, _ = batch()
+    _, at, head, _ = inputs["cell_labels"]
+    assert set(head.flatten().tolist()) == {0, 1}
+    inputs = dict(inputs)
+    inputs.pop("cell_labels")
+    with torch.no_grad():
+        video = model.model.visual(inputs.pop("pixel_values_videos"), grid_thw=inputs.pop("video_grid_thw")).pooler_output
+        ids = inputs.pop("input_ids")
+        embeds = model.get_input_embeddings()(ids)
+        embeds = embeds.masked_scatter((ids == model.config.video_token_id).unsqueeze(-1), video)
+        looked = T.CopyAttention(model, inputs["attention_mask"], T.LOOK_LAYER)
+        model.model.language_model(inputs_embeds=embeds, **inputs)  # sdpa, boolean mask: as in training
+        mine = looked(at, head)
+        # the reference: eager attention weights, the mask made additive (eager adds a boolean mask as 0/1)
+        additive = torch.zeros(inputs["attention_mask"].shape).masked_fill(~inputs["attention_mask"], float("-inf"))
+        model.model.language_model.config._attn_implementation = "eager"
+        try:
+            out = model.model.language_model(inputs_embeds=embeds, output_attentions=True,
+                                             **{**inputs, "attention_mask": additive})
+        finally:
+            model.model.language_model.config._attn_implementation = "sdpa"
+    reference = out.attentions[T.LOOK_LAYER][torch.arange(len(SEEDS)).unsqueeze(-1), head, at]
+    torch.testing.assert_close(mine, reference, atol=1e-5, rtol=0)
+
+
+def expected_looks(video, kinds: list[str], steps: int, per_step: int = 16) -> list[tuple[int, list[int]]]:
+    """(head, token indices in the video) per branch, from the owner map: what a 28 px cell mostly shows."""
+    cut = int(np.random.default_rng(video.seed + 1).integers(max(2, steps // 4), steps))
+    objects = list(video.events) + list(video.distractors)
+
+    def tokens_of(shape: str, before: int) -> list[int]:
+        found = []
+        for step in range(before):
+            for cell in range(per_step):
+                y, x = divmod(cell, 4)
+                patch = video.owner[step, 28 * y:28 * y + 28, 28 * x:28 * x + 28].astype(int)
+                counts = np.bincount(patch.flatten(), minlength=2 + len(objects))[1:]
+                top = int(counts.argmax()) + 1
+                if counts.max() >= 0.25 * 784 and top >= 2 and top - 2 < len(video.events) \
+                        and video.events[top - 2].shape == shape:
+                    found.append(step * per_step + cell)
+        return found
+
+    first = min((e for e in video.events if e.shape in ("square", "circle")), key=lambda e: e.start).shape
+    objects_of = {"needle": ["triangle"], "when": ["triangle"], "order": [first],
+                  "colour:square": ["square"], "colour:circle": ["circle"]}
+    looks = []
+    for kind in kinds:
+        if kind in objects_of:
+            found = sorted(t for shape in objects_of[kind] for t in tokens_of(shape, steps))
+            looks.append((0, found))
+        elif kind in ("count", "count@cut", "state", "state@cut"):
+            last = (steps if "@" not in kind else cut) - 1
+            looks.append((1, [last * per_step + c for c in (range(per_step) if "count" in kind else [0])]))
+    return [(h, t) for h, t in looks if t]
+
+
+def test_look_targets_are_the_object_asked_about():
+    model, inputs, kinds = batch()
+    _, at, head, look = inputs["cell_labels"]
+    for row, seed in enumerate(SEEDS):
+        video = synthetic_camera.make_video(seed, frames=32)
+        start = int((inputs["input_ids"][row] == model.config.video_token_id).nonzero()[0])
+        got = [(int(head[row, t]), (look[row, t].nonzero().flatten() - start).tolist())
+               for t in range(at.shape[1]) if look[row, t].any()]
+        assert got == expected_looks(video, kinds, steps=16)
+        questions = (inputs["input_ids"][row] == model.config.video_token_id).sum()
+        assert all(int(at[row, t]) > start + questions for t in range(len(got))), "looks from the questions"
