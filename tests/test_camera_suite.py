@@ -4,8 +4,9 @@ its model with full context through the real pipeline (H.264 file, decoded, chun
 Ground truth is checked from the pixels, independently of the renderer: an event's colour is
 read where the event's box is, at the times it is said to be shown and not just before; the
 display's digit is read from its seven segments. Model seeds 3_000_000+ were never trained on
-(training uses 10_000_000+), never used to pick the checkpoint (1_000_000+) and are not in the
-benchmark (2_000_000+).
+(training uses 10_000_000+), never used to pick the checkpoint (1_000_000+) and are not in
+scripts/eval_suite.py's figures (2_000_000+); benchmarks/agnostic.py's camera rows start at the
+same seeds (its first 8 videos are the model test's).
 """
 
 from pathlib import Path
