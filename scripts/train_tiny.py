@@ -394,6 +394,13 @@ def _pad_looks(rows: list[list], length: int) -> tuple[torch.Tensor, torch.Tenso
     return at, head, look
 
 
+def attention_target_loss(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log of the attention mass (probs: B, T, L) on the target positions (targets: B, T, L bool),
+    averaged over the rows that have a target (padding rows, or no earlier example, have none)."""
+    mass = (probs * targets).sum(-1)
+    return -(mass[targets.any(-1)].clamp_min(1e-6).log()).mean()
+
+
 class CellProbe(torch.nn.Module):
     """Training-only linear probes on vision tokens: dense supervision that makes features form
     quickly. Shape, colour and digit are read from the vision tower's output; "was the square /
@@ -415,10 +422,7 @@ class CellProbe(torch.nn.Module):
         loss = sum(losses) / len(losses)
         if attention is not None and looks is not None:
             at, head, look = looks
-            probs = attention(at, head)  # (B, T, L)
-            mass = (probs * look).sum(-1)
-            has = look.any(-1)
-            loss = loss + -(mass[has].clamp_min(1e-6).log()).mean()
+            loss = loss + attention_target_loss(attention(at, head), look)
         return loss
 
 
@@ -439,12 +443,8 @@ class ClassProbe(torch.nn.Module):
         picked = torch.gather(h, 1, where.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         loss = F.cross_entropy(self.head(picked).float().flatten(0, 1), classes.flatten())
         if attention is not None:
-            # attention of head 0 at each target position: its mass on earlier same-class answers (rows with
-            # no earlier same-class example carry no target)
-            probs = attention(copy_at)  # (B, T, L)
-            mass = (probs * copy).sum(-1)
-            has = copy.any(-1)
-            loss = loss + -(mass[has].clamp_min(1e-6).log()).mean()
+            # attention of head 0 at each target position: its mass on earlier same-class answers
+            loss = loss + attention_target_loss(attention(copy_at), copy)
         return loss
 
 
@@ -513,8 +513,9 @@ def forward(model, inputs, where, probe: CellProbe | None = None):
     ids = inputs.pop("input_ids")
     embeds = model.get_input_embeddings()(ids)
     embeds = embeds.masked_scatter((ids == model.config.video_token_id).unsqueeze(-1), video.to(embeds.dtype))
-    copying = (CopyAttention(model, inputs["attention_mask"]) if isinstance(probe, ClassProbe)
-               else CopyAttention(model, inputs["attention_mask"], LOOK_LAYER) if isinstance(labels, tuple) else None)
+    # the hook is removed when the probe reads it: only hook when a probe will (labels as a tuple carry targets)
+    copying = (CopyAttention(model, inputs["attention_mask"], ClassProbe.COPY_LAYER if isinstance(probe, ClassProbe)
+                             else LOOK_LAYER) if probe is not None and isinstance(labels, tuple) else None)
     out = model.model.language_model(inputs_embeds=embeds, output_hidden_states=probe is not None, **inputs)
     hidden = out.last_hidden_state
     picked = torch.gather(hidden, 1, where.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
