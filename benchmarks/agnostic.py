@@ -109,8 +109,7 @@ def run_method(adapter, method, frames, questions, share, budget, drift_referenc
     answers = answer_video(context, frames, [q.text for q in questions], max_new_tokens=4, on_fold=records.append)
     wall = time.perf_counter() - clock
     layers = adapter.num_layers
-    seen = context.tokens_seen - context.sink_tokens
-    kept = (sum(context.cache.lengths()) - sum(context.sink_lengths())) / layers
+    seen, kept = context.video_tokens_seen(), context.video_tokens_kept()
     per_token = context.cache.nbytes() / max(sum(context.cache.lengths()), 1)
     peak = max(per_token * (sum(r.tokens_before) + layers * r.chunk_tokens) for r in records)
     times = {k: float(sum(getattr(r, k) for r in records)) for k in

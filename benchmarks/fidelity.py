@@ -140,8 +140,7 @@ def run_once(adapter, settings, policy, frames, questions, query_aware, max_new_
                            on_fold=records.append)
     wall = time.perf_counter() - clock
     layers = adapter.num_layers
-    video_seen = context.tokens_seen - context.sink_tokens
-    video_kept = (sum(context.cache.lengths()) - sum(context.sink_lengths())) / layers
+    video_seen, video_kept = context.video_tokens_seen(), context.video_tokens_kept()
     per_token = context.cache.nbytes() / max(sum(context.cache.lengths()), 1)  # bytes per token and layer
     peak = max(per_token * (sum(r.tokens_before) + layers * r.chunk_tokens) for r in records)
     return [a.text.strip() for a in answers], video_kept, video_seen, peak, wall

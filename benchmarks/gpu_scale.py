@@ -82,9 +82,8 @@ def run(adapter, settings, policy, video: np.ndarray, device) -> dict:
     fold_s = time.perf_counter() - t0
     latencies = [context.answer("what colour was the triangle ?", max_new_tokens=8).latency_s for _ in range(3)]
     records = context.records
-    out = dict(frames=len(video), chunks=len(records), video_tokens=context.tokens_seen - context.sink_tokens,
-               kept_tokens_per_layer=round((sum(context.cache.lengths()) - sum(context.sink_lengths()))
-                                           / adapter.num_layers),
+    out = dict(frames=len(video), chunks=len(records), video_tokens=context.video_tokens_seen(),
+               kept_tokens_per_layer=round(context.video_tokens_kept()),
                prefill_s=round(sum(r.vision_s + r.prefill_s for r in records), 3),
                search_s=round(sum(r.observe_s + r.search_s for r in records), 3),
                score_s=round(sum(r.score_s for r in records), 3),

@@ -320,6 +320,14 @@ class StreamContext:
         return [int((layer.committed_origins() < self.sink_tokens).sum(-1).max()) if layer.length else 0
                 for layer in self.cache.layers]
 
+    def video_tokens_seen(self) -> int:
+        """Tokens folded after the sinks (the preamble and a task pack's examples): the video's."""
+        return self.tokens_seen - self.sink_tokens
+
+    def video_tokens_kept(self) -> float:
+        """The video's tokens still in the cache, averaged over layers (the sinks left out)."""
+        return (sum(self.cache.lengths()) - sum(self.sink_lengths())) / self.adapter.num_layers
+
     # --- snapshots ---------------------------------------------------------------------
     STATE_FIELDS = ("chunks_folded", "_steps", "sink_tokens", "video_start", "max_position", "tokens_seen")
 

@@ -158,8 +158,7 @@ def test_camera_model_answers_with_full_context_and_the_default_keeps_up(tmp_pat
         pruned = StreamContext(adapter, settings=EMLoCSettings(layer_group_size=2))
         answers = answer_video(pruned, frames, questions, max_new_tokens=3)
         default_right += sum(a.text.strip() == video.question(k).answer for k, a in zip(QUESTION_TYPES, answers))
-        seen = pruned.tokens_seen - pruned.sink_tokens
-        kept.append((sum(pruned.cache.lengths()) - sum(pruned.sink_lengths())) / adapter.num_layers / seen)
+        kept.append(pruned.video_tokens_kept() / pruned.video_tokens_seen())
     accuracy = {kind: n / MODEL_VIDEOS for kind, n in correct.items()}
     assert sum(accuracy.values()) / len(accuracy) >= MIN_MEAN, accuracy
     for kind, floor in MIN_PER_KIND.items():

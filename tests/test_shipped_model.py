@@ -49,9 +49,7 @@ def score(adapter, videos, policy, query_aware=False, settings=None, kept=None):
             for kind, answer in zip(kinds, answers):
                 correct[kind] += answer.text.strip() == video.question(kind).answer
             if kept is not None:
-                layers = len(context.cache.layers)
-                kept.append((sum(context.cache.lengths()) / layers - context.sink_tokens)
-                            / (context.tokens_seen - context.sink_tokens))
+                kept.append(context.video_tokens_kept() / context.video_tokens_seen())
     return {kind: n / len(videos) for kind, n in correct.items()}
 
 

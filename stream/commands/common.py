@@ -167,9 +167,7 @@ def deliver(context: StreamContext, stream_id: str, questions: list[str], answer
 
 
 def footer(context: StreamContext) -> str:
-    seen = context.tokens_seen - context.sink_tokens
-    sinks = context.sink_lengths()  # a task pack's examples are kept pruned, a different number in each layer
-    kept = (sum(context.cache.lengths()) - sum(sinks)) / context.adapter.num_layers
+    seen, kept = context.video_tokens_seen(), context.video_tokens_kept()
     return (f"video tokens seen {seen}, kept {kept:.0f} per layer ({100 * kept / max(seen, 1):.1f}%), "
             f"cache {context.cache.nbytes() / 1024:.0f} KiB")
 
