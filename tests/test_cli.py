@@ -308,3 +308,12 @@ def test_local_site_config_runs_as_is(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "stopped front:" in result.stdout and "stopped back:" in result.stdout
     assert (tmp_path / "state" / "front").is_dir() and "Traceback" not in result.stderr
+
+
+def test_batch_refuses_a_deadline_that_is_not_a_positive_number(tmp_path):
+    for value, message in (("0", "must be more than 0 seconds"), ("-5", "must be more than 0 seconds"),
+                           ("nan", "must be more than 0 seconds"), ("soon", "not a number of seconds")):
+        result = run_cli("batch", str(tmp_path), "--out", str(tmp_path / "a.jsonl"), "--ray", "--revive-timeout", value)
+        assert result.returncode == 2 and "--revive-timeout" in result.stderr and message in result.stderr, result.stderr
+    result = run_cli("batch", str(tmp_path), "--out", str(tmp_path / "a.jsonl"), "--worker-timeout", "0")
+    assert result.returncode == 2 and "--worker-timeout" in result.stderr, result.stderr

@@ -10,7 +10,8 @@ from emloc import InputError, StreamContext
 
 from .. import distributed
 from ..sources import IMAGE_SUFFIXES, VideoError, open_source
-from .common import add_task_option, build_model, check_task, config_from, load_questions, load_task, task_path
+from .common import (add_task_option, build_model, check_task, config_from, load_questions, load_task,
+                     positive_seconds, task_path)
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".ts", ".m4v", ".flv", ".mpg", ".mpeg"}
 
@@ -175,9 +176,9 @@ def register(commands, common) -> None:
     p.add_argument("--workers", type=int,
                    help="with --ray: worker actors (default: the cluster's CPUs / --cpus-per-worker)")
     p.add_argument("--retries", type=int, default=2, help="with --ray: times a failed video is tried again")
-    p.add_argument("--worker-timeout", type=float, default=600.0,
+    p.add_argument("--worker-timeout", type=positive_seconds, default=600.0,
                    help="with --ray: give up when no worker has been up for this many seconds")
-    p.add_argument("--revive-timeout", type=float, default=300.0,
+    p.add_argument("--revive-timeout", type=positive_seconds, default=300.0,
                    help="with --ray: a worker started to replace a lost one and not up after this many seconds "
                    "is given up and another started")
     p.set_defaults(run=batch)

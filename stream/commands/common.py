@@ -166,6 +166,17 @@ def deliver(context: StreamContext, stream_id: str, questions: list[str], answer
     return correct
 
 
+def positive_seconds(text: str) -> float:
+    """argparse type: a duration in seconds, > 0 (a zero or negative deadline would give up on every start)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
 def footer(context: StreamContext) -> str:
     seen, kept = context.video_tokens_seen(), context.video_tokens_kept()
     return (f"video tokens seen {seen}, kept {kept:.0f} per layer ({100 * kept / max(seen, 1):.1f}%), "
