@@ -125,12 +125,19 @@ def load_clip(name: str) -> np.ndarray:
 
 
 def make_video(seed: int, frames: int = 256, size: int = 112, fps: float = 2.0, max_stars: int = 4,
-               digit_changes: tuple[int, int] = (2, 5), distractors: tuple[int, int] = (2, 6)) -> CameraVideo:
-    """The video and its five questions for `seed`. `frames` must be even and >= 32."""
+               digit_changes: tuple[int, int] = (2, 5), distractors: tuple[int, int] = (2, 6),
+               needle_before: float | None = None) -> CameraVideo:
+    """The video and its five questions for `seed`. `frames` must be even and >= 32.
+
+    needle_before: if given, the triangle (the needle) is the first event and starts and ends within
+        this fraction of the video's start (e.g. 0.05: the first 5%); the other events keep their order.
+    """
     if frames < 32 or frames % 2:
         raise ValueError(f"a camera video needs an even number of frames >= 32, got {frames}")
     if size % 28 or size < 112:
         raise ValueError(f"frame size must be a multiple of 28 and at least 112, got {size}")
+    if needle_before is not None and not 0 < needle_before < 1 / 3:
+        raise ValueError(f"needle_before must lie in (0, 1/3), got {needle_before}")
     rng = np.random.default_rng(seed)
     steps = frames // 2
     colours = list(COLOURS)
@@ -139,7 +146,9 @@ def make_video(seed: int, frames: int = 256, size: int = 112, fps: float = 2.0, 
     stars = int(rng.integers(1, max_stars + 1))
     shapes = ["triangle", "square", "circle"] + ["star"] * stars
     shapes = [shapes[i] for i in rng.permutation(len(shapes))]
-    events = _schedule(rng, shapes, steps, size, colours)
+    if needle_before is not None:
+        shapes.insert(0, shapes.pop(shapes.index("triangle")))
+    events = _schedule(rng, shapes, steps, size, colours, needle_before)
 
     digits = digit_schedule(rng, steps, digit_changes)
 
@@ -157,15 +166,21 @@ def when_third(event: Event, steps: int) -> int:
     return min(2, int(3 * (event.start + event.steps / 2) / steps))
 
 
-def _schedule(rng, shapes: list[str], steps: int, size: int, colours: list[str]) -> list[Event]:
+def _schedule(rng, shapes: list[str], steps: int, size: int, colours: list[str],
+              needle_before: float | None = None) -> list[Event]:
     """Non-overlapping appearances with at least one empty step between them, in `shapes` order;
-    redrawn until the triangle's middle is at least 5% of the video away from a third's boundary."""
+    redrawn until the triangle's middle is at least 5% of the video away from a third's boundary.
+    With `needle_before` the first event (the triangle) ends within that fraction of the video."""
     n = len(shapes)
     longest = int(np.clip((steps - n + 1) // (2 * n), 1, 4))
     for _ in range(1000):
         durations = rng.integers(1, longest + 1, n)
         free = steps - int(durations.sum()) - (n - 1)
         gaps = np.diff(np.concatenate([[0], np.sort(rng.integers(0, free + 1, n)), [free]]))  # n + 1 parts
+        if needle_before is not None:  # the first event moved earlier (and shortened) to end in the window
+            window = int(needle_before * steps)
+            durations[0] = min(durations[0], max(1, window - 1))
+            gaps[0] = int(rng.integers(0, max(0, window - int(durations[0])) + 1))
         t, spans = int(gaps[0]), []
         for d, g in zip(durations, gaps[1:]):
             spans.append((t, int(d)))

@@ -82,6 +82,31 @@ def test_answers_follow_from_the_events(videos, index):
     assert description[-1] == video.question("state").answer
 
 
+@pytest.mark.parametrize("seed", [3, 8, 40])
+def test_an_early_needle_is_shown_in_the_window_and_only_there(seed):
+    """needle_before (the 4,096-frame budget benchmark): the triangle is shown, in its colour, and
+    gone again within the first 5% of the video, and never after; the other events keep their order
+    and the answers still follow from them."""
+    frames = 640  # 320 steps: a 16-step window
+    video = make_video(seed, frames=frames, needle_before=0.05)
+    plain = make_video(seed, frames=frames)
+    triangle = next(e for e in video.events if e.shape == "triangle")
+    window = int(0.05 * frames / 2)
+    assert video.events[0] is triangle and triangle.end <= window
+    assert video.question("needle").answer == triangle.colour and video.question("when").answer == "beginning"
+    assert [e.shape for e in video.events[1:]] == [e.shape for e in plain.events if e.shape != "triangle"]
+    for frame in range(2 * triangle.start, 2 * triangle.end):
+        y, x = triangle.corner(frame)
+        box = video.frames[frame, y:y + triangle.size, x:x + triangle.size]
+        assert exact_colour(box, triangle.colour).mean() > 0.15, "shown in the window"
+    spans = sorted((e.start, e.end) for e in video.events)
+    assert all(a_end < b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), "one event at a time"
+    owner = video.owner == 2 + video.events.index(triangle)
+    assert owner[triangle.start:triangle.end].any((1, 2)).all() and not owner[triangle.end:].any()
+    with pytest.raises(ValueError, match="needle_before"):
+        make_video(seed, frames=64, needle_before=0.5)
+
+
 def read_display(frame: np.ndarray) -> int:
     """The seven-segment digit in the display, read from the brightness at each segment's centre."""
     s = DISPLAY / 28  # the display is the 28-pixel digit scaled up
