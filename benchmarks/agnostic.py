@@ -6,13 +6,16 @@ only after the video (a live camera, an MQTT client)?
     python benchmarks/agnostic.py --needle --videos 10               # 4,096 frames, budget 10%, needle early
     python benchmarks/agnostic.py --drift --videos 8 --frames 1024   # the counting drift, chunk by chunk
     python benchmarks/agnostic.py --suite camera ...                 # the camera-like suite and its model
+    python benchmarks/agnostic.py --suite camera --needle --methods full default
 
 Held-out seeds (3_000_000 + i for the synthetic suite: never trained on). Every video is
 written to H.264, decoded, sampled, chunked and folded through `stream.offline.answer_video`
 with the questions asked only after the whole video (one cache answers them all). Every EMLoC
 row uses the paper's online search (layer groups of L/2, delta 0.04, ratios 0.02/0.1/0.5/1)
 and differs only in the scorer that ranks the tokens and in the observer whose output the JS
-bound protects. Uniform frames get, video by video, the share the default kept.
+bound protects. Uniform frames get, video by video, the share the default kept. Each row also
+says how much of the needle (the tokens showing the triangle) the cache still held when the
+questions came: a needle that was kept but answered wrong is the model's miss, not pruning's.
 
 Writes agnostic[-TAG].json/.md/.png to --out (docs/benchmarks by default).
 """
@@ -98,7 +101,32 @@ def settings_for(method: Method, layers: int, budget: int | None = None) -> EMLo
     return replace(base, **dict(method.settings), token_budget=budget)
 
 
-def run_method(adapter, method, frames, questions, share, budget, drift_reference=None):
+def needle_tokens(video, tokens_per_step: int) -> np.ndarray:
+    """The video tokens (index after the preamble, in stream order) that show the needle: the
+    synthetic triangle's cell, or a camera token whose 28 x 28 block the triangle covers at least
+    a quarter of (from the generator's owner map)."""
+    triangle = next(i for i, e in enumerate(video.events) if e.shape == "triangle")
+    if hasattr(video, "owner"):
+        steps, h, w = video.owner.shape
+        cover = (video.owner == 2 + triangle).reshape(steps, h // 28, 28, w // 28, 28).mean((2, 4))
+        return np.flatnonzero(cover.reshape(steps, -1) >= 0.25)
+    event = video.events[triangle]
+    return np.array([event.step * tokens_per_step + event.cell])
+
+
+def needle_kept(context, needle: np.ndarray) -> float:
+    """Share of the needle's tokens still in the cache, averaged over layers and KV heads (nan when
+    the needle covers no token a quarter full: a small triangle straddling four tokens)."""
+    if not len(needle):
+        return float("nan")
+    shares = []
+    for layer in context.cache.layers:
+        origins = (layer.committed_origins()[0] - context.sink_tokens).cpu().numpy()
+        shares += [float(np.isin(needle, head).mean()) for head in origins]
+    return float(np.mean(shares))
+
+
+def run_method(adapter, method, frames, questions, share, budget, needle=None):
     """One context over the video, questions after it. Returns the row for this method."""
     settings = settings_for(method, adapter.num_layers, budget)
     policy = KeepAll() if method.baseline == "keep_all" else (
@@ -116,7 +144,8 @@ def run_method(adapter, method, frames, questions, share, budget, drift_referenc
              ("vision_s", "prefill_s", "observe_s", "score_s", "search_s")}
     return dict(answers={q.kind: a.text.strip() for q, a in zip(questions, answers)},
                 correct={q.kind: a.text.strip() == q.answer for q, a in zip(questions, answers)},
-                kept=kept, share=kept / max(seen, 1), peak=peak, wall=wall, times=times)
+                kept=kept, share=kept / max(seen, 1), peak=peak, wall=wall, times=times,
+                needle_kept=None if needle is None else needle_kept(context, needle))
 
 
 def drift_curve(adapter, method, frames, questions, chunk_frames):
@@ -168,11 +197,12 @@ def _run_video(job) -> dict:
     total = per_step * ((len(frames) + 1) // 2)
     budget = int(0.1 * total) if needle else None
     row["video_tokens"], row["budget"] = total, budget
+    needle_at = needle_tokens(video, per_step)
     default_share = 1.0
     for name in names:  # the default runs before uniform (it sets uniform's share)
         method = next(m for m in METHODS if m.name == name)
         row[name] = run_method(_adapter, method, frames, questions, default_share,
-                               None if method.baseline == "keep_all" else budget)
+                               None if method.baseline == "keep_all" else budget, needle_at)
         if name == "default":
             default_share = row[name]["share"]
     return row
@@ -194,11 +224,19 @@ def summarize(rows, names) -> list[dict]:
         method = next(m for m in METHODS if m.name == name)
         runs = [r[name] for r in rows]
         times = {k: float(np.mean([x["times"][k] for x in runs])) for k in runs[0]["times"]}
+        needle = [x.get("needle_kept") for x in runs]
+        missed = [x.get("needle_kept") for x in runs if not x["correct"]["needle"]]
         out.append(dict(name=name, label=method.label, accuracy=accuracy(rows, name),
+                        needle_kept_percent=_percent(needle), needle_kept_when_missed_percent=_percent(missed),
                         kept_percent=100 * float(np.mean([x["share"] for x in runs])),
                         peak_cache_kib=float(np.max([x["peak"] for x in runs])) / 1024,
                         seconds_per_video=float(np.mean([x["wall"] for x in runs])), fold_times=times))
     return out
+
+
+def _percent(values) -> float | None:
+    values = [v for v in values if v is not None and v == v]
+    return 100 * float(np.mean(values)) if values else None
 
 
 def markdown(meta, summary) -> str:
@@ -211,19 +249,26 @@ def markdown(meta, summary) -> str:
                                                   f"({meta['budget']} tokens)." if meta["needle"] else ""), "",
              "Fold time per video (s): vision + prefill (the model's own work), observe (observer passes, "
              "the probe's own answer included), score (the scorer), search (JS-bounded search); scorer "
-             "overhead = score / (vision + prefill + observe + search).", "",
-             "| method | " + " | ".join(kinds) + " | mean | vs full | kept % | peak KiB | vision+prefill | observe "
-             "| score | search | scorer overhead |",
-             "|---" * (len(kinds) + 10) + "|"]
+             "overhead = score / (vision + prefill + observe + search). Needle kept: share of the tokens "
+             "showing the needle still in the cache when the questions come (mean over layers and KV heads), "
+             "over all videos / over the videos whose needle question was answered wrong.", "",
+             "| method | " + " | ".join(kinds) + " | mean | vs full | kept % | needle kept % (all / missed) "
+             "| peak KiB | vision+prefill | observe | score | search | scorer overhead |",
+             "|---" * (len(kinds) + 11) + "|"]
     for s in summary:
         a, t = s["accuracy"], s["fold_times"]
         delta = f"{100 * (a['mean'] - full['accuracy']['mean']):+.1f}" if full else ""
         base = t["vision_s"] + t["prefill_s"] + t["observe_s"] + t["search_s"]
         lines.append(f"| {s['label']} | " + " | ".join(f"{100 * a[k]:.1f}" for k in (*kinds, "mean"))
-                     + f" | {delta} | {s['kept_percent']:.1f} | {s['peak_cache_kib']:.0f} "
+                     + f" | {delta} | {s['kept_percent']:.1f} | {_fmt(s.get('needle_kept_percent'))} / "
+                     f"{_fmt(s.get('needle_kept_when_missed_percent'))} | {s['peak_cache_kib']:.0f} "
                      f"| {t['vision_s'] + t['prefill_s']:.3f} | {t['observe_s']:.3f} | {t['score_s']:.3f} "
                      f"| {t['search_s']:.3f} | {100 * t['score_s'] / max(base, 1e-9):.1f}% |")
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def drift_markdown(meta, rows, names) -> str:

@@ -36,7 +36,8 @@ def test_look_attention_is_the_models_attention():
     inputs = dict(inputs)
     inputs.pop("cell_labels")
     with torch.no_grad():
-        video = model.model.visual(inputs.pop("pixel_values_videos"), grid_thw=inputs.pop("video_grid_thw")).pooler_output
+        video = model.model.visual(inputs.pop("pixel_values_videos"),
+                                   grid_thw=inputs.pop("video_grid_thw")).pooler_output
         ids = inputs.pop("input_ids")
         embeds = model.get_input_embeddings()(ids)
         embeds = embeds.masked_scatter((ids == model.config.video_token_id).unsqueeze(-1), video)
@@ -98,3 +99,23 @@ def test_look_targets_are_the_object_asked_about():
         assert got == expected_looks(video, kinds, steps=16)
         questions = (inputs["input_ids"][row] == model.config.video_token_id).sum()
         assert all(int(at[row, t]) > start + questions for t in range(len(got))), "looks from the questions"
+
+
+def test_the_benchmarks_needle_tokens_are_the_training_labels_triangle():
+    """benchmarks/agnostic.py reports how much of the needle the cache kept; its needle tokens (own
+    code) must be the tokens the training labels call the triangle, on both suites."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import agnostic
+
+    from stream import synthetic
+
+    for seed in (3, 8):
+        video = synthetic_camera.make_video(seed, frames=64, needle_before=0.1)
+        labels = T.camera_cell_labels(video, 32, 16)
+        triangle = np.flatnonzero((labels[:, 0] == T.CAMERA_SHAPES.index("triangle")).numpy())
+        assert len(triangle) >= 1
+        assert np.array_equal(agnostic.needle_tokens(video, 16), triangle)
+        video = synthetic.make_video(seed, frames=64)
+        labels = T.cell_labels(video, 32, 4)
+        triangle = np.flatnonzero((labels[:, 0] == T.SHAPES.index("triangle")).numpy())
+        assert np.array_equal(agnostic.needle_tokens(video, 4), triangle)
