@@ -473,7 +473,8 @@ class CopyAttention:
         used = int(head.max()) + 1
         q = attn.q_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)[:, :used]
         k = attn.k_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)
-        k = k.repeat_interleave(attn.num_key_value_groups, dim=1)[:, :used]  # GQA: query head h reads KV head h // groups
+        # GQA: query head h reads KV head h // groups
+        k = k.repeat_interleave(attn.num_key_value_groups, dim=1)[:, :used]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         rows = torch.arange(b).unsqueeze(-1)
         q = q.transpose(1, 2)[rows, at, head]  # (B, T, D)

@@ -314,6 +314,7 @@ def test_batch_refuses_a_deadline_that_is_not_a_positive_number(tmp_path):
     for value, message in (("0", "must be more than 0 seconds"), ("-5", "must be more than 0 seconds"),
                            ("nan", "must be more than 0 seconds"), ("soon", "not a number of seconds")):
         result = run_cli("batch", str(tmp_path), "--out", str(tmp_path / "a.jsonl"), "--ray", "--revive-timeout", value)
-        assert result.returncode == 2 and "--revive-timeout" in result.stderr and message in result.stderr, result.stderr
+        assert result.returncode == 2, result.stderr
+        assert "--revive-timeout" in result.stderr and message in result.stderr, result.stderr
     result = run_cli("batch", str(tmp_path), "--out", str(tmp_path / "a.jsonl"), "--worker-timeout", "0")
     assert result.returncode == 2 and "--worker-timeout" in result.stderr, result.stderr

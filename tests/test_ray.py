@@ -167,7 +167,8 @@ def test_batch_over_two_nodes_resumes_and_survives_a_node_kill(cluster, videos, 
     assert re.search(f"answers in .* on node {spare.node_id[:8]}", text), text
     assert "broken.mp4: failed after 3 attempts" in text and "5/6 videos" in text, text
     after = [t for t, line in run.lines if f"on node {spare.node_id[:8]}" in line and "answers in" in line]
-    print(f"batch: answering again {after[0] - killed:.1f} s after the node kill (no machine for the first 20 s, then a new node joining)")
+    print(f"batch: answering again {after[0] - killed:.1f} s after the node kill "
+          "(no machine for the first 20 s, then a new node joining)")
 
     answers = read_answers(out)
     keys = [(a["stream_id"], a["question_id"]) for a in answers]
