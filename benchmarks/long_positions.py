@@ -54,12 +54,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if any(not 0 < s <= 1 for s in args.scales):
         parser.error(f"every scale must lie in (0, 1], got {args.scales}")
-    module, model_dir, seeds = agnostic.SUITES[args.suite]
+    _, model_dir, seeds = agnostic.SUITES[args.suite]
     model = str(ROOT / "models" / model_dir)
     frames = args.frames or (4096 if args.needle else 1024)
     names = tuple(sorted(dict.fromkeys(args.methods), key=lambda n: n != "default"))
     if "uniform" in names and "default" not in names:
         parser.error("uniform is matched to the default's share: run 'default' too")
+    command = "python benchmarks/long_positions.py " + " ".join(argv if argv is not None else sys.argv[1:])
     started, text, saved = time.time(), [], {}
     for scale in args.scales:
         jobs = [(args.suite, seeds + i, frames, names, args.needle, False) for i in range(args.videos)]
@@ -73,12 +74,10 @@ def main(argv: list[str] | None = None) -> None:
                       flush=True)
         rows.sort(key=lambda r: r["seed"])
         summary = agnostic.summarize(rows, names)
-        command = "python benchmarks/long_positions.py " + " ".join(argv if argv is not None else sys.argv[1:])
         meta = dict(suite=args.suite, model=f"models/{model_dir}", videos=args.videos, frames=frames,
                     needle=args.needle, seeds=f"{seeds}..{seeds + args.videos - 1}",
                     kinds=agnostic.question_kinds(rows), budget=rows[0].get("budget"),
-                    minutes=round((time.time() - clock) / 60, 1),
-                    command=command)
+                    minutes=round((time.time() - clock) / 60, 1), command=command)
         table = agnostic.markdown(meta, summary).replace("### ", f"### temporal positions x {scale:g}: ", 1)
         print(table, flush=True)
         text.append(table)
