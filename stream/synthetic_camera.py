@@ -138,6 +138,9 @@ def make_video(seed: int, frames: int = 256, size: int = 112, fps: float = 2.0, 
         raise ValueError(f"frame size must be a multiple of 28 and at least 112, got {size}")
     if needle_before is not None and not 0 < needle_before < 1 / 3:
         raise ValueError(f"needle_before must lie in (0, 1/3), got {needle_before}")
+    if needle_before is not None and int(needle_before * frames / 2) < 1:
+        raise ValueError(f"needle_before={needle_before} leaves no whole frame pair for the needle in "
+                         f"{frames} frames")
     rng = np.random.default_rng(seed)
     steps = frames // 2
     colours = list(COLOURS)

@@ -105,6 +105,8 @@ def test_an_early_needle_is_shown_in_the_window_and_only_there(seed):
     assert owner[triangle.start:triangle.end].any((1, 2)).all() and not owner[triangle.end:].any()
     with pytest.raises(ValueError, match="needle_before"):
         make_video(seed, frames=64, needle_before=0.5)
+    with pytest.raises(ValueError, match="no whole frame pair"):
+        make_video(seed, frames=32, needle_before=0.05)  # 16 steps: a window of 0.8
 
 
 def read_display(frame: np.ndarray) -> int:
