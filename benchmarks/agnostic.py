@@ -98,7 +98,7 @@ NEEDLE_METHODS = ["full", "default", "observer", "paper", "tar", "uniform"]
 def settings_for(method: Method, layers: int, budget: int | None = None) -> EMLoCSettings:
     group = layers // 2 if layers % 2 == 0 else 1
     base = EMLoCSettings(layer_group_size=group) if method.default else videomme_online(layer_group_size=group)
-    return replace(base, **dict(method.settings), token_budget=budget)
+    return replace(base, **dict(method.settings), token_budget=budget, temporal_range=_temporal_range)
 
 
 def needle_tokens(video, tokens_per_step: int) -> np.ndarray:
@@ -169,12 +169,14 @@ def drift_curve(adapter, method, frames, questions, chunk_frames):
 
 
 _adapter = None
+_temporal_range = None  # every row's EMLoCSettings.temporal_range (None: the model's)
 
 
-def _init_worker(model: str) -> None:
-    global _adapter
+def _init_worker(model: str, temporal_range: int | None = None) -> None:
+    global _adapter, _temporal_range
     torch.set_num_threads(1)
     _adapter = load_adapter(model)
+    _temporal_range = temporal_range
 
 
 def _run_video(job) -> dict:
@@ -317,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--needle", action="store_true", help="4,096 frames, budget 10%%, needle in the first 5%%")
     parser.add_argument("--drift", action="store_true", help="JS to full context after every chunk")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--temporal-range", type=int, help="EMLoCSettings.temporal_range for every row (default: "
+                        "the model's, 128 for the shipped models; 0: positions never compressed, as before)")
     parser.add_argument("--tag", default="", help="suffix of the output files")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     parser.add_argument("--combine", type=Path, nargs="+", help="join saved runs on the same seeds into one table")
@@ -345,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.suite} suite, model {model}; {args.videos} videos x {frames} frames; methods {names}", flush=True)
     jobs = [(args.suite, seeds + i, frames, tuple(names), args.needle, args.drift) for i in range(args.videos)]
     rows, started = [], time.time()
-    with multiprocessing.get_context("spawn").Pool(args.workers, _init_worker, (model,)) as pool:
+    with multiprocessing.get_context("spawn").Pool(args.workers, _init_worker, (model, args.temporal_range)) as pool:
         for row in pool.imap_unordered(_run_video, jobs):
             rows.append(row)
             if not args.drift:

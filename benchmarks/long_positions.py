@@ -1,10 +1,12 @@
 """Past its trained length, is a stream's miss the model's position range? The tiny models were
-trained on at most 256 frames (128 temporal positions); at 1,024 and 4,096 frames they answer
-worse with full context, and the default keeps the needle's tokens yet answers it wrong
+trained on at most 256 frames (128 temporal positions); at 1,024 and 4,096 frames they answered
+worse with full context, and the default kept the needle's tokens yet answered it wrong
 (benchmarks/agnostic.py's "needle kept" column). This runs the same videos and rows as
-benchmarks/agnostic.py with the video's temporal positions multiplied by a scale (position
-interpolation: 0.25 maps 1,024 frames onto the 256 the model knows); height, width and text
-positions are unchanged. A diagnostic, not a setting: the library never rescales positions.
+benchmarks/agnostic.py with the video's temporal positions multiplied by a fixed scale from the
+first frame (position interpolation: 0.25 maps 1,024 frames onto the 256 the model knows);
+height, width and text positions are unchanged, and the library's own policy (halving the
+spacing when a stream reaches past `EMLoCSettings.temporal_range`, which needs no length in
+advance) is off. A diagnostic: it showed the cause, and what that policy should get.
 
     python benchmarks/long_positions.py --frames 1024 --videos 40 --scales 1 0.25 --methods default full uniform
     python benchmarks/long_positions.py --suite camera --needle --videos 20 --scales 1 0.0625
@@ -29,12 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def _init_worker(model: str, scale: float) -> None:
     agnostic._init_worker(model)
     adapter = agnostic._adapter
+    adapter.temporal_range = None  # the stream's own policy off: one fixed scale
     plain = adapter.video_positions
 
-    def scaled(video_start, first_step, pixels):
-        positions = plain(video_start, first_step, pixels).float()
-        positions[0] = video_start + (positions[0] - video_start) * scale
-        return positions
+    def scaled(video_start, first_step, pixels, policy_scale=1.0):
+        return plain(video_start, first_step, pixels, scale * policy_scale)
 
     adapter.video_positions = scaled
 

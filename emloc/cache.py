@@ -13,9 +13,10 @@ it; a question drops it, which leaves the committed region bit-identical.
 
 Layers may hold different lengths; within a layer every KV head holds the same
 number of tokens (pruning keeps the same count per head, not the same tokens), so
-each layer stays one rectangular tensor. Positions are never renumbered: keys
+each layer stays one rectangular tensor. Pruning never renumbers positions: keys
 keep the rotation of their original position, and `origins` records each kept
-token's index in the stream.
+token's index in the stream. (A stream past its model's temporal range moves its
+video's keys to compressed positions with `replace_keys`; `StreamContext`.)
 
 With merging on (`EMLoCSettings.merge_dropped`), a kept token also stands for the
 dropped tokens most like it: `log_mass` (log of how many it stands for) is added to
@@ -163,6 +164,17 @@ class PrunedLayer(CacheLayerMixin):
         self.origins, self.importance = kept(self.origins, index), kept(self.importance, index)
         self.log_mass = kept(self.log_mass, index)
         self.length = n
+
+    def replace_keys(self, keys: torch.Tensor) -> None:
+        """Replaces the committed keys by `keys` (same shape), e.g. re-rotated to new positions.
+        Writes a fresh buffer, so a rollback (`PrunedCache.saved`) puts the old keys back."""
+        if self.tail:
+            raise RuntimeError("replace keys only between folds, with no tail pending")
+        if tuple(keys.shape) != tuple(self.keys.shape):
+            raise ValueError(f"new keys {tuple(keys.shape)} for committed keys {tuple(self.keys.shape)}")
+        new = self._k.clone()
+        new[:, :, :self.length] = keys
+        self._k = new
 
     # --- rollback -------------------------------------------------------------------
     def save(self) -> tuple:

@@ -75,6 +75,14 @@ class StreamContext:
         self.chunks_folded = 0
         self.records: deque[FoldRecord] = deque(maxlen=self.KEEP_RECORDS)  # an endless stream keeps the newest
         self._steps = 0  # temporal steps (frame pairs) folded so far
+        self.temporal_halvings = 0  # the video's temporal positions are spaced 2 ** -halvings apart
+        # (first origin, first step, tokens per step) of the video, one entry per change of frame size:
+        # a committed token's temporal step, to move its key when the positions are compressed
+        self._video_layout: list[tuple[int, int, int]] = []
+        self.temporal_range = self.settings.temporal_range
+        if self.temporal_range is None:
+            self.temporal_range = self.adapter.temporal_range
+        self.temporal_range = self.temporal_range or None  # 0: never compress
         self._time_span: tuple[float, float] | None = None
         self.task = task
         if task is None:
@@ -136,19 +144,28 @@ class StreamContext:
         embeds = adapter.encode_video(pixels)
         vision_s = time.perf_counter() - clock
 
-        n = embeds.shape[1]
-        positions = adapter.video_positions(self.video_start, self._steps, pixels)
+        n, t = embeds.shape[1], pixels.grid_thw[0]
         observers = self._observers(questions) if self.policy.needs_observers else []
-        steps = torch.arange(pixels.grid_thw[0]).repeat_interleave(n // pixels.grid_thw[0])
-        fold = self._fold_segment(embeds, positions, steps,
-                                  lambda start: self._question_passes(observers, start, n))
+        steps = torch.arange(t).repeat_interleave(n // t)
+        counters = (self.temporal_halvings, self.max_position, list(self._video_layout))
+        try:
+            with self.cache.saved():  # a compression of positions is undone with the fold it was for
+                self._fit_positions(self._steps + t - 1)
+                positions = adapter.video_positions(self.video_start, self._steps, pixels, self.temporal_scale)
+                if not self._video_layout or self._video_layout[-1][2] != n // t:
+                    self._video_layout.append((self.tokens_seen, self._steps, n // t))
+                fold = self._fold_segment(embeds, positions, steps,
+                                          lambda start: self._question_passes(observers, start, n))
+        except BaseException:
+            self.temporal_halvings, self.max_position, self._video_layout = counters
+            raise
         first = int(positions[0].min())
-        self._steps += pixels.grid_thw[0]
+        self._steps += t
         if timestamps:
             start = self._time_span[0] if self._time_span else float(timestamps[0])
             self._time_span = (start, float(timestamps[-1]))
         return self._record(fold, frames=len(frames), padded_frames=pixels.padded_frames, vision_s=vision_s,
-                            positions=(first, int(positions[0].max())))
+                            positions=(first, int(positions[0].max())), temporal_scale=self.temporal_scale)
 
     @_one_at_a_time
     @torch.no_grad()
@@ -187,6 +204,45 @@ class StreamContext:
         self.sink_tokens = self.tokens_seen  # examples are never evicted
         return self._record(fold, frames=sum(len(e.frames) for e in examples), padded_frames=0, vision_s=vision_s,
                             positions=(int(positions[0].min()), int(positions[0].max())))
+
+    # --- positions past the model's range ---------------------------------------------------
+    @property
+    def temporal_scale(self) -> float:
+        return 2.0 ** -self.temporal_halvings
+
+    def _fit_positions(self, last_step: int) -> None:
+        """Halves the video's temporal spacing until temporal step `last_step` falls within the
+        model's range: every committed video key is turned back by the difference between its old
+        and new position, and the next text goes right after the compressed video. A stream that
+        stays in range is never touched (its positions are the model processor's integers)."""
+        if self.temporal_range is None:
+            return
+        last = float(self.adapter.temporal_offsets(torch.tensor([last_step]))[0])
+        halvings = self.temporal_halvings
+        while last * 2.0 ** -halvings >= self.temporal_range:
+            halvings += 1
+        if halvings == self.temporal_halvings:
+            return
+        change = 2.0 ** -halvings - self.temporal_scale
+        for layer in self.cache.layers:
+            if not layer.length:
+                continue
+            origins = layer.committed_origins()
+            video = origins >= self.sink_tokens
+            offsets = self.adapter.temporal_offsets(self._step_of(origins.clamp(min=self.sink_tokens)))
+            layer.replace_keys(self.adapter.shift_keys(layer.keys, torch.where(video, offsets * change, 0.0)))
+        self.temporal_halvings = halvings
+        if self._steps:
+            last_folded = float(self.adapter.temporal_offsets(torch.tensor([self._steps - 1]))[0])
+            self.max_position = max(self.video_start - 1, self.video_start + int(last_folded * self.temporal_scale))
+
+    def _step_of(self, origins: torch.Tensor) -> torch.Tensor:
+        """The temporal step of video tokens, from their origins (index in the stream)."""
+        steps = torch.zeros_like(origins)
+        for first_origin, first_step, per_step in self._video_layout:
+            part = origins >= first_origin
+            steps[part] = first_step + (origins[part] - first_origin) // per_step
+        return steps
 
     def _example_video(self, frames, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = self.adapter.preprocess(frames)
@@ -329,14 +385,16 @@ class StreamContext:
         return (sum(self.cache.lengths()) - sum(self.sink_lengths())) / self.adapter.num_layers
 
     # --- snapshots ---------------------------------------------------------------------
-    STATE_FIELDS = ("chunks_folded", "_steps", "sink_tokens", "video_start", "max_position", "tokens_seen")
+    STATE_FIELDS = ("chunks_folded", "_steps", "sink_tokens", "video_start", "max_position", "tokens_seen",
+                    "temporal_halvings")
 
     @_one_at_a_time
     def snapshot(self) -> tuple[dict[str, torch.Tensor], dict]:
         """The context as tensors (the committed cache) and plain data (positions, settings,
         model identity): everything needed to go on folding exactly where it stopped."""
         meta = {name.lstrip("_"): getattr(self, name) for name in self.STATE_FIELDS}
-        meta.update(time_span=list(self._time_span) if self._time_span else None, settings=self.settings.to_dict(),
+        meta.update(video_layout=[list(entry) for entry in self._video_layout],
+                    time_span=list(self._time_span) if self._time_span else None, settings=self.settings.to_dict(),
                     model=self.adapter.identity(), standing_questions=list(self.standing_questions),
                     task=self.task.digest if self.task is not None else None)
         return self.cache.export(), meta
@@ -363,6 +421,7 @@ class StreamContext:
         self.cache.restore({k: v.to(device) for k, v in tensors.items()})
         for name in self.STATE_FIELDS:
             setattr(self, name, int(meta[name.lstrip("_")]))
+        self._video_layout = [tuple(int(x) for x in entry) for entry in meta["video_layout"]]
         self._time_span = tuple(meta["time_span"]) if meta.get("time_span") else None
         self.standing_questions = list(meta.get("standing_questions", []))
 
@@ -386,7 +445,7 @@ class StreamContext:
         try:
             if partial_frames is not None and len(partial_frames):
                 pixels = adapter.preprocess(partial_frames)
-                positions = adapter.video_positions(self.video_start, self._steps, pixels)
+                positions = adapter.video_positions(self.video_start, self._steps, pixels, self.temporal_scale)
                 run_layers(adapter, self.cache, adapter.encode_video(pixels), positions)
                 start = max(start, int(positions.max()) + 1)
             tokens, logits = generate(adapter, self.cache, ids, adapter.text_positions(start, len(ids)),

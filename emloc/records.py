@@ -17,6 +17,8 @@ class FoldRecord:
     kept[l]: tokens of this chunk layer l kept; evicted[l]: tokens the budget removed.
     tokens_before/after[l]: committed tokens of layer l around the fold.
     positions: (first, last) temporal position of the chunk; max_position: highest seen.
+    temporal_scale: the video's temporal spacing after this fold (below 1 once the stream has
+        reached past its model's temporal range).
     """
 
     index: int
@@ -39,6 +41,7 @@ class FoldRecord:
     search_s: float
     evaluations: int
     score_s: float = 0.0  # ranking the chunk's tokens (the scorer), within the fold
+    temporal_scale: float = 1.0
 
     @property
     def kept_fraction(self) -> float:
@@ -57,7 +60,8 @@ class FoldRecord:
         return (f"chunk {self.index}: {self.frames} frames, {self.chunk_tokens} tokens -> kept "
                 f"{100 * self.kept_fraction:.1f}% [{groups}] cache {cache:.0f} tok/layer{span}, "
                 f"observer={observer}, prefill {self.vision_s + self.prefill_s:.3f}s "
-                f"search {self.observe_s + self.search_s:.3f}s")
+                f"search {self.observe_s + self.search_s:.3f}s"
+                + (f", temporal positions x{self.temporal_scale:g}" if self.temporal_scale != 1 else ""))
 
 
 @dataclass

@@ -61,6 +61,13 @@ class EMLoCSettings:
         like it, as proportional attention: a kept token that stands for m tokens draws the
         attention m of them would (its logit + log m). Pruning then no longer shifts attention
         onto what is kept, which counting needs (not with flash attention).
+    temporal_range: temporal positions the model can read a video over. When the next chunk
+        would reach past it, the video's temporal positions are halved (the committed keys
+        re-rotated, the stream going on at half the spacing) as often as needed, so an endless
+        stream stays in the range the model was trained on (position interpolation). None: the
+        range the checkpoint declares (`emloc_temporal_range` in its config.json: 128 for the
+        shipped tiny models; real Qwen2-VL checkpoints declare none, so their positions are
+        never compressed, as in the paper); 0: never compress.
     """
 
     layer_group_size: int = 14
@@ -78,6 +85,7 @@ class EMLoCSettings:
     scorer: str = "tar+keydiff"
     coverage_buckets: int = 0
     merge_dropped: bool = True
+    temporal_range: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
@@ -112,6 +120,11 @@ class EMLoCSettings:
                  f"coverage_buckets must be an integer >= 0, got {self.coverage_buckets!r}")
         _require(isinstance(self.merge_dropped, bool),
                  f"merge_dropped must be true or false, got {self.merge_dropped!r}")
+        _require(self.temporal_range is None or (isinstance(self.temporal_range, int)
+                                                  and not isinstance(self.temporal_range, bool)
+                                                  and (self.temporal_range == 0 or self.temporal_range >= 2)),
+                 f"temporal_range must be None (the model's), 0 (never compress) or an integer >= 2, "
+                 f"got {self.temporal_range!r}")
         _require(isinstance(self.max_observers, int) and self.max_observers >= 1,
                  f"max_observers must be an integer >= 1, got {self.max_observers!r}")
 

@@ -35,12 +35,14 @@ SUITES = {"synthetic": synthetic, "camera": synthetic_camera}
 SEEDS = 2_000_000
 
 _adapter = None
+_temporal_range = None
 
 
-def _init(model: str) -> None:
-    global _adapter
+def _init(model: str, temporal_range: int | None = None) -> None:
+    global _adapter, _temporal_range
     torch.set_num_threads(1)
     _adapter = load_adapter(model)
+    _temporal_range = temporal_range
 
 
 def _run(job) -> dict:
@@ -50,8 +52,8 @@ def _run(job) -> dict:
     with TemporaryDirectory() as tmp:
         path = write_video(Path(tmp) / f"{seed}.mp4", video.frames, fps=video.fps)
         decoded = list(VideoFile(path).frames(fps=video.fps))
-    context = StreamContext(_adapter, settings=videomme_online(layer_group_size=max(1, _adapter.num_layers // 2)),
-                            policy=KeepAll())
+    settings = videomme_online(layer_group_size=max(1, _adapter.num_layers // 2), temporal_range=_temporal_range)
+    context = StreamContext(_adapter, settings=settings, policy=KeepAll())
     questions = [video.question(k).text for k in task.QUESTION_TYPES] + [task.PROBE]
     answers = [a.text.strip() for a in answer_video(context, decoded, questions, max_new_tokens=20)]
     truth = [video.question(k).answer for k in task.QUESTION_TYPES] + [video.description()]
@@ -68,12 +70,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--first-seed", type=int, default=SEEDS)
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--out", type=Path, help="save every answer here (JSON)")
+    parser.add_argument("--temporal-range", type=int, help="EMLoCSettings.temporal_range (default: the model's; "
+                        "0: temporal positions never compressed, as before the position policy)")
     args = parser.parse_args(argv)
     task = SUITES[args.suite]
     kinds = [*task.QUESTION_TYPES, "describe"]
     jobs = [(args.suite, args.first_seed + i, args.frames) for i in range(args.videos)]
     rows, started = [], time.time()
-    with multiprocessing.get_context("spawn").Pool(args.workers, _init, (args.model,)) as pool:
+    with multiprocessing.get_context("spawn").Pool(args.workers, _init, (args.model, args.temporal_range)) as pool:
         for row in pool.imap_unordered(_run, jobs):
             rows.append(row)
             if len(rows) % 10 == 0:

@@ -35,9 +35,11 @@ from safetensors.torch import load_file, save_file
 
 from emloc import SettingsError, StreamContext
 
-FORMAT = "emloc-stream-state/2"
+FORMAT = "emloc-stream-state/3"  # 3: compressed temporal positions (halvings, video layout)
 CACHE_NAME = re.compile(r"cache-([1-9][0-9]{0,17})\.safetensors")
-COUNTERS = ("chunks_folded", "steps", "sink_tokens", "video_start", "max_position", "tokens_seen")
+COUNTERS = ("chunks_folded", "steps", "sink_tokens", "video_start", "max_position", "tokens_seen",
+            "temporal_halvings")
+EXTRA = ("state.counters", "state.times", "state.layout")  # the tensors besides the layers
 TENSOR_PARTS = ("keys", "values", "origins", "importance")
 
 
@@ -52,6 +54,7 @@ def save_state(folder: str | Path, context: StreamContext, stream: dict) -> Path
     tensors, meta = context.snapshot()
     tensors["state.counters"] = torch.tensor([int(meta[name]) for name in COUNTERS], dtype=torch.int64)
     tensors["state.times"] = torch.tensor(_times(meta, stream), dtype=torch.float64)
+    tensors["state.layout"] = torch.tensor(meta["video_layout"], dtype=torch.int64).reshape(-1, 3)
     serial = max([_serial_of(folder)] + [int(m.group(1)) for p in folder.iterdir()
                                          if (m := CACHE_NAME.fullmatch(p.name))]) + 1
     cache = folder / f"cache-{serial}.safetensors"
@@ -202,10 +205,34 @@ def _check_counters(folder: Path, meta: dict, stream: dict, tensors: dict, start
             or c["max_position"] < c["video_start"] - 1
             or (c["chunks_folded"] and c["max_position"] < c["video_start"])):
         raise StateError(f"{folder}: the saved counters contradict each other: {dict((n, c[n]) for n in COUNTERS)}")
+    _check_layout(folder, meta, tensors.get("state.layout"))
     expected = {k for k in tensors if k.startswith("layers.")}
-    if len(expected) + 2 != len(tensors):
+    if len(expected) + len(EXTRA) != len(tensors):
         raise StateError(f"{folder}: the cache file holds unexpected tensors "
-                         f"{sorted(set(tensors) - expected - {'state.counters', 'state.times'})[:5]}")
+                         f"{sorted(set(tensors) - expected - set(EXTRA))[:5]}")
+
+
+def _check_layout(folder: Path, meta: dict, saved: torch.Tensor | None) -> None:
+    """The video's layout, [[first origin, first step, tokens per step], ...]: where each frame size's
+    tokens begin in the stream and in time, which compressing positions moves keys by."""
+    layout, c = meta.get("video_layout"), meta
+    if not isinstance(layout, list) or len(layout) > c["steps"] or not all(
+            isinstance(e, list) and len(e) == 3 and all(isinstance(x, int) and not isinstance(x, bool) for x in e)
+            for e in layout):
+        raise StateError(f"{folder}: the manifest's video_layout must be a list of [first origin, first step, "
+                         f"tokens per step] integers, one per frame size, got {str(layout)[:200]}")
+    if (bool(layout) != bool(c["steps"]) or (layout and (layout[0][0] != c["sink_tokens"] or layout[0][1] != 0))
+            or any(e[2] < 1 for e in layout)
+            or any(b[0] <= a[0] or b[1] <= a[1] or b[0] - a[0] != (b[1] - a[1]) * a[2]
+                   for a, b in zip(layout, layout[1:]))
+            or (layout and layout[-1][0] + (c["steps"] - layout[-1][1]) * layout[-1][2] != c["tokens_seen"])):
+        raise StateError(f"{folder}: the manifest's video_layout {str(layout)[:200]} does not add up to the "
+                         f"{c['steps']} temporal steps and {c['tokens_seen'] - c['sink_tokens']} video tokens saved")
+    if c["temporal_halvings"] > 64:
+        raise StateError(f"{folder}: temporal_halvings = {c['temporal_halvings']} (at most 64)")
+    if saved is None or saved.dtype != torch.int64 or saved.tolist() != layout:
+        raise StateError(f"{folder}: the manifest's video_layout differs from the cache file's; the manifest "
+                         f"was edited")
 
 
 def _check_cache(folder: Path, context: StreamContext, start: dict, tensors: dict) -> None:
@@ -217,8 +244,8 @@ def _check_cache(folder: Path, context: StreamContext, start: dict, tensors: dic
                          f"{start['sink_tokens']} (this model's preamble"
                          + (" and its task pack)" if context.task is not None else ")"))
     merged = sum(k.endswith(".log_mass") for k in tensors)  # a layer that merged dropped tokens keeps their mass
-    if len(tensors) - 2 - merged != 4 * adapter.num_layers or merged > adapter.num_layers:
-        raise StateError(f"{folder}: the cache file holds {len(tensors) - 2} layer tensors, the model needs "
+    if len(tensors) - len(EXTRA) - merged != 4 * adapter.num_layers or merged > adapter.num_layers:
+        raise StateError(f"{folder}: the cache file holds {len(tensors) - len(EXTRA)} layer tensors, the model needs "
                          f"{4 * adapter.num_layers} (and up to {adapter.num_layers} log_mass)")
     for i, layer in enumerate(context.cache.layers):
         keys, origins = layer.keys, layer.committed_origins()

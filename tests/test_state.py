@@ -172,6 +172,11 @@ def test_an_edited_manifest_is_named(qwen2_vl, tokenizer, pristine, tmp_path, fi
     ("tokens_seen", 10**6, "says tokens_seen = 1000000"),
     ("time_span", [0.0, 99.0], "last_time 11.5 is not the end of the folded video"),
     ("sink_tokens", 3, "says sink_tokens = 3"),
+    ("temporal_halvings", 1, "says temporal_halvings = 1 but the cache file"),
+    ("video_layout", "x", "video_layout must be a list of"),
+    ("video_layout", [[0, 0, 1.5]], "video_layout must be a list of"),
+    ("video_layout", [], "does not add up"),
+    ("video_layout", [[9, 0, 12]], "does not add up"),  # wrong first origin, tokens per step
 ])
 def test_fields_that_contradict_the_cache_are_refused_even_with_checksums_recomputed(
         qwen2_vl, tokenizer, pristine, tmp_path, field, value, match):
@@ -198,6 +203,8 @@ def test_times_edited_in_both_places_of_the_manifest_are_refused(qwen2_vl, token
     (lambda t: t.pop("layers.3.values"), "saved cache has no 'layers.3.values'"),
     (lambda t: t.update(extra=torch.zeros(2)), "unexpected tensors"),
     (lambda t: t["state.counters"].__setitem__(4, 7), "says max_position = .* saved with 7"),
+    (lambda t: t["state.layout"].add_(1), "video_layout differs from the cache file's"),
+    (lambda t: t.pop("state.layout"), "video_layout differs from the cache file's"),
 ])
 def test_tampered_cache_tensors_are_refused_even_with_checksums_recomputed(qwen2_vl, tokenizer, pristine, tmp_path,
                                                                           edit, match):

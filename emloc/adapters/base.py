@@ -59,6 +59,9 @@ class ModelAdapter(ABC):
     num_kv_heads: int
     head_dim: int
     temporal_patch: int
+    # Temporal positions the checkpoint was trained to read a video over (None: no known limit).
+    # Past it, a stream compresses its video's temporal positions (`StreamContext`).
+    temporal_range: int | None = None
 
     @classmethod
     @abstractmethod
@@ -80,9 +83,20 @@ class ModelAdapter(ABC):
 
     # --- positions ---------------------------------------------------------------
     @abstractmethod
-    def video_positions(self, video_start: int, first_step: int, pixels: VideoPixels) -> torch.Tensor:
+    def video_positions(self, video_start: int, first_step: int, pixels: VideoPixels,
+                        scale: float = 1.0) -> torch.Tensor:
         """(3, n_tokens) positions of a chunk whose first temporal step is `first_step`
-        of a video whose positions start at `video_start`."""
+        of a video whose positions start at `video_start`; the temporal axis's offset from
+        `video_start` multiplied by `scale` (1: integer positions, as the model's own processor)."""
+
+    @abstractmethod
+    def temporal_offsets(self, steps: torch.Tensor) -> torch.Tensor:
+        """Unscaled temporal position offsets (from the video's start) of temporal steps `steps`."""
+
+    @abstractmethod
+    def shift_keys(self, keys: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """Cached keys (1, kv_heads, n, head_dim), already rotated, moved by `shift` (1, kv_heads, n)
+        positions along the temporal axis only, as if they had been rotated there to begin with."""
 
     def text_positions(self, start: int, n: int) -> torch.Tensor:
         """(3, n): text advances all three position axes together."""

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb, rotate_half
 
 from .base import InputError, ModelAdapter, VideoPixels, check_attention
 
@@ -52,6 +52,8 @@ class QwenVLAdapter(ModelAdapter):
             patch_size=vision.patch_size, temporal_patch_size=self.temporal_patch, merge_size=self.merge)
         self.min_frame_pixels, self.max_frame_pixels = min_frame_pixels, max_frame_pixels
         self._decoder = model.model.language_model
+        # a checkpoint may declare it (`emloc_temporal_range` in config.json; the shipped tiny models do)
+        self.temporal_range = getattr(model.config, "emloc_temporal_range", None)
         check_attention(self.attention_implementation)
         self._special = {name: tokenizer.convert_tokens_to_ids(name) for name in (
             "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>")}
@@ -106,11 +108,31 @@ class QwenVLAdapter(ModelAdapter):
         return self.model.get_input_embeddings()(token_ids.to(self.device)).unsqueeze(0)
 
     # --- positions ---------------------------------------------------------------
-    def video_positions(self, video_start: int, first_step: int, pixels: VideoPixels) -> torch.Tensor:
+    def video_positions(self, video_start: int, first_step: int, pixels: VideoPixels,
+                        scale: float = 1.0) -> torch.Tensor:
         t, h, w = pixels.grid_thw[0], pixels.grid_thw[1] // self.merge, pixels.grid_thw[2] // self.merge
-        steps = (torch.arange(first_step, first_step + t) * self.time_interval).long()
-        tt, hh, ww = torch.meshgrid(steps, torch.arange(h), torch.arange(w), indexing="ij")
+        steps = self.temporal_offsets(torch.arange(first_step, first_step + t))
+        if scale != 1:
+            steps = steps * float(scale)
+        tt, hh, ww = torch.meshgrid(steps, torch.arange(h, dtype=steps.dtype), torch.arange(w, dtype=steps.dtype),
+                                    indexing="ij")
         return torch.stack([tt, hh, ww]).reshape(3, -1) + video_start
+
+    def temporal_offsets(self, steps: torch.Tensor) -> torch.Tensor:
+        return (steps * self.time_interval).long()
+
+    def shift_keys(self, keys: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """RoPE rotations add: a key rotated at t and rotated again by t' - t is the key at t'. The
+        model's own rotary at positions (shift, 0, 0) turns only the temporal M-RoPE section (the
+        height and width sections get angle 0). In float32, whatever the cache's dtype."""
+        _, heads, n, dim = keys.shape
+        zero = torch.zeros_like(shift.reshape(-1), dtype=torch.float32)
+        positions = torch.stack([shift.reshape(-1).float(), zero, zero]).to(keys.device)
+        cos, sin = self.rotary(keys.new_zeros(1, dtype=torch.float32), positions)
+        scaling = getattr(self._decoder.rotary_emb, "attention_scaling", 1.0)
+        cos, sin = (t.reshape(1, heads, n, dim) / scaling for t in (cos, sin))
+        flat = keys.float()
+        return (flat * cos + rotate_half(flat) * sin).to(keys.dtype)
 
     # --- the decoder --------------------------------------------------------------
     @property
