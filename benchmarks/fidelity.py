@@ -112,8 +112,9 @@ METHODS = [
 def settings_for(preset: str, num_layers: int) -> EMLoCSettings:
     """The presets scaled to the model's depth: the paper's 14 of 28 layers is L/2, 7 of 28 is L/4."""
     if preset == "online":
-        return videomme_online(layer_group_size=max(1, num_layers // 2))
-    return reference_code(layer_group_size=max(1, num_layers // 4) if num_layers % 4 == 0 else 1)
+        return videomme_online(layer_group_size=max(1, num_layers // 2), temporal_range=_temporal_range)
+    return reference_code(layer_group_size=max(1, num_layers // 4) if num_layers % 4 == 0 else 1,
+                          temporal_range=_temporal_range)
 
 
 def baseline_policy(kind: str, share: float, video_tokens: int, seed: int) -> RetentionPolicy:
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=[m.name for m in METHODS])
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
+    parser.add_argument("--temporal-range", type=int, help="EMLoCSettings.temporal_range (default: the model's, "
+                        "128 for the shipped model; 0: positions never compressed, as before the position policy)")
     parser.add_argument("--replot", action="store_true", help="rewrite the table and plot from --out/fidelity.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     args = parser.parse_args(argv)
@@ -181,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
           f"methods {[m.name for m in methods]}", flush=True)
     jobs = [(SEEDS + i, args.frames, tuple(m.name for m in methods), args.max_new_tokens) for i in range(args.videos)]
     rows, started = [], time.time()
-    with multiprocessing.get_context("spawn").Pool(args.workers, _init_worker, (args.model,)) as pool:
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(args.workers, _init_worker, (args.model, args.temporal_range)) as pool:
         for row in pool.imap_unordered(_run_video, jobs):
             rows.append(row)
             done = len(rows)
@@ -205,12 +209,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 _adapter = None
+_temporal_range = None  # EMLoCSettings.temporal_range of every method (None: the model's)
 
 
-def _init_worker(model: str) -> None:
-    global _adapter
+def _init_worker(model: str, temporal_range: int | None = None) -> None:
+    global _adapter, _temporal_range
     torch.set_num_threads(1)  # tiny matrices: one thread per process beats two threads sharing one process
     _adapter = load_adapter(model)
+    _temporal_range = temporal_range
 
 
 def _run_video(job) -> dict:

@@ -64,8 +64,8 @@ class EMLoCSettings:
     temporal_range: temporal positions the model can read a video over. When the next chunk
         would reach past it, the video's temporal positions are halved (the committed keys
         re-rotated, the stream going on at half the spacing) as often as needed, so an endless
-        stream stays in the range the model was trained on (position interpolation). None: the
-        range the checkpoint declares (`emloc_temporal_range` in its config.json: 128 for the
+        stream stays in the range the model reads well (position interpolation). None: the
+        range the checkpoint declares (`emloc_temporal_range` in its config.json: 256 and 128 for the
         shipped tiny models; real Qwen2-VL checkpoints declare none, so their positions are
         never compressed, as in the paper); 0: never compress.
     """

@@ -93,3 +93,32 @@ def test_query_agnostic_default_keeps_the_answers(adapter, videos):
     assert accuracy["needle"] >= MIN_NEEDLE, accuracy
     assert sum(accuracy.values()) / len(accuracy) >= MIN_OVERALL + 0.1, accuracy
     assert sum(kept) / len(kept) <= 0.25, kept
+
+
+def test_past_its_temporal_range_the_default_still_finds_the_needle(adapter, tmp_path):
+    """1,024 frames: 512 temporal positions, twice the 256 its config declares (trained on 128, it reads
+    256 as well: its card). The stream halves its temporal spacing on the way, and the default, questions
+    after the video, answers needle and state on 4 fresh videos; with the positions left uncompressed
+    (temporal_range 0) the same videos lose needles (docs/benchmarks/agnostic.md)."""
+    assert adapter.temporal_range == 256
+    videos = []
+    for i in range(4):
+        video = make_video(3_000_000 + i, frames=1024)
+        path = write_video(tmp_path / f"{i}.mp4", video.frames, video.fps)
+        videos.append((video, list(VideoFile(path).frames(fps=2))))
+    kinds = ("needle", "state")
+
+    def right(temporal_range):
+        count, scales = 0, set()
+        for video, frames in videos:
+            context = StreamContext(adapter, settings=EMLoCSettings(layer_group_size=2, temporal_range=temporal_range))
+            answers = answer_video(context, frames, [video.question(k).text for k in kinds], max_new_tokens=4)
+            count += sum(a.text.strip() == video.question(k).answer for k, a in zip(kinds, answers))
+            scales.add(context.temporal_scale)
+            if temporal_range is None:  # the video's positions end inside the declared range
+                assert context.max_position - context.video_start < adapter.temporal_range
+        return count, scales
+
+    assert right(None) == (8, {0.5})
+    compressed_never, scales = right(0)
+    assert compressed_never <= 7 and scales == {1.0}
