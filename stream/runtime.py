@@ -34,6 +34,7 @@ class StreamStatus:
     frames_dropped: int = 0  # frames dropped because folding fell behind a live source
     chunks_folded: int = 0
     cache_tokens: int = 0
+    temporal_scale: float = 1.0  # < 1 once the video's temporal positions were compressed (temporal_range)
     stream_time: float | None = None  # timestamp of the newest frame fed
     lag_s: float = 0.0  # how far the newest folded frame is behind the source's newest frame
     answers: int = 0
@@ -105,6 +106,7 @@ class StreamRunner:
         self.context.fold(frames, questions=self.observers(), timestamps=times)
         self.status.chunks_folded = self.context.chunks_folded
         self.status.cache_tokens = round(sum(self.context.cache.lengths()) / self.context.adapter.num_layers)
+        self.status.temporal_scale = self.context.temporal_scale
         self.last_folded_time = times[-1]
         if self.on_fold is not None:
             self.on_fold(self)

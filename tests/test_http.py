@@ -283,6 +283,7 @@ def test_newest_frame_and_metrics(served):
     assert value("emloc_frames_folded_total") == 16 * status["chunks_folded"]
     assert value("emloc_frames_dropped_total") == 0 and value("emloc_chunks_folded_total") == 7
     assert value("emloc_cache_tokens") == status["cache_tokens"]
+    assert value("emloc_temporal_scale") == status["temporal_scale"] == 1.0
     assert value("emloc_fold_seconds_count") == 7 and value("emloc_fold_seconds_sum") > 0
     assert value("emloc_answer_latency_seconds_count") == status["answers"]
 

@@ -73,6 +73,17 @@ def test_runner_answers_one_off_scheduled_and_standing(qwen2_vl, tokenizer):
     assert len(by_id["door"]) == 2, "standing question re-answered after chunks 2 and 4"
     assert runner.status.chunks_folded == 5 and runner.status.state == "ended"
     assert runner.status.answers == len(sink.events) == 4
+    assert runner.status.temporal_scale == 1.0
+
+
+def test_the_status_says_when_positions_were_compressed(qwen2_vl, tokenizer):
+    context = StreamContext(qwen2_vl, tokenizer, EMLoCSettings(layer_group_size=2, chunk_frames=8, temporal_range=6))
+    runner = StreamRunner("cam", context, QuestionQueue(), [Collect()], max_new_tokens=2)
+    for frame in frames(16):
+        runner.feed(frame)
+    runner.finish()
+    assert runner.status.temporal_scale == context.temporal_scale == 0.5  # 8 temporal steps into 6 positions
+    assert runner.status.to_dict()["temporal_scale"] == 0.5
 
 
 def test_questions_are_the_observers(qwen2_vl, tokenizer):

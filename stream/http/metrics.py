@@ -43,6 +43,8 @@ class _StatusCollector:
             ("answers", "Questions answered"))}
         gauges = {name: GaugeMetricFamily(f"emloc_{name}", text, labels=["stream"]) for name, text in (
             ("cache_tokens", "Tokens per layer in the compressed cache"),
+            ("temporal_scale", "Spacing of the video's temporal positions (below 1 once compressed past the "
+                               "model's temporal range)"),
             ("lag_seconds", "How far the newest folded frame is behind the source"),
             ("questions_waiting", "Questions waiting to be answered"),
             ("up", "1 while the stream's source is connected and folding works"))}
@@ -55,6 +57,7 @@ class _StatusCollector:
             counters["chunks_folded"].add_metric(label, status["chunks_folded"])
             counters["answers"].add_metric(label, status["answers"])
             gauges["cache_tokens"].add_metric(label, status["cache_tokens"])
+            gauges["temporal_scale"].add_metric(label, status["temporal_scale"])
             gauges["lag_seconds"].add_metric(label, status["lag_s"])
             gauges["questions_waiting"].add_metric(label, hub.stream.queue.waiting())
             gauges["up"].add_metric(label, 1.0 if status["state"] in ("starting", "running") else 0.0)
