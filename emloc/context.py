@@ -207,6 +207,11 @@ class StreamContext:
 
     # --- positions past the model's range ---------------------------------------------------
     @property
+    def steps_folded(self) -> int:
+        """Temporal steps (frame pairs) of video folded so far."""
+        return self._steps
+
+    @property
     def temporal_scale(self) -> float:
         return 2.0 ** -self.temporal_halvings
 
@@ -215,12 +220,7 @@ class StreamContext:
         model's range: every committed video key is turned back by the difference between its old
         and new position, and the next text goes right after the compressed video. A stream that
         stays in range is never touched (its positions are the model processor's integers)."""
-        if self.temporal_range is None:
-            return
-        last = float(self.adapter.temporal_offsets(torch.tensor([last_step]))[0])
-        halvings = self.temporal_halvings
-        while last * 2.0 ** -halvings >= self.temporal_range:
-            halvings += 1
+        halvings = max(self.temporal_halvings, self.halvings_for(last_step))
         if halvings == self.temporal_halvings:
             return
         change = 2.0 ** -halvings - self.temporal_scale
@@ -235,6 +235,17 @@ class StreamContext:
         if self._steps:
             last_folded = float(self.adapter.temporal_offsets(torch.tensor([self._steps - 1]))[0])
             self.max_position = max(self.video_start - 1, self.video_start + int(last_folded * self.temporal_scale))
+
+    def halvings_for(self, last_step: int) -> int:
+        """How often the temporal spacing must be halved for temporal step `last_step` to fall
+        within the range: what a stream folded up to that step has done (0 with no range)."""
+        if self.temporal_range is None or last_step < 0:
+            return 0
+        last = float(self.adapter.temporal_offsets(torch.tensor([last_step]))[0])
+        halvings = 0
+        while last * 2.0 ** -halvings >= self.temporal_range:
+            halvings += 1
+        return halvings
 
     def _step_of(self, origins: torch.Tensor) -> torch.Tensor:
         """The temporal step of video tokens, from their origins (index in the stream)."""

@@ -247,6 +247,11 @@ def _check_cache(folder: Path, context: StreamContext, start: dict, tensors: dic
     if len(tensors) - len(EXTRA) - merged != 4 * adapter.num_layers or merged > adapter.num_layers:
         raise StateError(f"{folder}: the cache file holds {len(tensors) - len(EXTRA)} layer tensors, the model needs "
                          f"{4 * adapter.num_layers} (and up to {adapter.num_layers} log_mass)")
+    expected = context.halvings_for(context.steps_folded - 1)
+    if context.temporal_halvings != expected:
+        raise StateError(f"{folder}: temporal_halvings = {context.temporal_halvings}, but a stream of "
+                         f"{context.steps_folded} temporal steps under temporal_range {context.temporal_range} "
+                         f"has halved its spacing {expected} times")
     for i, layer in enumerate(context.cache.layers):
         keys, origins = layer.keys, layer.committed_origins()
         shape = (1, adapter.num_kv_heads, layer.length, adapter.head_dim)

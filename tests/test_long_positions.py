@@ -146,3 +146,29 @@ def test_a_saved_compressed_stream_resumes_as_if_never_stopped(qwen2_vl, tokeniz
     assert all(torch.equal(a, b) for a, b in zip(committed_keys(resumed), committed_keys(straight)))
     question = "what colour was the triangle ?"
     assert resumed.answer(question).token_ids == straight.answer(question).token_ids
+
+
+def test_a_saved_state_whose_halvings_contradict_its_steps_is_refused(qwen2_vl, tokenizer, tmp_path):
+    """A forger who edits temporal_halvings in both places and recomputes every checksum is still
+    caught: the number of halvings follows from the steps folded and the range."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from stream.state import StateError, _digest
+
+    settings = EMLoCSettings(**PRUNED, temporal_range=6)
+    save_state(tmp_path, fold_all(StreamContext(qwen2_vl, tokenizer, settings), [(56, 84)] * 2), {"last_time": None})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["context"]["temporal_halvings"] == 1
+    manifest["context"]["temporal_halvings"] = 0
+    cache = tmp_path / manifest["cache"]
+    tensors = load_file(str(cache))
+    tensors["state.counters"][-1] = 0
+    save_file(tensors, str(cache))
+    manifest.update(bytes=cache.stat().st_size, sha256=hashlib.sha256(cache.read_bytes()).hexdigest())
+    manifest["manifest_sha256"] = _digest(manifest)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StateError, match="temporal_halvings = 0, but a stream of 8 temporal steps"):
+        load_state(tmp_path, StreamContext(qwen2_vl, tokenizer, settings))

@@ -59,7 +59,7 @@ class ModelAdapter(ABC):
     num_kv_heads: int
     head_dim: int
     temporal_patch: int
-    # Temporal positions the checkpoint was trained to read a video over (None: no known limit).
+    # Temporal positions the checkpoint reads a video over (None: no known limit).
     # Past it, a stream compresses its video's temporal positions (`StreamContext`).
     temporal_range: int | None = None
 
