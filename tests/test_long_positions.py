@@ -98,8 +98,10 @@ def test_the_boundary_is_the_range(model, tokenizer):
 
 
 def test_the_checkpoint_declares_the_range_and_settings_override_it(qwen2_vl, tokenizer):
+    identity = adapter_for(qwen2_vl, tokenizer).identity()
     qwen2_vl.config.emloc_temporal_range = 5
     try:
+        assert adapter_for(qwen2_vl, tokenizer).identity() == identity  # a reading policy, not the weights
         assert StreamContext(qwen2_vl, tokenizer, EMLoCSettings(**WHOLE)).temporal_range == 5
         assert StreamContext(qwen2_vl, tokenizer, EMLoCSettings(**WHOLE, temporal_range=0)).temporal_range is None
         assert StreamContext(qwen2_vl, tokenizer, EMLoCSettings(**WHOLE, temporal_range=9)).temporal_range == 9

@@ -170,7 +170,10 @@ class ModelAdapter(ABC):
             return self._identity
 
         config = self.model.config.to_dict()
-        for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "_attn_implementation"):
+        # emloc_temporal_range is how positions are read, not what the cache holds: a state whose halvings
+        # contradict it is refused by its own check (stream/state.py), a task pack never depends on it
+        for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "_attn_implementation",
+                         "emloc_temporal_range"):
             config.pop(volatile, None)
         digest = hashlib.sha256()
         for name, param in self.model.named_parameters():
