@@ -229,6 +229,8 @@ class StreamContext:
                 continue
             origins = layer.committed_origins()
             video = origins >= self.sink_tokens
+            if not bool(video.any()):  # only the sinks: nothing moves
+                continue
             offsets = self.adapter.temporal_offsets(self._step_of(origins.clamp(min=self.sink_tokens)))
             layer.replace_keys(self.adapter.shift_keys(layer.keys, torch.where(video, offsets * change, 0.0)))
         self.temporal_halvings = halvings

@@ -80,6 +80,17 @@ def test_compressed_stream_equals_one_folded_at_that_spacing(model, tokenizer, r
     assert compressed.records[-1].max_position < plain.records[0].max_position + 16
 
 
+def test_a_first_chunk_longer_than_the_range_starts_compressed(qwen2_vl, tokenizer):
+    """Nothing committed but the sinks yet: they stay bit-identical, and the chunk is folded at the
+    spacing that fits it (8 frames: temporal steps 0-3 into a range of 2, halved once)."""
+    first = fold_all(StreamContext(qwen2_vl, tokenizer, EMLoCSettings(**WHOLE, temporal_range=2)), [(56, 84)])
+    at_half = StreamContext(qwen2_vl, tokenizer, EMLoCSettings(**WHOLE, temporal_range=0))
+    at_half.temporal_halvings = 1
+    fold_all(at_half, [(56, 84)])
+    assert first.temporal_halvings == 1 and first.max_position == at_half.max_position
+    assert all(torch.equal(a, b) for a, b in zip(committed_keys(first), committed_keys(at_half)))
+
+
 def test_the_boundary_is_the_range(model, tokenizer):
     """A stream whose last temporal offset is range - 1 is bit-identical to one with the policy off; one
     position more and it halves."""
