@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drift", action="store_true", help="JS to full context after every chunk")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--temporal-range", type=int, help="EMLoCSettings.temporal_range for every row (default: "
-                        "the model's, 128 for the shipped models; 0: positions never compressed, as before)")
+                        "the model's: 256 / 128 for the synthetic / camera model; 0: positions never compressed, "
+                        "as before)")
     parser.add_argument("--tag", default="", help="suffix of the output files")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     parser.add_argument("--combine", type=Path, nargs="+", help="join saved runs on the same seeds into one table")

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--temporal-range", type=int, help="EMLoCSettings.temporal_range (default: the model's, "
-                        "128 for the shipped model; 0: positions never compressed, as before the position policy)")
+                        "256 for the shipped model; 0: positions never compressed, as before the position policy)")
     parser.add_argument("--replot", action="store_true", help="rewrite the table and plot from --out/fidelity.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     args = parser.parse_args(argv)

@@ -641,9 +641,9 @@ def main(argv: list[str] | None = None) -> None:
     batcher = ExampleBatcher(model, tokenizer) if examples else Batcher(model, tokenizer, describe=args.describe,
                                                                          task=task, look=args.look,
                                                                          look_first=args.look_first)
-    if not examples:  # the temporal positions it is trained on: a longer stream compresses its video into them
-        trained = max(args.lengths) // model.config.vision_config.temporal_patch_size
-        model.config.emloc_temporal_range = max(trained, getattr(model.config, "emloc_temporal_range", 0) or 0)
+    if not examples:  # the temporal positions it is trained on (not its init's): longer streams are compressed
+        # into them; a wider range it reads well is a measurement, declared by hand (see the model cards)
+        model.config.emloc_temporal_range = max(args.lengths) // model.config.vision_config.temporal_patch_size
     batched_vision_attention(model)
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params / 1e6:.2f}M parameters; task {args.task}; curriculum {args.lengths} frames", flush=True)
