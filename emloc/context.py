@@ -11,6 +11,7 @@ retention policy choose what each layer keeps, commit, and enforce the budget.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -79,10 +80,8 @@ class StreamContext:
         # (first origin, first step, tokens per step) of the video, one entry per change of frame size:
         # a committed token's temporal step, to move its key when the positions are compressed
         self._video_layout: list[tuple[int, int, int]] = []
-        self.temporal_range = self.settings.temporal_range
-        if self.temporal_range is None:
-            self.temporal_range = self.adapter.temporal_range
-        self.temporal_range = self.temporal_range or None  # 0: never compress
+        declared = self.settings.temporal_range
+        self.temporal_range = (self.adapter.temporal_range if declared is None else declared) or None  # 0: never
         self._time_span: tuple[float, float] | None = None
         self.task = task
         if task is None:
@@ -148,8 +147,9 @@ class StreamContext:
         observers = self._observers(questions) if self.policy.needs_observers else []
         steps = torch.arange(t).repeat_interleave(n // t)
         counters = (self.temporal_halvings, self.max_position, list(self._video_layout))
-        try:
-            with self.cache.saved():  # a compression of positions is undone with the fold it was for
+        halving = self.halvings_for(self._steps + t - 1) > self.temporal_halvings
+        try:  # a halving moves committed keys: undone with the fold it was for (the fold saves its own work)
+            with self.cache.saved() if halving else contextlib.nullcontext():
                 self._fit_positions(self._steps + t - 1)
                 positions = adapter.video_positions(self.video_start, self._steps, pixels, self.temporal_scale)
                 if not self._video_layout or self._video_layout[-1][2] != n // t:

@@ -102,11 +102,15 @@ class StreamRunner:
             return []
         return list(dict.fromkeys(self.queue.observers() + [q.text for q in self.at_end]))
 
-    def _fold(self, frames, times) -> None:
-        self.context.fold(frames, questions=self.observers(), timestamps=times)
+    def status_from_context(self) -> None:
+        """The status's view of the cache: chunks folded, tokens per layer, temporal spacing."""
         self.status.chunks_folded = self.context.chunks_folded
         self.status.cache_tokens = round(sum(self.context.cache.lengths()) / self.context.adapter.num_layers)
         self.status.temporal_scale = self.context.temporal_scale
+
+    def _fold(self, frames, times) -> None:
+        self.context.fold(frames, questions=self.observers(), timestamps=times)
+        self.status_from_context()
         self.last_folded_time = times[-1]
         if self.on_fold is not None:
             self.on_fold(self)

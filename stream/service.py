@@ -85,11 +85,8 @@ class LiveStream:
         except (BadQuestion, QueueFull) as error:
             raise StateError(f"{self.spec.state}: a saved question cannot be restored: {error}") from error
         last_time = float(stream["last_time"])
-        status = self.runner.status  # the restored stream, not an empty one
-        status.chunks_folded = self.context.chunks_folded
-        status.cache_tokens = round(sum(self.context.cache.lengths()) / self.context.adapter.num_layers)
-        status.temporal_scale = self.context.temporal_scale
-        status.stream_time = self.runner.last_folded_time = self.queue.now = last_time
+        self.runner.status_from_context()  # the restored stream, not an empty one
+        self.runner.status.stream_time = self.runner.last_folded_time = self.queue.now = last_time
         print(f"{self.spec.id}: resumed from {self.spec.state}: {self.context.chunks_folded} chunks folded, up to "
               f"{stream['last_time']:.1f} s, {len(stream.get('questions', []))} questions restored", flush=True)
         return last_time + 1 / self.fps

@@ -228,8 +228,6 @@ def _check_layout(folder: Path, meta: dict, saved: torch.Tensor | None) -> None:
             or (layout and layout[-1][0] + (c["steps"] - layout[-1][1]) * layout[-1][2] != c["tokens_seen"])):
         raise StateError(f"{folder}: the manifest's video_layout {str(layout)[:200]} does not add up to the "
                          f"{c['steps']} temporal steps and {c['tokens_seen'] - c['sink_tokens']} video tokens saved")
-    if c["temporal_halvings"] > 64:
-        raise StateError(f"{folder}: temporal_halvings = {c['temporal_halvings']} (at most 64)")
     if saved is None or saved.dtype != torch.int64 or saved.tolist() != layout:
         raise StateError(f"{folder}: the manifest's video_layout differs from the cache file's; the manifest "
                          f"was edited")

@@ -28,14 +28,18 @@ def adapter():
     return load_adapter(str(MODEL))
 
 
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("videos")
+def decoded_videos(folder, count, frames):
+    """Fresh videos (seeds 3_000_000+) written to H.264 and decoded back: (video, frames) pairs."""
     out = []
-    for i in range(VIDEOS):
-        video = make_video(3_000_000 + i, frames=256)
+    for i in range(count):
+        video = make_video(3_000_000 + i, frames=frames)
         out.append((video, list(VideoFile(write_video(folder / f"{i}.mp4", video.frames, video.fps)).frames(fps=2))))
     return out
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    return decoded_videos(tmp_path_factory.mktemp("videos"), VIDEOS, 256)
 
 
 def score(adapter, videos, policy, query_aware=False, settings=None, kept=None):
@@ -101,11 +105,7 @@ def test_past_its_temporal_range_the_default_still_finds_the_needle(adapter, tmp
     after the video, answers needle and state on 4 fresh videos; with the positions left uncompressed
     (temporal_range 0) the same videos lose needles (docs/benchmarks/agnostic.md)."""
     assert adapter.temporal_range == 256
-    videos = []
-    for i in range(4):
-        video = make_video(3_000_000 + i, frames=1024)
-        path = write_video(tmp_path / f"{i}.mp4", video.frames, video.fps)
-        videos.append((video, list(VideoFile(path).frames(fps=2))))
+    videos = decoded_videos(tmp_path, 4, 1024)
     kinds = ("needle", "state")
 
     def right(temporal_range):
