@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     run(adapter, settings, KeepAll(), video[:settings.chunk_frames], device)  # warm-up: allocator, kernels
     meta = dict(model=label, machine=machine, dtype=str(dtype), reduced=reduced, frames=args.frames,
                 torch=torch.__version__, transformers=transformers.__version__,
-                command="python benchmarks/gpu_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+                command="python benchmarks/gpu_scale.py" + (" --reduced" if args.reduced else "")
+                + (f" --frames {args.frames}" if args.frames != 384 else ""))  # --out is where, not what
     results = {}
     default = query_agnostic(layer_group_size=settings.layer_group_size)  # the product's default, 7B's groups
     for name, chosen, policy in [("full", settings, KeepAll()), ("emloc_js_search", settings, None),
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def write(out: Path, meta: dict, results: dict) -> None:
-    name = "gpu_scale" if not meta["reduced"] else "gpu_scale_reduced_cpu"
+    name = ("gpu_scale" if not meta["reduced"] else "gpu_scale_reduced_cpu") + (
+        f"-{meta['frames']}" if meta["frames"] != 384 else "")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1) + "\n")
     rows = ["| run | video tokens | kept/layer | prefill s | search s | score s | search/prefill | fold frames/s "

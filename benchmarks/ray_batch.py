@@ -11,7 +11,7 @@
   (`tests/test_ray.py`'s failover scenario: until its actor is up on another node, folding
   again, and the question asked during the outage answered);
 - decoding: 1280x720 30 fps H.264 sampled at 2 fps on one core, for the paper estimate;
-- on paper: a 10-node GPU cluster from the H200 fold rates in docs/benchmarks/gpu_scale.json.
+- on paper: a 10-node GPU cluster from the H200 fold rates in docs/benchmarks/gpu_scale-h200.json.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def finish(result: dict, work: Path, began: float, docs: Path) -> None:
 
 def paper(result: dict) -> dict:
     """A 10-node cluster of one H200 each, Qwen2-VL-7B architecture, from the measured fold rates."""
-    gpu = json.loads((ROOT / "docs/benchmarks/gpu_scale.json").read_text())["results"]
+    gpu = json.loads((ROOT / "docs/benchmarks/gpu_scale-h200.json").read_text())["results"]
     search, full = gpu["emloc_js_search"], gpu["full"]
     nodes, fps, minutes, questions = 10, 2.0, 10, 4
     frames = minutes * 60 * fps
@@ -276,7 +276,7 @@ def markdown(r: dict) -> str:
         "",
         "## On paper: 10 nodes with one H200 each",
         "",
-        f"Assumptions: {p['assumptions']}. Fold rates from [gpu_scale.md](gpu_scale.md): "
+        f"Assumptions: {p['assumptions']}. Fold rates from [gpu_scale-h200.md](gpu_scale-h200.md): "
         f"{p['fold_frames_per_s']['emloc_search']} frames/s with EMLoC's search, "
         f"{p['fold_frames_per_s']['full_context']} full context.",
         "",
