@@ -76,9 +76,9 @@ class Batcher:
     """
 
     def __init__(self, model, tokenizer, describe: bool = False, task=synthetic, look: bool = False,
-                 look_first: bool = False) -> None:
+                 look_first: bool = False, appearances: bool = False) -> None:
         self.describe = describe
-        self.look, self.look_first = look, look_first
+        self.look, self.look_first, self.appearances = look, look_first, appearances
         self.task = task
         self.adapter = QwenVLAdapter(model, tokenizer)
         self.tokenizer = tokenizer
@@ -147,7 +147,8 @@ class Batcher:
             mask[lo:hi, :start + cut * per_step] = True
             mask[lo:hi, lo:hi] = _causal(hi - lo)
         labels = (camera_cell_labels if self.task is synthetic_camera else cell_labels)(video, steps, per_step)
-        looks = (_camera_looks(labels, branches, [last for _, last in heads], start, per_step, self.look_first)
+        looks = (_camera_looks(labels, branches, [last for _, last in heads], start, per_step, self.look_first,
+                               self.appearances)
                  if self.task is synthetic_camera and self.look else None)
         return (torch.cat(pieces), torch.cat(positions, dim=1), mask, pixels.pixel_values, pixels.grid_thw,
                 heads, rest, [b[0] for b in branches], labels, looks)
@@ -305,11 +306,16 @@ CAMERA_SHAPES = SHAPES + ["distractor"]
 
 
 def camera_cell_labels(video, steps: int, per_step: int, cover: float = 0.25) -> torch.Tensor:
-    """(steps * per_step, 7) labels of each vision token of the camera suite: shape, colour, digit of what
+    """(steps * per_step, 11) labels of each vision token of the camera suite: shape, colour, digit of what
     covers at least `cover` of its 28 x 28 cell (-100 where something covers less, ignored), whether the
-    square / the circle appeared at an earlier step, how many stars have appeared so far (0..4), and how
-    long the video has run, in half-octaves of frame pairs (floor(2 log2(step + 1)), 0..15: read by
-    `--elapsed-probe`; a *when* answer compares the event's with the question's)."""
+    square / the circle appeared at an earlier step (from the step after its appearance ends), how many
+    stars have appeared so far (0..4), and how long the video has run, in half-octaves of frame pairs
+    (floor(2 log2(step + 1)), 0..15: read by `--elapsed-probe`). Columns 7-10, read by
+    `--appearance-targets` (a feature constant over one appearance, which an attention lookup turns into
+    the answer): a star is shown in this frame pair; this frame pair is a star's first (an onset: a
+    count is the number of onsets); on the square's and circle's own tokens, which of the two came first
+    (0 square, 1 circle; -100 elsewhere); and in halves (0, 1, 2) how far the triangle's middle has
+    passed, clamp(step + 1 - middle, 0, 1): its mean over the video is 1 - middle / steps, the *when*."""
     owner = torch.from_numpy(video.owner.astype(np.int64))  # (steps, H, W)
     side = int(round(per_step ** 0.5))
     cell = owner.shape[1] // side
@@ -321,7 +327,7 @@ def camera_cell_labels(video, steps: int, per_step: int, cover: float = 0.25) ->
     share = counts.reshape(steps, per_step, owners).float() / cell ** 2  # (steps, cells, owners)
     covered, top = share[..., 1:].max(-1)
     top = top + 1
-    labels = torch.zeros(steps, per_step, 7, dtype=torch.long)
+    labels = torch.zeros(steps, per_step, 11, dtype=torch.long)
     labels[..., 2] = -100
     labels[..., 6] = (2 * torch.log2(torch.arange(steps) + 1.0)).floor().long().clamp_max(15).unsqueeze(-1)
     colours = list(COLOURS)
@@ -338,12 +344,20 @@ def camera_cell_labels(video, steps: int, per_step: int, cover: float = 0.25) ->
     for start, d in video.digits:
         digit[start:] = d
     labels[:, 0, 2] = digit  # the display covers the first cell whole
+    first = min((e for e in video.events if e.shape in ("square", "circle")), key=lambda e: e.start).shape
+    labels[..., 9] = torch.where(labels[..., 0] == CAMERA_SHAPES.index("square"), int(first == "circle"), -100)
+    labels[..., 9][labels[..., 0] == CAMERA_SHAPES.index("circle")] = int(first == "circle")
     for event in video.events:
         if event.shape in ("square", "circle"):
-            labels[event.start + 1:, :, 3 if event.shape == "square" else 4] = 1
-        else:
-            labels[event.start:, :, 5] += event.shape == "star"
-    return labels.reshape(-1, 7)
+            labels[event.end:, :, 3 if event.shape == "square" else 4] = 1
+        elif event.shape == "star":
+            labels[event.start:, :, 5] += 1
+            labels[event.start:event.end, :, 7] = 1
+            labels[event.start, :, 8] = 1
+        elif event.shape == "triangle":
+            passed = (torch.arange(steps) + 1.0 - (event.start + event.steps / 2)).clamp(0, 1)
+            labels[..., 10] = (2 * passed).round().long().unsqueeze(-1)
+    return labels.reshape(-1, 11)
 
 
 # Where the question's last token should look (training-only attention targets for --task camera --look):
@@ -354,17 +368,35 @@ LOOK_OBJECTS = {"needle": ("triangle",), "when": ("triangle",), "order": ("squar
                 "colour:square": ("square",), "colour:circle": ("circle",)}
 LOOK_LATEST = {"count": "all", "count@cut": "all", "state": "display", "state@cut": "display"}
 LOOK_FIRST = {"order"}  # with --look-first: only the shape that came first (the answer is then its identity)
+# With --appearance-targets: count reads the star onsets with head 2 as a distribution (1 / (k + 1) on the
+# <|vision_start|> sink and on each of k onset frame pairs: the sink's share says k), when reads the
+# "triangle's middle has passed" column evenly over the video with head 3 (heads 2-3 share the other KV
+# head than the object lookups, whose values carry colour and digit).
+LOOK_ONSETS = {"count", "count@cut"}
+LOOK_EVENLY = {"when"}
 
 
 def _camera_looks(labels: torch.Tensor, branches: list, lasts: list[int], start: int, per_step: int,
-                  first: bool = False) -> list:
-    """[(question's last position, head, vision positions to look at)] for the branches that have a target."""
+                  first: bool = False, appearances: bool = False) -> list:
+    """[(question's last position, head, vision positions to look at, their weights or None)] for the
+    branches that have a target; weights (summing to 1) make the target a distribution, None a mass."""
     shape = labels[:, 0].reshape(-1, per_step)
+    onsets = labels[:, 8].reshape(-1, per_step)[:, 0]
     looks = []
     for (kind, _, _, cut), last in zip(branches, lasts):
+        if appearances and kind in LOOK_ONSETS:
+            steps = onsets[:cut].nonzero().flatten()
+            share = 1.0 / (len(steps) + 1)
+            hit = (steps.unsqueeze(-1) * per_step + torch.arange(per_step)).flatten()
+            looks.append((last, 2, [start - 1] + (start + hit).tolist(), [share] + [share / per_step] * len(hit)))
+            continue
+        if appearances and kind in LOOK_EVENLY:
+            n = cut * per_step
+            looks.append((last, 3, list(range(start, start + n)), [1.0 / n] * n))
+            continue
         if kind in LOOK_OBJECTS:
             wanted = torch.tensor([CAMERA_SHAPES.index(s) for s in LOOK_OBJECTS[kind]])
-            if first and kind in LOOK_FIRST:
+            if first and kind in LOOK_FIRST and not appearances:
                 shown = torch.isin(shape[:cut], wanted)
                 if shown.any():
                     wanted = shape[:cut][shown][:1]  # row-major: the earliest step's shape
@@ -377,28 +409,36 @@ def _camera_looks(labels: torch.Tensor, branches: list, lasts: list[int], start:
         else:
             continue
         if len(hit):
-            looks.append((last, head, (start + hit).tolist()))
+            looks.append((last, head, (start + hit).tolist(), None))
     return looks
 
 
-def _pad_looks(rows: list[list], length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batch the looks: (B, T) positions, (B, T) heads, (B, T, L) targets (padding rows have no target)."""
+def _pad_looks(rows: list[list], length: int):
+    """Batch the looks: (B, T) positions, (B, T) heads, (B, T, L) targets (padding rows have no target):
+    bool where every row is a mass target, else float weights with (B, T) bool "is a distribution"."""
     width = max(1, max(len(r) for r in rows))
     at = torch.zeros(len(rows), width, dtype=torch.long)
     head = torch.zeros(len(rows), width, dtype=torch.long)
-    look = torch.zeros(len(rows), width, length, dtype=torch.bool)
+    look = torch.zeros(len(rows), width, length)
+    spread = torch.zeros(len(rows), width, dtype=torch.bool)
     for b, row in enumerate(rows):
-        for t, (last, h, where) in enumerate(row):
+        for t, (last, h, where, weights) in enumerate(row):
             at[b, t], head[b, t] = last, h
-            look[b, t, where] = True
-    return at, head, look
+            look[b, t, where] = 1.0 if weights is None else torch.tensor(weights)
+            spread[b, t] = weights is not None
+    return (at, head, look > 0) if not spread.any() else (at, head, look, spread)
 
 
-def attention_target_loss(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """-log of the attention mass (probs: B, T, L) on the target positions (targets: B, T, L bool),
-    averaged over the rows that have a target (padding rows, or no earlier example, have none)."""
-    mass = (probs * targets).sum(-1)
-    return -(mass[targets.any(-1)].clamp_min(1e-6).log()).mean()
+def attention_target_loss(probs: torch.Tensor, targets: torch.Tensor, spread: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+    """Averaged over the rows that have a target (padding rows, or no earlier example, have none): -log of
+    the attention mass (probs: B, T, L) on the target positions (targets: B, T, L, bool or weights), or,
+    for the rows where `spread` (B, T) is set, the cross-entropy from the target distribution (weights)."""
+    has = (targets > 0).any(-1)
+    loss = -((probs * (targets > 0)).sum(-1).clamp_min(1e-6).log())
+    if spread is not None:
+        loss = torch.where(spread, -(targets * probs.clamp_min(1e-9).log()).sum(-1), loss)
+    return loss[has].mean()
 
 
 class CellProbe(torch.nn.Module):
@@ -421,9 +461,31 @@ class CellProbe(torch.nn.Module):
         losses = [F.cross_entropy(head(x).float(), labels[:, i], ignore_index=-100) for head, x, i in heads]
         loss = sum(losses) / len(losses)
         if attention is not None and looks is not None:
-            at, head, look = looks
-            loss = loss + attention_target_loss(attention(at, head), look)
+            at, head, look, *spread = looks
+            loss = loss + attention_target_loss(attention(at, head), look, *spread)
         return loss
+
+
+class AppearanceProbe(CellProbe):
+    """CellProbe plus the `--appearance-targets` columns (see `camera_cell_labels`), summed with
+    `weight` rather than averaged in: a star in this frame pair (vision output); on the middle layer,
+    a star's onset, which of square and circle came first (on their own tokens), and (a soft target)
+    whether the triangle's middle has passed. Not part of the saved model."""
+
+    def __init__(self, hidden: int, shapes: int, middle: tuple[int, ...], weight: float = 1.0) -> None:
+        super().__init__(hidden, shapes, middle)
+        self.weight = weight
+        self.star, self.onset, self.first = (torch.nn.Linear(hidden, 2) for _ in range(3))
+        self.passed = torch.nn.Linear(hidden, 1)
+
+    def loss(self, vision: torch.Tensor, middle: torch.Tensor, labels, attention=None) -> torch.Tensor:
+        cells = labels[0] if isinstance(labels, tuple) else labels
+        extra = (F.cross_entropy(self.star(vision).float(), cells[:, 7])
+                 + F.cross_entropy(self.onset(middle).float(), cells[:, 8])
+                 + F.binary_cross_entropy_with_logits(self.passed(middle).float()[:, 0], cells[:, 10] / 2.0))
+        if (cells[:, 9] >= 0).any():
+            extra = extra + F.cross_entropy(self.first(middle).float(), cells[:, 9], ignore_index=-100)
+        return super().loss(vision, middle, labels, attention) + self.weight * extra
 
 
 class ClassProbe(torch.nn.Module):
@@ -621,6 +683,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --look: the order question looks only at the shape that came first")
     parser.add_argument("--elapsed-probe", action="store_true",
                         help="--task camera: also probe the decoder's middle layer for how long the video has run")
+    parser.add_argument("--appearance-targets", action="store_true",
+                        help="with --task camera --look: per-appearance features (star shown, star onset, which "
+                        "of square and circle came first, triangle's middle passed) and attention targets that "
+                        "read them (count: head 2 over the onsets and a sink; when: head 3 evenly over the video; "
+                        "order: head 0 on both shapes); training only")
+    parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the --appearance-targets probes")
+    parser.add_argument("--cpu-minutes", type=float,
+                        help="also stop when the process has used this much CPU time (all threads counted)")
     parser.add_argument("--init", type=Path, help="start from this checkpoint instead of random weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -640,15 +710,18 @@ def main(argv: list[str] | None = None) -> None:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     batcher = ExampleBatcher(model, tokenizer) if examples else Batcher(model, tokenizer, describe=args.describe,
                                                                          task=task, look=args.look,
-                                                                         look_first=args.look_first)
+                                                                         look_first=args.look_first,
+                                                                         appearances=args.appearance_targets)
     if not examples:  # the temporal positions it is trained on (not its init's): longer streams are compressed
         # into them; a wider range it reads well is a measurement, declared by hand (see the model cards)
         model.config.emloc_temporal_range = max(args.lengths) // model.config.vision_config.temporal_patch_size
     batched_vision_attention(model)
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params / 1e6:.2f}M parameters; task {args.task}; curriculum {args.lengths} frames", flush=True)
+    middle = (2, 2, 5, 16) if args.elapsed_probe else (2, 2, 5)
     probe = (ClassProbe(args.hidden, len(synthetic_examples.all_classes())) if examples
-             else CellProbe(args.hidden, len(CAMERA_SHAPES), (2, 2, 5, 16) if args.elapsed_probe else (2, 2, 5))
+             else AppearanceProbe(args.hidden, len(CAMERA_SHAPES), middle, args.aux_weight)
+             if camera and args.appearance_targets else CellProbe(args.hidden, len(CAMERA_SHAPES), middle)
              if camera else CellProbe(args.hidden))
     optimizer = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=args.lr, weight_decay=0.01)
     budget_s = args.minutes * 60
@@ -659,9 +732,14 @@ def main(argv: list[str] | None = None) -> None:
     perfect = 0
     best, history = None, []
     model.train()
-    while time.time() - started < budget_s:
+    cpu_budget_s = 60 * args.cpu_minutes if args.cpu_minutes else math.inf
+
+    def spent() -> float:  # the share of the budget used: wall clock or CPU, whichever runs out first
+        return max((time.time() - started) / budget_s, (time.process_time() - cpu_started) / cpu_budget_s)
+
+    while spent() < 1:
         frames = args.lengths[stage]
-        elapsed = (time.time() - started) / budget_s
+        elapsed = spent()
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * elapsed)))
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -678,7 +756,7 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.step()
         step += 1
         due = args.eval_minutes is not None and time.time() - last_eval > 60 * args.eval_minutes
-        due = due or (args.eval_at_end and time.time() - started >= budget_s)  # the last step, too
+        due = due or (args.eval_at_end and spent() >= 1)  # the last step, too
         if step % 10 == 0 and step % args.eval_every and not due:
             print(f"step {step} {(time.time() - started) / 60:.1f} min frames {frames} loss {float(loss):.3f}",
                   flush=True)

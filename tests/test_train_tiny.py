@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,10 +30,11 @@ def batch():
     return model, inputs, kinds
 
 
-def test_look_attention_is_the_models_attention():
-    model, inputs, _ = batch()
-    _, at, head, _ = inputs["cell_labels"]
-    assert set(head.flatten().tolist()) == {0, 1}
+@pytest.mark.parametrize("appearances", [False, True])
+def test_look_attention_is_the_models_attention(appearances):
+    model, inputs, _ = appearance_batch(32) if appearances else batch()
+    _, at, head, *_ = inputs["cell_labels"]
+    assert set(head.flatten().tolist()) == ({0, 1, 2, 3} if appearances else {0, 1})
     inputs = dict(inputs)
     inputs.pop("cell_labels")
     with torch.no_grad():
@@ -119,3 +121,78 @@ def test_the_benchmarks_needle_tokens_are_the_training_labels_triangle():
         labels = T.cell_labels(video, 32, 4)
         triangle = np.flatnonzero((labels[:, 0] == T.SHAPES.index("triangle")).numpy())
         assert np.array_equal(agnostic.needle_tokens(video, 4), triangle)
+
+
+def appearance_batch(frames: int = 64):
+    tokenizer = tiny_tokenizer(WORDS + list(synthetic_camera.WORDS))
+    model = Qwen2VLForConditionalGeneration.from_pretrained(MODEL).eval()
+    batcher = T.Batcher(model, tokenizer, describe=True, task=synthetic_camera, look=True, appearances=True)
+    inputs, _, _, kinds = batcher(SEEDS, frames)
+    return model, inputs, kinds
+
+
+def test_appearance_labels_are_the_answers():
+    """The --appearance-targets columns, checked against the generator's own events and answers."""
+    for seed in range(50):
+        video = synthetic_camera.make_video(10_000_000 + seed, frames=64 + 64 * (seed % 3))
+        steps = len(video.frames) // 2
+        labels = T.camera_cell_labels(video, steps, 16).reshape(steps, 16, -1)
+        assert (labels[:, :, 7:9] == labels[:, :1, 7:9]).all() and (labels[:, :, 10] == labels[:, :1, 10]).all()
+        stars = [e for e in video.events if e.shape == "star"]
+        assert int(labels[:, 0, 8].sum()) == len(stars) == synthetic_camera.COUNT_WORDS.index(
+            video.question("count").answer)
+        shown = torch.zeros(steps, dtype=torch.long)
+        for e in stars:
+            shown[e.start:e.end] = 1
+        assert torch.equal(labels[:, 0, 7], shown)
+        order = labels[:, :, 9][labels[:, :, 9] >= 0]
+        assert len(order) and set(order.tolist()) == {["square", "circle"].index(video.question("order").answer)}
+        passed = labels[:, 0, 10].float() / 2  # mean over the video = 1 - middle / steps: the third follows
+        third = min(2, int(3 * (1 - float(passed.mean())) + 1e-9))
+        assert synthetic_camera.WHEN_WORDS[third] == video.question("when").answer
+        for e in video.events:  # "seen earlier" starts after the shape's own appearance, not within it
+            if e.shape in ("square", "circle"):
+                column = labels[:, 0, 3 if e.shape == "square" else 4]
+                assert column[:e.end].sum() == 0 and column[e.end:].all()
+
+
+def test_appearance_looks_count_onsets_and_read_evenly():
+    model, inputs, kinds = appearance_batch()
+    _, at, head, look, spread = inputs["cell_labels"]
+    assert set(head[look.sum(-1) > 0].tolist()) == {0, 1, 2, 3}
+    for row, seed in enumerate(SEEDS):
+        video = synthetic_camera.make_video(seed, frames=64)
+        start = int((inputs["input_ids"][row] == model.config.video_token_id).nonzero()[0])
+        cut = int(np.random.default_rng(seed + 1).integers(8, 32))
+        rows = [t for t in range(at.shape[1]) if look[row, t].any()]
+        assert torch.allclose(look[row, rows].sum(-1), torch.where(spread[row, rows], 1.0, look[row, rows].sum(-1)))
+        counts = [t for t in rows if int(head[row, t]) == 2]
+        assert len(counts) == 2  # count at the end and at the cut
+        for t, before in zip(counts, (32, cut)):
+            k = sum(1 for e in video.events if e.shape == "star" and e.start < before)
+            assert abs(float(look[row, t, start - 1]) - 1 / (k + 1)) < 1e-6  # the sink's share says k
+            onsets = (look[row, t, start:] > 0).nonzero().flatten() // 16
+            assert sorted(set(onsets.tolist())) == sorted(e.start for e in video.events
+                                                           if e.shape == "star" and e.start < before)
+        evenly = [t for t in rows if int(head[row, t]) == 3]
+        assert len(evenly) == 1 and bool(spread[row, evenly[0]])
+        assert torch.equal(look[row, evenly[0]].nonzero().flatten(), torch.arange(start, start + 32 * 16))
+        order = [t for t in rows if int(head[row, t]) == 0 and int(at[row, t]) == max(
+            int(at[row, u]) for u in rows if int(head[row, u]) == 0 and not spread[row, u])]
+        assert order  # without --look-first the order question looks at both shapes
+
+
+def test_distribution_target_loss_is_the_cross_entropy():
+    probs = torch.softmax(torch.randn(2, 3, 7), -1)
+    targets = torch.zeros(2, 3, 7)
+    targets[0, 0, [1, 2]] = torch.tensor([0.25, 0.75])  # a distribution
+    targets[0, 1, [3, 5]] = 1.0  # a mass target
+    targets[1, 0, 6] = 1.0  # a mass target; rows (0, 2), (1, 1), (1, 2) have none
+    spread = torch.zeros(2, 3, dtype=torch.bool)
+    spread[0, 0] = True
+    expected = torch.stack([-(0.25 * probs[0, 0, 1].log() + 0.75 * probs[0, 0, 2].log()),
+                            -(probs[0, 1, 3] + probs[0, 1, 5]).log(), -probs[1, 0, 6].log()]).mean()
+    torch.testing.assert_close(T.attention_target_loss(probs, targets, spread), expected)
+    torch.testing.assert_close(T.attention_target_loss(probs, targets > 0), torch.stack(
+        [-(probs[0, 0, 1] + probs[0, 0, 2]).log(), -(probs[0, 1, 3] + probs[0, 1, 5]).log(),
+         -probs[1, 0, 6].log()]).mean())
