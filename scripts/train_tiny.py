@@ -591,6 +591,17 @@ def forward(model, inputs, where, probe: CellProbe | None = None):
     return model.lm_head(picked).float(), aux
 
 
+def answer_loss(logits: torch.Tensor, targets: torch.Tensor, firsts: int, weight: float = 1.0) -> torch.Tensor:
+    """Cross-entropy over the answer tokens (targets -100 are padding), the first `firsts` columns (each
+    branch's answer word, what evaluation scores) weighted `weight` against the rest (later answer
+    tokens, stops); weight 1 is the plain mean."""
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    weights = torch.ones_like(ce)
+    weights[:, :firsts] = weight
+    weights = weights * (targets != -100)
+    return (ce * weights).sum() / weights.sum()
+
+
 def branch_logits(model, inputs, where):
     return forward(model, inputs, where)[0]
 
@@ -689,6 +700,9 @@ def main(argv: list[str] | None = None) -> None:
                         "read them (count: head 2 over the onsets and a sink; when: head 3 evenly over the video; "
                         "order: head 0 on both shapes); training only")
     parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the --appearance-targets probes")
+    parser.add_argument("--answer-weight", type=float, default=1.0,
+                        help="weight of each question's answer word against the other answer tokens (the "
+                        "description's words, the stops) in the loss; 1 = the plain mean")
     parser.add_argument("--cpu-minutes", type=float,
                         help="also stop when the process has used this much CPU time (all threads counted)")
     parser.add_argument("--init", type=Path, help="start from this checkpoint instead of random weights")
@@ -719,10 +733,11 @@ def main(argv: list[str] | None = None) -> None:
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params / 1e6:.2f}M parameters; task {args.task}; curriculum {args.lengths} frames", flush=True)
     middle = (2, 2, 5, 16) if args.elapsed_probe else (2, 2, 5)
-    probe = (ClassProbe(args.hidden, len(synthetic_examples.all_classes())) if examples
-             else AppearanceProbe(args.hidden, len(CAMERA_SHAPES), middle, args.aux_weight)
-             if camera and args.appearance_targets else CellProbe(args.hidden, len(CAMERA_SHAPES), middle)
-             if camera else CellProbe(args.hidden))
+    hidden = model.config.text_config.hidden_size  # --hidden is ignored with --init: the checkpoint's width
+    probe = (ClassProbe(hidden, len(synthetic_examples.all_classes())) if examples
+             else AppearanceProbe(hidden, len(CAMERA_SHAPES), middle, args.aux_weight)
+             if camera and args.appearance_targets else CellProbe(hidden, len(CAMERA_SHAPES), middle)
+             if camera else CellProbe(hidden))
     optimizer = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=args.lr, weight_decay=0.01)
     budget_s = args.minutes * 60
     rng = np.random.default_rng(args.seed)
@@ -745,9 +760,9 @@ def main(argv: list[str] | None = None) -> None:
             group["lr"] = lr
         seeds = [TRAIN_SEEDS + int(s) for s in rng.integers(0, 2**31, args.batch)]
         count = int(rng.integers(2, frames + 1)) if examples else frames
-        inputs, targets, where, _ = batcher(seeds, count)
+        inputs, targets, where, kinds = batcher(seeds, count)
         logits, aux = forward(model, inputs, where, probe if args.probe_weight > 0 else None)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss = answer_loss(logits, targets, len(kinds), args.answer_weight)
         if aux is not None:
             loss = loss + args.probe_weight * aux
         optimizer.zero_grad(set_to_none=True)
@@ -758,7 +773,7 @@ def main(argv: list[str] | None = None) -> None:
         due = args.eval_minutes is not None and time.time() - last_eval > 60 * args.eval_minutes
         due = due or (args.eval_at_end and spent() >= 1)  # the last step, too
         if step % 10 == 0 and step % args.eval_every and not due:
-            print(f"step {step} {(time.time() - started) / 60:.1f} min frames {frames} loss {float(loss):.3f}",
+            print(f"step {step} {(time.time() - started) / 60:.1f} min frames {frames} loss {loss.item():.3f}",
                   flush=True)
         if step % args.eval_every == 0 or due:
             last_eval = time.time()
@@ -767,7 +782,7 @@ def main(argv: list[str] | None = None) -> None:
             minutes = (time.time() - started) / 60
             history.append(dict(step=step, minutes=round(minutes, 2), frames=frames, loss=round(loss.item(), 4),
                                 lr=lr, **scores))
-            print(f"step {step} {minutes:.1f} min frames {frames} loss {float(loss):.3f} lr {lr:.2e} "
+            print(f"step {step} {minutes:.1f} min frames {frames} loss {loss.item():.3f} lr {lr:.2e} "
                   + " ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
             if best is None or (stage, mean) > (best["stage"], best["mean"]):
                 best = dict(stage=stage, mean=mean, step=step, frames=frames, scores=scores)
@@ -783,6 +798,7 @@ def main(argv: list[str] | None = None) -> None:
                 stage, stage_started = stage + 1, time.time()
                 print(f"curriculum: moving to {args.lengths[stage]} frames", flush=True)
     total = (time.time() - started) / 60
+    args.out.mkdir(parents=True, exist_ok=True)  # a run that never evaluated has saved nothing yet
     (args.out / "training.json").write_text(json.dumps(
         dict(args={k: str(v) for k, v in vars(args).items()}, parameters=params, steps=step,
              minutes=round(total, 1), cpu_minutes=round((time.process_time() - cpu_started) / 60, 1), best=best,

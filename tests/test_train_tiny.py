@@ -196,3 +196,40 @@ def test_distribution_target_loss_is_the_cross_entropy():
     torch.testing.assert_close(T.attention_target_loss(probs, targets > 0), torch.stack(
         [-(probs[0, 0, 1] + probs[0, 0, 2]).log(), -(probs[0, 1, 3] + probs[0, 1, 5]).log(),
          -probs[1, 0, 6].log()]).mean())
+
+
+def test_answer_loss_weights_the_answer_words():
+    logits, targets = torch.randn(3, 5, 11), torch.randint(0, 11, (3, 5))
+    targets[2, 4] = -100  # padding
+    torch.testing.assert_close(T.answer_loss(logits, targets, 2), torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten()))
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(3, 5)
+    expected = (4 * ce[:, :2].sum() + ce[:, 2:][targets[:, 2:] != -100].sum()) / (4 * 6 + 8)
+    torch.testing.assert_close(T.answer_loss(logits, targets, 2, weight=4.0), expected)
+
+
+@pytest.mark.parametrize("budget", [["--minutes", "0.0001"], ["--minutes", "30", "--cpu-minutes", "0.0001"],
+                                    ["--minutes", "0.0001", "--init", str(ROOT / "models" / "emloc-tiny-qwen2vl")]])
+def test_a_run_stops_on_its_budget_and_declares_the_positions_it_trained_on(tmp_path, budget):
+    """One step (either budget spent after it), the last step evaluated and saved: the config declares
+    the temporal positions of the longest length trained on (32 frames: 16), not its init's (256)."""
+    import json
+
+    out = tmp_path / "model"
+    T.main(["--out", str(out), "--lengths", "32", "--batch", "2", "--eval-per-kind", "2", "--eval-at-end",
+            "--warmup", "1", "--threads", "1", "--layers", "2", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
+            "--vision-depth", "1", "--vision-dim", "16", *budget])
+    training = json.loads((out / "training.json").read_text())
+    assert training["steps"] == 1 and training["best"]["step"] == 1
+    assert json.loads((out / "config.json").read_text())["emloc_temporal_range"] == 16
+
+
+def test_a_run_that_never_evaluated_still_reports(tmp_path):
+    import json
+
+    out = tmp_path / "model"
+    T.main(["--out", str(out), "--lengths", "32", "--batch", "2", "--minutes", "0.0001", "--threads", "1",
+            "--layers", "2", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--vision-depth", "1",
+            "--vision-dim", "16"])
+    training = json.loads((out / "training.json").read_text())
+    assert training["steps"] == 1 and training["best"] is None and not (out / "config.json").exists()

@@ -1,0 +1,64 @@
+"""Are the --appearance-targets features linearly readable from a frozen checkpoint? Trains fresh linear
+probes (the model frozen) on training seeds and scores them on held-out ones, at 64 frames:
+
+    python models/emloc-tiny-camera/attempt-appearances/features.py CHECKPOINT [STEPS]
+
+star shown (vision output), onset, which came first, triangle's middle passed (middle layer), each
+against its majority baseline."""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
+
+import train_tiny as T  # noqa: E402
+from transformers import Qwen2VLForConditionalGeneration  # noqa: E402
+
+from emloc.tiny import WORDS, tiny_tokenizer  # noqa: E402
+from stream import synthetic_camera  # noqa: E402
+
+torch.manual_seed(0)
+path, steps = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 60
+tok = tiny_tokenizer(WORDS + list(synthetic_camera.WORDS))
+model = Qwen2VLForConditionalGeneration.from_pretrained(path).eval()
+batcher = T.Batcher(model, tok, task=synthetic_camera)
+COLUMNS = {"star shown": (7, "vision"), "onset": (8, "middle"), "which first": (9, "middle"),
+           "middle passed": (10, "middle")}
+
+
+@torch.no_grad()
+def features(seeds):
+    inputs, _, _, _ = batcher(seeds, 64, mid=False)
+    labels = inputs.pop("cell_labels")
+    video = model.model.visual(inputs.pop("pixel_values_videos"), grid_thw=inputs.pop("video_grid_thw")).pooler_output
+    ids = inputs.pop("input_ids")
+    embeds = model.get_input_embeddings()(ids).masked_scatter((ids == model.config.video_token_id).unsqueeze(-1), video)
+    out = model.model.language_model(inputs_embeds=embeds, output_hidden_states=True, **inputs)
+    middle = out.hidden_states[len(out.hidden_states) // 2][ids == model.config.video_token_id]
+    return dict(vision=video, middle=middle), labels
+
+
+probes = {name: torch.nn.Linear(model.config.text_config.hidden_size, 3) for name in COLUMNS}
+optimizer = torch.optim.Adam([p for probe in probes.values() for p in probe.parameters()], lr=3e-3)
+for step in range(steps):
+    x, labels = features([T.TRAIN_SEEDS + 50_000_000 + 4 * step + i for i in range(4)])
+    loss = sum(F.cross_entropy(probes[n](x[where]), labels[:, c], ignore_index=-100)
+               for n, (c, where) in COLUMNS.items())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+right = {n: [0, 0, 0] for n in COLUMNS}  # correct, majority-correct, total
+for lo in range(0, 16, 4):
+    x, labels = features([1_000_000 + lo + i for i in range(4)])
+    for n, (c, where) in COLUMNS.items():
+        y, keep = labels[:, c], labels[:, c] >= 0
+        guess = probes[n](x[where]).argmax(-1)
+        right[n][0] += int((guess == y)[keep].sum())
+        right[n][1] += int((y[keep] == torch.mode(y[keep]).values).sum())
+        right[n][2] += int(keep.sum())
+for n, (a, m, t) in right.items():
+    print(f"{n}: probe {a / t:.3f}, majority {m / t:.3f} ({t} tokens)")
