@@ -76,7 +76,7 @@ class Batcher:
     """
 
     def __init__(self, model, tokenizer, describe: bool = False, task=synthetic, look: bool = False,
-                 look_first: bool = False, appearances: bool = False) -> None:
+                 look_first: bool = False, appearances: str | None = None) -> None:
         self.describe = describe
         self.look, self.look_first, self.appearances = look, look_first, appearances
         self.task = task
@@ -306,7 +306,7 @@ CAMERA_SHAPES = SHAPES + ["distractor"]
 
 
 def camera_cell_labels(video, steps: int, per_step: int, cover: float = 0.25) -> torch.Tensor:
-    """(steps * per_step, 11) labels of each vision token of the camera suite: shape, colour, digit of what
+    """(steps * per_step, 13) labels of each vision token of the camera suite: shape, colour, digit of what
     covers at least `cover` of its 28 x 28 cell (-100 where something covers less, ignored), whether the
     square / the circle appeared at an earlier step (from the step after its appearance ends), how many
     stars have appeared so far (0..4), and how long the video has run, in half-octaves of frame pairs
@@ -315,7 +315,10 @@ def camera_cell_labels(video, steps: int, per_step: int, cover: float = 0.25) ->
     the answer): a star is shown in this frame pair; this frame pair is a star's first (an onset: a
     count is the number of onsets); on the square's and circle's own tokens, which of the two came first
     (0 square, 1 circle; -100 elsewhere); and in halves (0, 1, 2) how far the triangle's middle has
-    passed, clamp(step + 1 - middle, 0, 1): its mean over the video is 1 - middle / steps, the *when*."""
+    passed, clamp(step + 1 - middle, 0, 1): its mean over the video is 1 - middle / steps, the *when*.
+    Columns 11-12, the same for stars on their own tokens (`--appearance-targets local`): a star covers
+    some of this cell; on those cells, this is the star's first frame pair (1) or a later one (0),
+    -100 on every other cell."""
     owner = torch.from_numpy(video.owner.astype(np.int64))  # (steps, H, W)
     side = int(round(per_step ** 0.5))
     cell = owner.shape[1] // side
@@ -327,7 +330,8 @@ def camera_cell_labels(video, steps: int, per_step: int, cover: float = 0.25) ->
     share = counts.reshape(steps, per_step, owners).float() / cell ** 2  # (steps, cells, owners)
     covered, top = share[..., 1:].max(-1)
     top = top + 1
-    labels = torch.zeros(steps, per_step, 11, dtype=torch.long)
+    labels = torch.zeros(steps, per_step, 13, dtype=torch.long)
+    labels[..., 12] = -100
     labels[..., 2] = -100
     labels[..., 6] = (2 * torch.log2(torch.arange(steps) + 1.0)).floor().long().clamp_max(15).unsqueeze(-1)
     colours = list(COLOURS)
@@ -347,7 +351,12 @@ def camera_cell_labels(video, steps: int, per_step: int, cover: float = 0.25) ->
     first = min((e for e in video.events if e.shape in ("square", "circle")), key=lambda e: e.start).shape
     labels[..., 9] = torch.where(labels[..., 0] == CAMERA_SHAPES.index("square"), int(first == "circle"), -100)
     labels[..., 9][labels[..., 0] == CAMERA_SHAPES.index("circle")] = int(first == "circle")
-    for event in video.events:
+    for index, event in enumerate(video.events):
+        if event.shape == "star":
+            cells = share[event.start:event.end, :, 2 + index] > 0  # (its steps, cells): the star's own tokens
+            labels[event.start:event.end, :, 11] |= cells.long()
+            labels[event.start:event.end, :, 12][cells] = 0
+            labels[event.start, :, 12][cells[0]] = 1
         if event.shape in ("square", "circle"):
             labels[event.end:, :, 3 if event.shape == "square" else 4] = 1
         elif event.shape == "star":
@@ -357,7 +366,7 @@ def camera_cell_labels(video, steps: int, per_step: int, cover: float = 0.25) ->
         elif event.shape == "triangle":
             passed = (torch.arange(steps) + 1.0 - (event.start + event.steps / 2)).clamp(0, 1)
             labels[..., 10] = (2 * passed).round().long().unsqueeze(-1)
-    return labels.reshape(-1, 11)
+    return labels.reshape(-1, 13)
 
 
 # Where the question's last token should look (training-only attention targets for --task camera --look):
@@ -377,18 +386,26 @@ LOOK_EVENLY = {"when"}
 
 
 def _camera_looks(labels: torch.Tensor, branches: list, lasts: list[int], start: int, per_step: int,
-                  first: bool = False, appearances: bool = False) -> list:
+                  first: bool = False, appearances: str | None = None) -> list:
     """[(question's last position, head, vision positions to look at, their weights or None)] for the
-    branches that have a target; weights (summing to 1) make the target a distribution, None a mass."""
+    branches that have a target; weights (summing to 1) make the target a distribution, None a mass.
+    appearances "frame": count reads every token of each onset frame pair, "local" only the star's own
+    tokens there (and order, as with `first`, only the shape shown first)."""
     shape = labels[:, 0].reshape(-1, per_step)
-    onsets = labels[:, 8].reshape(-1, per_step)[:, 0]
+    onset_tokens = (labels[:, 12] == 1) if appearances == "local" else (labels[:, 8] == 1)
+    onset_tokens = onset_tokens.reshape(-1, per_step)
+    first = first or appearances == "local"
     looks = []
     for (kind, _, _, cut), last in zip(branches, lasts):
         if appearances and kind in LOOK_ONSETS:
-            steps = onsets[:cut].nonzero().flatten()
+            steps = onset_tokens[:cut].any(-1).nonzero().flatten()
             share = 1.0 / (len(steps) + 1)
-            hit = (steps.unsqueeze(-1) * per_step + torch.arange(per_step)).flatten()
-            looks.append((last, 2, [start - 1] + (start + hit).tolist(), [share] + [share / per_step] * len(hit)))
+            where, weights = [start - 1], [share]
+            for step in steps.tolist():
+                cells = onset_tokens[step].nonzero().flatten()
+                where += (start + step * per_step + cells).tolist()
+                weights += [share / len(cells)] * len(cells)
+            looks.append((last, 2, where, weights))
             continue
         if appearances and kind in LOOK_EVENLY:
             n = cut * per_step
@@ -396,7 +413,7 @@ def _camera_looks(labels: torch.Tensor, branches: list, lasts: list[int], start:
             continue
         if kind in LOOK_OBJECTS:
             wanted = torch.tensor([CAMERA_SHAPES.index(s) for s in LOOK_OBJECTS[kind]])
-            if first and kind in LOOK_FIRST and not appearances:
+            if first and kind in LOOK_FIRST and appearances != "frame":
                 shown = torch.isin(shape[:cut], wanted)
                 if shown.any():
                     wanted = shape[:cut][shown][:1]  # row-major: the earliest step's shape
@@ -472,19 +489,22 @@ class AppearanceProbe(CellProbe):
     a star's onset, which of square and circle came first (on their own tokens), and (a soft target)
     whether the triangle's middle has passed. Not part of the saved model."""
 
-    def __init__(self, hidden: int, shapes: int, middle: tuple[int, ...], weight: float = 1.0) -> None:
+    def __init__(self, hidden: int, shapes: int, middle: tuple[int, ...], weight: float = 1.0,
+                 local: bool = False) -> None:
         super().__init__(hidden, shapes, middle)
         self.weight = weight
+        self.columns = (11, 12) if local else (7, 8)  # star shown, onset: on the star's tokens or the frame pair's
         self.star, self.onset, self.first = (torch.nn.Linear(hidden, 2) for _ in range(3))
         self.passed = torch.nn.Linear(hidden, 1)
 
     def loss(self, vision: torch.Tensor, middle: torch.Tensor, labels, attention=None) -> torch.Tensor:
         cells = labels[0] if isinstance(labels, tuple) else labels
-        extra = (F.cross_entropy(self.star(vision).float(), cells[:, 7])
-                 + F.cross_entropy(self.onset(middle).float(), cells[:, 8])
+        shown, onset = self.columns
+        extra = (F.cross_entropy(self.star(vision).float(), cells[:, shown])
                  + F.binary_cross_entropy_with_logits(self.passed(middle).float()[:, 0], cells[:, 10] / 2.0))
-        if (cells[:, 9] >= 0).any():
-            extra = extra + F.cross_entropy(self.first(middle).float(), cells[:, 9], ignore_index=-100)
+        for head, column in ((self.onset, onset), (self.first, 9)):
+            if (cells[:, column] >= 0).any():
+                extra = extra + F.cross_entropy(head(middle).float(), cells[:, column], ignore_index=-100)
         return super().loss(vision, middle, labels, attention) + self.weight * extra
 
 
@@ -694,11 +714,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --look: the order question looks only at the shape that came first")
     parser.add_argument("--elapsed-probe", action="store_true",
                         help="--task camera: also probe the decoder's middle layer for how long the video has run")
-    parser.add_argument("--appearance-targets", action="store_true",
+    parser.add_argument("--appearance-targets", nargs="?", const="frame", choices=["frame", "local"],
                         help="with --task camera --look: per-appearance features (star shown, star onset, which "
                         "of square and circle came first, triangle's middle passed) and attention targets that "
                         "read them (count: head 2 over the onsets and a sink; when: head 3 evenly over the video; "
-                        "order: head 0 on both shapes); training only")
+                        "order: head 0 on both shapes); frame (the default): star shown and onset on every token "
+                        "of the frame pair; local: on the star's own tokens, and order looks at the shape shown "
+                        "first; training only")
     parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the --appearance-targets probes")
     parser.add_argument("--answer-weight", type=float, default=1.0,
                         help="weight of each question's answer word against the other answer tokens (the "
@@ -735,7 +757,8 @@ def main(argv: list[str] | None = None) -> None:
     middle = (2, 2, 5, 16) if args.elapsed_probe else (2, 2, 5)
     hidden = model.config.text_config.hidden_size  # --hidden is ignored with --init: the checkpoint's width
     probe = (ClassProbe(hidden, len(synthetic_examples.all_classes())) if examples
-             else AppearanceProbe(hidden, len(CAMERA_SHAPES), middle, args.aux_weight)
+             else AppearanceProbe(hidden, len(CAMERA_SHAPES), middle, args.aux_weight,
+                                  local=args.appearance_targets == "local")
              if camera and args.appearance_targets else CellProbe(hidden, len(CAMERA_SHAPES), middle)
              if camera else CellProbe(hidden))
     optimizer = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=args.lr, weight_decay=0.01)

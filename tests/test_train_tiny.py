@@ -126,7 +126,7 @@ def test_the_benchmarks_needle_tokens_are_the_training_labels_triangle():
 def appearance_batch(frames: int = 64):
     tokenizer = tiny_tokenizer(WORDS + list(synthetic_camera.WORDS))
     model = Qwen2VLForConditionalGeneration.from_pretrained(MODEL).eval()
-    batcher = T.Batcher(model, tokenizer, describe=True, task=synthetic_camera, look=True, appearances=True)
+    batcher = T.Batcher(model, tokenizer, describe=True, task=synthetic_camera, look=True, appearances="frame")
     inputs, _, _, kinds = batcher(SEEDS, frames)
     return model, inputs, kinds
 
@@ -233,3 +233,45 @@ def test_a_run_that_never_evaluated_still_reports(tmp_path):
             "--vision-dim", "16"])
     training = json.loads((out / "training.json").read_text())
     assert training["steps"] == 1 and training["best"] is None and not (out / "config.json").exists()
+
+
+def test_local_appearance_labels_are_the_stars_own_tokens():
+    """Columns 11-12 (`--appearance-targets local`) from the owner map by separate code: a cell is a
+    star's if any of its pixels shows that star; an onset is the star's cells at its first frame pair."""
+    for seed in range(6):
+        video = synthetic_camera.make_video(10_000_000 + seed, frames=128)
+        labels = T.camera_cell_labels(video, 64, 16).reshape(64, 16, -1)
+        shown = np.zeros((64, 16), dtype=int)
+        onset = np.full((64, 16), -100)
+        for index, event in enumerate(video.events):
+            if event.shape != "star":
+                continue
+            for step in range(event.start, event.end):
+                for cell in range(16):
+                    y, x = divmod(cell, 4)
+                    if (video.owner[step, 28 * y:28 * y + 28, 28 * x:28 * x + 28] == 2 + index).any():
+                        shown[step, cell] = 1
+                        onset[step, cell] = int(step == event.start)
+        assert np.array_equal(labels[:, :, 11].numpy(), shown) and np.array_equal(labels[:, :, 12].numpy(), onset)
+
+
+def test_local_count_looks_at_the_onsets_own_tokens():
+    tokenizer = tiny_tokenizer(WORDS + list(synthetic_camera.WORDS))
+    model = Qwen2VLForConditionalGeneration.from_pretrained(MODEL).eval()
+    batcher = T.Batcher(model, tokenizer, describe=True, task=synthetic_camera, look=True, appearances="local")
+    inputs, _, _, _ = batcher(SEEDS, 64)
+    _, at, head, look, spread = inputs["cell_labels"]
+    for row, seed in enumerate(SEEDS):
+        video = synthetic_camera.make_video(seed, frames=64)
+        labels = T.camera_cell_labels(video, 32, 16)
+        start = int((inputs["input_ids"][row] == model.config.video_token_id).nonzero()[0])
+        t = next(t for t in range(at.shape[1]) if int(head[row, t]) == 2)  # the count at the end
+        k = sum(e.shape == "star" for e in video.events)
+        assert abs(float(look[row, t, start - 1]) - 1 / (k + 1)) < 1e-6
+        assert torch.equal((look[row, t, start:start + 512] > 0).nonzero().flatten(),
+                           (labels[:, 12] == 1).nonzero().flatten())
+        first = min((e for e in video.events if e.shape in ("square", "circle")), key=lambda e: e.start).shape
+        objects = [u for u in range(at.shape[1]) if int(head[row, u]) == 0 and look[row, u].any()]
+        order = objects[1]  # needle, order, the square's colour, the circle's colour (when reads with head 3)
+        looked = {int(labels[p - start, 0]) for p in look[row, order].nonzero().flatten().tolist()}
+        assert looked == {T.CAMERA_SHAPES.index(first)}  # only the shape shown first

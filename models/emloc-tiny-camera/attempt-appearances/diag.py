@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 path, frames = sys.argv[1], int(sys.argv[2])
 tok = tiny_tokenizer(WORDS + list(synthetic_camera.WORDS))
 model = Qwen2VLForConditionalGeneration.from_pretrained(path).eval()
-b = T.Batcher(model, tok, describe=True, task=synthetic_camera, look=True, appearances=True)
+b = T.Batcher(model, tok, describe=True, task=synthetic_camera, look=True, appearances="frame")
 seeds = [1_000_000 + i for i in range(8)]
 with torch.no_grad():
     inputs, targets, where, kinds = b(seeds, frames)
