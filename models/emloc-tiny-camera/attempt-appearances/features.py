@@ -3,8 +3,9 @@ probes (the model frozen) on training seeds and scores them on held-out ones, at
 
     python models/emloc-tiny-camera/attempt-appearances/features.py CHECKPOINT [STEPS]
 
-star shown (vision output), onset, which came first, triangle's middle passed (middle layer), each
-against its majority baseline."""
+star shown (vision output), onset, which came first, triangle's middle passed (middle layer), and the
+local variants (a star on this token; on star tokens, its first frame pair), each against its majority
+baseline."""
 
 import sys
 from pathlib import Path
@@ -26,8 +27,9 @@ path, steps = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 60
 tok = tiny_tokenizer(WORDS + list(synthetic_camera.WORDS))
 model = Qwen2VLForConditionalGeneration.from_pretrained(path).eval()
 batcher = T.Batcher(model, tok, task=synthetic_camera)
-COLUMNS = {"star shown": (7, "vision"), "onset": (8, "middle"), "which first": (9, "middle"),
-           "middle passed": (10, "middle")}
+COLUMNS = {"shape (control)": (0, "vision"), "star shown": (7, "vision"), "onset": (8, "middle"),
+           "which first": (9, "middle"),
+           "middle passed": (10, "middle"), "star here (local)": (11, "vision"), "onset (local)": (12, "middle")}
 
 
 @torch.no_grad()
@@ -42,7 +44,7 @@ def features(seeds):
     return dict(vision=video, middle=middle), labels
 
 
-probes = {name: torch.nn.Linear(model.config.text_config.hidden_size, 3) for name in COLUMNS}
+probes = {name: torch.nn.Linear(model.config.text_config.hidden_size, len(T.CAMERA_SHAPES)) for name in COLUMNS}
 optimizer = torch.optim.Adam([p for probe in probes.values() for p in probe.parameters()], lr=3e-3)
 for step in range(steps):
     x, labels = features([T.TRAIN_SEEDS + 50_000_000 + 4 * step + i for i in range(4)])
@@ -52,6 +54,7 @@ for step in range(steps):
     loss.backward()
     optimizer.step()
 right = {n: [0, 0, 0] for n in COLUMNS}  # correct, majority-correct, total
+recall = torch.zeros(2, len(T.CAMERA_SHAPES))  # the control's hits and tokens per shape
 for lo in range(0, 16, 4):
     x, labels = features([1_000_000 + lo + i for i in range(4)])
     for n, (c, where) in COLUMNS.items():
@@ -60,5 +63,10 @@ for lo in range(0, 16, 4):
         right[n][0] += int((guess == y)[keep].sum())
         right[n][1] += int((y[keep] == torch.mode(y[keep]).values).sum())
         right[n][2] += int(keep.sum())
+        if c == 0:
+            recall[0] += torch.bincount(y[keep][guess[keep] == y[keep]], minlength=len(T.CAMERA_SHAPES))
+            recall[1] += torch.bincount(y[keep], minlength=len(T.CAMERA_SHAPES))
 for n, (a, m, t) in right.items():
     print(f"{n}: probe {a / t:.3f}, majority {m / t:.3f} ({t} tokens)")
+print("shape recall:", ", ".join(f"{name} {h / max(t, 1):.2f} ({int(t)})" for name, h, t
+                                  in zip(T.CAMERA_SHAPES, recall[0].tolist(), recall[1].tolist())))
