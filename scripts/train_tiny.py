@@ -464,8 +464,10 @@ class CellProbe(torch.nn.Module):
     circle shown earlier" from the decoder's middle layer, where attention to earlier tokens can
     have written it (without it, the order question stayed at chance). Not part of the saved model."""
 
-    def __init__(self, hidden: int, shapes: int = len(SHAPES), middle: tuple[int, ...] = (2, 2)) -> None:
+    def __init__(self, hidden: int, shapes: int = len(SHAPES), middle: tuple[int, ...] = (2, 2),
+                 balanced: bool = False) -> None:
         super().__init__()
+        self.balanced = balanced  # the shape loss weighs every shape in a batch alike (else rare shapes are ignored)
         self.heads = torch.nn.ModuleList([torch.nn.Linear(hidden, n) for n in (shapes, 1 + len(COLOURS), 10)])
         self.seen = torch.nn.ModuleList([torch.nn.Linear(hidden, n) for n in middle])
 
@@ -475,12 +477,22 @@ class CellProbe(torch.nn.Module):
             labels, *looks = labels
         heads = [(head, vision, i) for i, head in enumerate(self.heads)]
         heads += [(head, middle, 3 + i) for i, head in enumerate(self.seen)]
-        losses = [F.cross_entropy(head(x).float(), labels[:, i], ignore_index=-100) for head, x, i in heads]
+        losses = [F.cross_entropy(head(x).float(), labels[:, i], ignore_index=-100,
+                                  weight=balanced_weights(labels[:, i], head.out_features)
+                                  if i == 0 and self.balanced else None) for head, x, i in heads]
         loss = sum(losses) / len(losses)
         if attention is not None and looks is not None:
             at, head, look, *spread = looks
             loss = loss + attention_target_loss(attention(at, head), look, *spread)
         return loss
+
+
+def balanced_weights(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """Class weights 1 / (tokens of that class in the batch): a weighted mean cross-entropy is then the
+    mean over the classes present of each class's mean loss (stars cover about 1% of the camera suite's
+    cells: a plain mean lets a head ignore them)."""
+    counts = torch.bincount(labels[labels >= 0], minlength=classes).float()
+    return torch.where(counts > 0, 1 / counts.clamp_min(1), torch.zeros_like(counts))
 
 
 class AppearanceProbe(CellProbe):
@@ -490,8 +502,8 @@ class AppearanceProbe(CellProbe):
     whether the triangle's middle has passed. Not part of the saved model."""
 
     def __init__(self, hidden: int, shapes: int, middle: tuple[int, ...], weight: float = 1.0,
-                 local: bool = False) -> None:
-        super().__init__(hidden, shapes, middle)
+                 local: bool = False, balanced: bool = False) -> None:
+        super().__init__(hidden, shapes, middle, balanced)
         self.weight = weight
         self.columns = (11, 12) if local else (7, 8)  # star shown, onset: on the star's tokens or the frame pair's
         self.star, self.onset, self.first = (torch.nn.Linear(hidden, 2) for _ in range(3))
@@ -721,6 +733,8 @@ def main(argv: list[str] | None = None) -> None:
                         "order: head 0 on both shapes); frame (the default): star shown and onset on every token "
                         "of the frame pair; local: on the star's own tokens, and order looks at the shape shown "
                         "first; training only")
+    parser.add_argument("--balanced-shapes", action="store_true",
+                        help="--task camera: the vision probe's shape loss weighs every shape alike (class-balanced)")
     parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the --appearance-targets probes")
     parser.add_argument("--answer-weight", type=float, default=1.0,
                         help="weight of each question's answer word against the other answer tokens (the "
@@ -758,8 +772,9 @@ def main(argv: list[str] | None = None) -> None:
     hidden = model.config.text_config.hidden_size  # --hidden is ignored with --init: the checkpoint's width
     probe = (ClassProbe(hidden, len(synthetic_examples.all_classes())) if examples
              else AppearanceProbe(hidden, len(CAMERA_SHAPES), middle, args.aux_weight,
-                                  local=args.appearance_targets == "local")
-             if camera and args.appearance_targets else CellProbe(hidden, len(CAMERA_SHAPES), middle)
+                                  local=args.appearance_targets == "local", balanced=args.balanced_shapes)
+             if camera and args.appearance_targets
+             else CellProbe(hidden, len(CAMERA_SHAPES), middle, balanced=args.balanced_shapes)
              if camera else CellProbe(hidden))
     optimizer = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=args.lr, weight_decay=0.01)
     budget_s = args.minutes * 60

@@ -275,3 +275,17 @@ def test_local_count_looks_at_the_onsets_own_tokens():
         order = objects[1]  # needle, order, the square's colour, the circle's colour (when reads with head 3)
         looked = {int(labels[p - start, 0]) for p in look[row, order].nonzero().flatten().tolist()}
         assert looked == {T.CAMERA_SHAPES.index(first)}  # only the shape shown first
+
+
+def test_balanced_shape_loss_is_the_mean_over_shapes():
+    logits, labels = torch.randn(7, 4), torch.tensor([0, 0, 0, 1, 2, 2, -100])
+    per = torch.nn.functional.cross_entropy(logits, labels, reduction="none", ignore_index=-100)
+    weighted = torch.nn.functional.cross_entropy(logits, labels, weight=T.balanced_weights(labels, 4),
+                                                 ignore_index=-100)
+    torch.testing.assert_close(weighted, (per[:3].mean() + per[3] + per[4:6].mean()) / 3)
+    probe = T.CellProbe(8, 4, (2, 2), balanced=True)
+    cells = torch.tensor([[0, 0, -100, 0, 0], [0, 0, -100, 0, 0], [3, 1, -100, 1, 0]])
+    vision = torch.randn(3, 8)
+    plain = T.CellProbe(8, 4, (2, 2))
+    plain.load_state_dict(probe.state_dict())
+    assert not torch.allclose(probe.loss(vision, vision, cells), plain.loss(vision, vision, cells))

@@ -48,7 +48,9 @@ probes = {name: torch.nn.Linear(model.config.text_config.hidden_size, len(T.CAME
 optimizer = torch.optim.Adam([p for probe in probes.values() for p in probe.parameters()], lr=3e-3)
 for step in range(steps):
     x, labels = features([T.TRAIN_SEEDS + 50_000_000 + 4 * step + i for i in range(4)])
-    loss = sum(F.cross_entropy(probes[n](x[where]), labels[:, c], ignore_index=-100)
+    # every probe weighs its classes alike (a plain mean ignores a class as rare as the stars)
+    loss = sum(F.cross_entropy(probes[n](x[where]), labels[:, c], ignore_index=-100,
+                               weight=T.balanced_weights(labels[:, c], len(T.CAMERA_SHAPES)))
                for n, (c, where) in COLUMNS.items())
     optimizer.zero_grad()
     loss.backward()
