@@ -497,8 +497,9 @@ def balanced_weights(labels: torch.Tensor, classes: int) -> torch.Tensor:
 
 class AppearanceProbe(CellProbe):
     """CellProbe plus the `--appearance-targets` columns (see `camera_cell_labels`), summed with
-    `weight` rather than averaged in: a star in this frame pair (vision output); on the middle layer,
-    a star's onset, which of square and circle came first (on their own tokens), and (a soft target)
+    `weight` rather than averaged in: a star in this frame pair, or with `local` on this token (vision
+    output); on the middle layer, a star's onset (on the frame pair's tokens, or with `local` the
+    star's own), which of square and circle came first (on their own tokens), and (a soft target)
     whether the triangle's middle has passed. Not part of the saved model."""
 
     def __init__(self, hidden: int, shapes: int, middle: tuple[int, ...], weight: float = 1.0,
