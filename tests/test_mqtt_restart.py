@@ -100,7 +100,9 @@ def test_sigkilled_broker_loses_no_question_and_answers_each_once(tmp_path, qwen
               f"MQTT answer topic: {len(mqtt_ids)} messages, {len(set(mqtt_ids))} distinct, "
               f"{len(set(published) - set(mqtt_ids))} missing")
         assert sorted(got) == sorted(published), "every question answered exactly once in the JSONL sink"
-        assert bridge.connects >= 3 and bridge.counts["accepted"] == len(published)
+        # at least one reconnect: a connect attempt that times out while the broker is down can span its
+        # restart and the second kill, so the bridge may see the two outages as one (seen once in CI: 2)
+        assert bridge.connects >= 2 and bridge.counts["accepted"] == len(published)
     finally:
         stop.set()
         feeder.join(30)
