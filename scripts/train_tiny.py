@@ -348,9 +348,9 @@ def camera_cell_labels(video, steps: int, per_step: int, cover: float = 0.25) ->
     for start, d in video.digits:
         digit[start:] = d
     labels[:, 0, 2] = digit  # the display covers the first cell whole
-    first = min((e for e in video.events if e.shape in ("square", "circle")), key=lambda e: e.start).shape
-    labels[..., 9] = torch.where(labels[..., 0] == CAMERA_SHAPES.index("square"), int(first == "circle"), -100)
-    labels[..., 9][labels[..., 0] == CAMERA_SHAPES.index("circle")] = int(first == "circle")
+    circle_first = int(video.question("order").answer == "circle")
+    labels[..., 9] = torch.where(labels[..., 0] == CAMERA_SHAPES.index("square"), circle_first, -100)
+    labels[..., 9][labels[..., 0] == CAMERA_SHAPES.index("circle")] = circle_first
     for index, event in enumerate(video.events):
         if event.shape == "star":
             cells = share[event.start:event.end, :, 2 + index] > 0  # (its steps, cells): the star's own tokens
@@ -601,14 +601,21 @@ def batched_vision_attention(model) -> None:
         block.attn.forward = attend.__get__(block.attn)
 
 
-def forward(model, inputs, where, probe: CellProbe | None = None):
-    """Answer logits (B, branches, vocab) at `where`, and the probe's loss on the vision tokens."""
+def embed_inputs(model, inputs: dict):
+    """A Batcher's inputs as the decoder takes them: (embeddings with the vision tower's output at the
+    video tokens, input ids, vision output, cell labels, the rest: attention mask and positions)."""
     inputs = dict(inputs)
     labels = inputs.pop("cell_labels", None)
     video = model.model.visual(inputs.pop("pixel_values_videos"), grid_thw=inputs.pop("video_grid_thw")).pooler_output
     ids = inputs.pop("input_ids")
     embeds = model.get_input_embeddings()(ids)
     embeds = embeds.masked_scatter((ids == model.config.video_token_id).unsqueeze(-1), video.to(embeds.dtype))
+    return embeds, ids, video, labels, inputs
+
+
+def forward(model, inputs, where, probe: CellProbe | None = None):
+    """Answer logits (B, branches, vocab) at `where`, and the probe's loss on the vision tokens."""
+    embeds, ids, video, labels, inputs = embed_inputs(model, inputs)
     # the hook is removed when the probe reads it: only hook when a probe will (labels as a tuple carry targets)
     copying = (CopyAttention(model, inputs["attention_mask"], ClassProbe.COPY_LAYER if isinstance(probe, ClassProbe)
                              else LOOK_LAYER) if probe is not None and isinstance(labels, tuple) else None)

@@ -28,12 +28,7 @@ seeds = [1_000_000 + i for i in range(8)]
 with torch.no_grad():
     inputs, targets, where, kinds = b(seeds, frames)
     labels, at, head, look, spread = inputs["cell_labels"]
-    x = dict(inputs)
-    x.pop("cell_labels")
-    video = model.model.visual(x.pop("pixel_values_videos"), grid_thw=x.pop("video_grid_thw")).pooler_output
-    ids = x.pop("input_ids")
-    emb = model.get_input_embeddings()(ids)
-    emb = emb.masked_scatter((ids == model.config.video_token_id).unsqueeze(-1), video)
+    emb, ids, _, _, x = T.embed_inputs(model, inputs)
     cp = T.CopyAttention(model, x["attention_mask"], T.LOOK_LAYER)
     model.model.language_model(inputs_embeds=emb, **x)
     probs = cp(at, head)

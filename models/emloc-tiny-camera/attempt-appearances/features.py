@@ -35,10 +35,7 @@ COLUMNS = {"shape (control)": (0, "vision"), "star shown": (7, "vision"), "onset
 @torch.no_grad()
 def features(seeds):
     inputs, _, _, _ = batcher(seeds, 64, mid=False)
-    labels = inputs.pop("cell_labels")
-    video = model.model.visual(inputs.pop("pixel_values_videos"), grid_thw=inputs.pop("video_grid_thw")).pooler_output
-    ids = inputs.pop("input_ids")
-    embeds = model.get_input_embeddings()(ids).masked_scatter((ids == model.config.video_token_id).unsqueeze(-1), video)
+    embeds, ids, video, labels, inputs = T.embed_inputs(model, inputs)
     out = model.model.language_model(inputs_embeds=embeds, output_hidden_states=True, **inputs)
     middle = out.hidden_states[len(out.hidden_states) // 2][ids == model.config.video_token_id]
     return dict(vision=video, middle=middle), labels
