@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=sorted(agnostic.SUITES), default="camera")
     parser.add_argument("--frames", type=int, help="default 1,024 (4,096 with --needle)")
+    parser.add_argument("--model", help="default: the suite's model in models/")
     parser.add_argument("--videos", type=int, default=20)
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.25])
     parser.add_argument("--needle", action="store_true", help="4,096 frames, budget 10%%, needle in the first 5%%")
@@ -56,7 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     if any(not 0 < s <= 1 for s in args.scales):
         parser.error(f"every scale must lie in (0, 1], got {args.scales}")
     _, model_dir, seeds = agnostic.SUITES[args.suite]
-    model = str(ROOT / "models" / model_dir)
+    model = args.model or str(ROOT / "models" / model_dir)
+    if not Path(model).is_dir():
+        parser.error(f"no model at {model}")
+    model_label = str(Path(model).resolve().relative_to(ROOT)) if Path(model).resolve().is_relative_to(ROOT) else model
     frames = args.frames or (4096 if args.needle else 1024)
     names = tuple(sorted(dict.fromkeys(args.methods), key=lambda n: n != "default"))
     if "uniform" in names and "default" not in names:
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                       flush=True)
         rows.sort(key=lambda r: r["seed"])
         summary = agnostic.summarize(rows, names)
-        meta = dict(suite=args.suite, model=f"models/{model_dir}", videos=args.videos, frames=frames,
+        meta = dict(suite=args.suite, model=model_label, videos=args.videos, frames=frames,
                     needle=args.needle, seeds=f"{seeds}..{seeds + args.videos - 1}",
                     kinds=agnostic.question_kinds(rows), budget=rows[0].get("budget"),
                     minutes=round((time.time() - clock) / 60, 1), command=command)

@@ -18,6 +18,7 @@ come from disjoint ranges; the benchmark and tests use seeds >= 1_000_000.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -76,9 +77,10 @@ class Batcher:
     """
 
     def __init__(self, model, tokenizer, describe: bool = False, task=synthetic, look: bool = False,
-                 look_first: bool = False, appearances: str | None = None) -> None:
+                 look_first: bool = False, appearances: str | None = None, lookback: bool = False) -> None:
         self.describe = describe
         self.look, self.look_first, self.appearances = look, look_first, appearances
+        self.lookback = lookback
         self.task = task
         self.adapter = QwenVLAdapter(model, tokenizer)
         self.tokenizer = tokenizer
@@ -101,8 +103,14 @@ class Batcher:
         labels = torch.cat([r[8] for r in rows])  # (all vision tokens, 3): shape, colour, digit
         if self.task is synthetic_camera and self.look:
             labels = (labels, *_pad_looks([r[9] for r in rows], ids.shape[1]))
-        return dict(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values_videos=pixels,
-                    video_grid_thw=grids, cell_labels=labels), targets, where, kinds
+        inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values_videos=pixels,
+                      video_grid_thw=grids, cell_labels=labels)
+        if self.task is synthetic_camera and self.lookback:
+            per_step = pixels.shape[0] // 4 // int(grids[0, 0]) // len(rows)
+            backs = [lookback_targets(r[8], per_step) for r in rows]
+            inputs["lookback"] = (len(self.preamble), torch.stack([q for q, _ in backs]),
+                                  torch.stack([t for _, t in backs]))
+        return inputs, targets, where, kinds
 
     def _sample(self, seed: int, frames: int, mid: bool):
         video = self.task.make_video(seed, frames=frames)
@@ -148,7 +156,7 @@ class Batcher:
             mask[lo:hi, lo:hi] = _causal(hi - lo)
         labels = (camera_cell_labels if self.task is synthetic_camera else cell_labels)(video, steps, per_step)
         looks = (_camera_looks(labels, branches, [last for _, last in heads], start, per_step, self.look_first,
-                               self.appearances)
+                               self.appearances, order_both=self.lookback)
                  if self.task is synthetic_camera and self.look else None)
         return (torch.cat(pieces), torch.cat(positions, dim=1), mask, pixels.pixel_values, pixels.grid_thw,
                 heads, rest, [b[0] for b in branches], labels, looks)
@@ -386,7 +394,7 @@ LOOK_EVENLY = {"when"}
 
 
 def _camera_looks(labels: torch.Tensor, branches: list, lasts: list[int], start: int, per_step: int,
-                  first: bool = False, appearances: str | None = None) -> list:
+                  first: bool = False, appearances: str | None = None, order_both: bool = False) -> list:
     """[(question's last position, head, vision positions to look at, their weights or None)] for the
     branches that have a target; weights (summing to 1) make the target a distribution, None a mass.
     appearances "frame": count reads every token of each onset frame pair, "local" only the star's own
@@ -394,7 +402,7 @@ def _camera_looks(labels: torch.Tensor, branches: list, lasts: list[int], start:
     shape = labels[:, 0].reshape(-1, per_step)
     onset_tokens = (labels[:, 12] == 1) if appearances == "local" else (labels[:, 8] == 1)
     onset_tokens = onset_tokens.reshape(-1, per_step)
-    first = first or appearances == "local"
+    first = (first or appearances == "local") and not order_both
     looks = []
     for (kind, _, _, cut), last in zip(branches, lasts):
         if appearances and kind in LOOK_ONSETS:
@@ -456,6 +464,76 @@ def attention_target_loss(probs: torch.Tensor, targets: torch.Tensor, spread: to
     if spread is not None:
         loss = torch.where(spread, -(targets * probs.clamp_min(1e-9).log()).sum(-1), loss)
     return loss[has].mean()
+
+
+# With --lookback (--task camera): training-only attention targets on the video tokens themselves, at
+# decoder layer LOOKBACK_LAYER, that write each appearance feature where the question later reads it:
+# head 2 at every video token looks at the triangle's tokens so far, else at the <|vision_start|> sink
+# ("the triangle has been shown": its mean over the video is what *when* reads evenly); head 0 at the
+# square's and the circle's tokens looks at the other one's earlier tokens, else the sink (the later
+# shape then carries the first one's identity, which *order* reads); head 3 at a star's tokens looks at
+# the star tokens of the frame pair before, else the sink (sink: this is an onset, which *count* reads).
+LOOKBACK_LAYER = 1
+LOOKBACK_HEADS = (2, 0, 3)  # triangle so far, the other of square / circle, star in the previous frame pair
+
+
+def lookback_targets(labels: torch.Tensor, per_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, V) bool: which video tokens have a target, per LOOKBACK_HEADS entry; (3, V, V + 1) bool: the
+    target positions, column 0 the sink (the token before the video), column 1 + j video token j."""
+    shape, star = labels[:, 0], labels[:, 11] == 1
+    n = len(shape)
+    step = torch.arange(n) // per_step
+    earlier = torch.ones(n, n, dtype=torch.bool).tril()  # j <= i: what token i can see
+    tri = shape == CAMERA_SHAPES.index("triangle")
+    square, circle = shape == CAMERA_SHAPES.index("square"), shape == CAMERA_SHAPES.index("circle")
+    other = torch.where(square.unsqueeze(1), circle.unsqueeze(0), square.unsqueeze(0) & circle.unsqueeze(1))
+    previous = (step.unsqueeze(1) - 1 == step.unsqueeze(0)) & star.unsqueeze(0)
+    queries = torch.stack([torch.ones(n, dtype=torch.bool), square | circle, star])
+    looks = torch.stack([tri.unsqueeze(0) & earlier, other & earlier, previous])
+    looks = looks & queries.unsqueeze(-1)
+    sink = queries & ~looks.any(-1)
+    return queries, torch.cat([sink.unsqueeze(-1), looks], dim=-1)
+
+
+class LayerInput:
+    """Captures one decoder layer's attention input during a forward."""
+
+    def __init__(self, model, layer: int) -> None:
+        self.layer = model.model.language_model.layers[layer].self_attn
+        self.captured = None
+        self.handle = self.layer.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output):
+        self.captured = (kwargs["hidden_states"], kwargs["position_embeddings"])
+
+    def attention(self, mask: torch.Tensor, heads, rows: slice, columns: slice) -> torch.Tensor:
+        """(B, len(heads), rows, columns) attention of query heads `heads` (same q.k, rotary and mask as the
+        model), each row normalised over everything it can see."""
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+
+        self.handle.remove()
+        hidden, (cos, sin) = self.captured
+        attn, heads = self.layer, list(heads)
+        b, n, _ = hidden.shape
+        q = attn.q_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)[:, heads]
+        k = attn.k_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)
+        k = k[:, [h // attn.num_key_value_groups for h in heads]]  # GQA: query head h reads KV head h // groups
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        seen = slice(0, rows.stop)
+        scores = (q[:, :, rows] @ k[:, :, seen].transpose(-1, -2)).float() * attn.scaling
+        scores = scores.masked_fill(~mask[:, :, rows, seen], float("-inf"))
+        return torch.softmax(scores, dim=-1)[..., columns]
+
+
+def lookback_loss(captured: LayerInput, mask: torch.Tensor, lookback) -> torch.Tensor:
+    """Mean over the heads of LOOKBACK_HEADS of -log(attention mass on the targets), over the video tokens
+    that have one."""
+    start, queries, targets = lookback
+    n = queries.shape[-1]
+    probs = captured.attention(mask, LOOKBACK_HEADS, slice(start, start + n), slice(start - 1, start + n))
+    loss = -((probs * targets).sum(-1).clamp_min(1e-6).log())  # (B, heads, V)
+    return torch.stack([loss[:, h][queries[:, h]].mean() for h in range(len(LOOKBACK_HEADS))
+                        if queries[:, h].any()]).mean()
 
 
 class CellProbe(torch.nn.Module):
@@ -543,18 +621,13 @@ class ClassProbe(torch.nn.Module):
         return loss
 
 
-class CopyAttention:
+class CopyAttention(LayerInput):
     """Captures one layer's attention input during a forward (`ClassProbe.COPY_LAYER` unless told), to
     recompute a head's attention (same q.k, rotary and mask as the model) at chosen query positions."""
 
     def __init__(self, model, mask: torch.Tensor, layer: int = ClassProbe.COPY_LAYER) -> None:
-        self.layer = model.model.language_model.layers[layer].self_attn
+        super().__init__(model, layer)
         self.mask = mask  # (B, 1, L, L) bool
-        self.captured = None
-        self.handle = self.layer.register_forward_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs, output):
-        self.captured = (kwargs["hidden_states"], kwargs["position_embeddings"])
 
     def __call__(self, at: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
         """Attention (B, T, L) of query head `head` (B, T; head 0 when None) at positions `at` (B, T)."""
@@ -577,6 +650,46 @@ class CopyAttention:
         scores = torch.einsum("btd,btld->btl", q, k) * attn.scaling  # (B, T, L)
         allowed = torch.gather(self.mask[:, 0], 1, at.unsqueeze(-1).expand(-1, -1, self.mask.shape[-1]))
         return torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1)
+
+
+def train_vision(model, adapter, probe: CellProbe, minutes: float, batch: int, rng) -> None:
+    """`--vision-minutes` (--task camera): the vision tower and the probe's shape / colour / digit heads
+    alone on 32-frame videos (no decoder: several times the frame pairs per CPU second), for `minutes`
+    of process CPU time, before the whole model trains."""
+    optimizer = torch.optim.AdamW([*model.model.visual.parameters(), *probe.heads.parameters()], lr=1e-3,
+                                  weight_decay=0.01)
+    started, step = time.process_time(), 0
+    while time.process_time() - started < 60 * minutes:
+        videos = [synthetic_camera.make_video(TRAIN_SEEDS + int(s), frames=32) for s in rng.integers(0, 2**31, batch)]
+        pixels = [adapter.preprocess(v.frames) for v in videos]
+        labels = torch.cat([camera_cell_labels(v, p.grid_thw[0], 16) for v, p in zip(videos, pixels)])
+        out = model.model.visual(torch.cat([p.pixel_values for p in pixels]),
+                                 grid_thw=torch.tensor([p.grid_thw for p in pixels])).pooler_output
+        loss = sum(F.cross_entropy(head(out).float(), labels[:, i], ignore_index=-100,
+                                   weight=balanced_weights(labels[:, i], head.out_features)
+                                   if i == 0 and probe.balanced else None)
+                   for i, head in enumerate(probe.heads)) / len(probe.heads)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.model.visual.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % 50 == 0:
+            print(f"vision step {step} {(time.process_time() - started) / 60:.1f} CPU min loss {loss.item():.3f}",
+                  flush=True)
+
+
+def grow_vision(model, blocks: int) -> None:
+    """Deepen the vision tower by `blocks` blocks that start as the identity: copies of its last block
+    whose attention and MLP output projections are zero (each block adds them to the residual)."""
+    visual = model.model.visual
+    for _ in range(blocks):
+        block = copy.deepcopy(visual.blocks[-1])
+        for linear in (block.attn.proj, block.mlp.fc2):
+            torch.nn.init.zeros_(linear.weight)
+            torch.nn.init.zeros_(linear.bias)
+        visual.blocks.append(block)
+    model.config.vision_config.depth = len(visual.blocks)
 
 
 def batched_vision_attention(model) -> None:
@@ -615,7 +728,11 @@ def embed_inputs(model, inputs: dict):
 
 def forward(model, inputs, where, probe: CellProbe | None = None):
     """Answer logits (B, branches, vocab) at `where`, and the probe's loss on the vision tokens."""
+    inputs = dict(inputs)
+    lookback = inputs.pop("lookback", None)
+    lookback = lookback if probe is not None else None  # evaluation: no training targets
     embeds, ids, video, labels, inputs = embed_inputs(model, inputs)
+    back = LayerInput(model, LOOKBACK_LAYER) if lookback is not None else None
     # the hook is removed when the probe reads it: only hook when a probe will (labels as a tuple carry targets)
     copying = (CopyAttention(model, inputs["attention_mask"], ClassProbe.COPY_LAYER if isinstance(probe, ClassProbe)
                              else LOOK_LAYER) if probe is not None and isinstance(labels, tuple) else None)
@@ -628,6 +745,8 @@ def forward(model, inputs, where, probe: CellProbe | None = None):
     elif probe is not None:
         middle = out.hidden_states[len(out.hidden_states) // 2][ids == model.config.video_token_id]
         aux = probe.loss(video, middle, labels, copying)
+    if back is not None:
+        aux = aux + lookback_loss(back, inputs["attention_mask"], lookback)
     return model.lm_head(picked).float(), aux
 
 
@@ -741,6 +860,16 @@ def main(argv: list[str] | None = None) -> None:
                         "order: head 0 on both shapes); frame (the default): star shown and onset on every token "
                         "of the frame pair; local: on the star's own tokens, and order looks at the shape shown "
                         "first; training only")
+    parser.add_argument("--lookback", action="store_true",
+                        help="--task camera with --look: also teach layer 1 on the video tokens to look back at "
+                        "the triangle so far, at the other of square and circle, at a star's previous frame "
+                        "pair (else at a sink), and the order question to read both shapes; training only")
+    parser.add_argument("--grow-vision", type=int, default=0,
+                        help="with --init: add this many vision blocks after the checkpoint's, each a copy of its "
+                        "last with the residual outputs zeroed (the grown tower starts as the old one)")
+    parser.add_argument("--vision-minutes", type=float, default=0.0,
+                        help="--task camera: first train the vision tower alone with the probe's shape, colour and "
+                        "digit heads for this many CPU minutes (counted in --minutes and --cpu-minutes)")
     parser.add_argument("--balanced-shapes", action="store_true",
                         help="--task camera: the vision probe's shape loss weighs every shape alike (class-balanced)")
     parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the --appearance-targets probes")
@@ -766,10 +895,12 @@ def main(argv: list[str] | None = None) -> None:
         model.config._attn_implementation = "sdpa"
         if model.get_input_embeddings().num_embeddings < len(tokenizer):  # new words get new rows; old ids stay
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        grow_vision(model, args.grow_vision)
     batcher = ExampleBatcher(model, tokenizer) if examples else Batcher(model, tokenizer, describe=args.describe,
                                                                          task=task, look=args.look,
                                                                          look_first=args.look_first,
-                                                                         appearances=args.appearance_targets)
+                                                                         appearances=args.appearance_targets,
+                                                                         lookback=args.lookback)
     if not examples:  # the temporal positions it is trained on (not its init's): longer streams are compressed
         # into them; a wider range it reads well is a measurement, declared by hand (see the model cards)
         model.config.emloc_temporal_range = max(args.lengths) // model.config.vision_config.temporal_patch_size
@@ -794,6 +925,8 @@ def main(argv: list[str] | None = None) -> None:
     best, history = None, []
     model.train()
     cpu_budget_s = 60 * args.cpu_minutes if args.cpu_minutes else math.inf
+    if args.vision_minutes:  # counted in both budgets: the decoder's schedule starts after it
+        train_vision(model, batcher.adapter, probe, args.vision_minutes, args.batch, rng)
 
     def spent() -> float:  # the share of the budget used: wall clock or CPU, whichever runs out first
         return max((time.time() - started) / budget_s, (time.process_time() - cpu_started) / cpu_budget_s)

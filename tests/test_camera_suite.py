@@ -149,18 +149,19 @@ def test_sixteen_tokens_per_frame_pair():
 
 # Thresholds over MODEL_VIDEOS fresh videos, set below what scripts/eval_suite.py measured on
 # held-out seeds (see models/emloc-tiny-camera/README.md), so that a broken model, loader,
-# generator or pipeline fails while the model's honest misses do not. The model finds the object
-# asked about (needle 91% on 100 held-out videos) and reads the display (state 100%); count, order
-# and when are at or near chance, so they carry no floor of their own. On these 8 videos: full
-# context 25/40 (needle 8/8, state 8/8), the default 24/40 at 17% kept; uniform frames at 15% fail
-# the default's check (checked by hand: the benchmark's uniform row has 15/40 on them).
+# generator or pipeline fails while the model's honest misses do not. On 100 held-out videos it
+# finds the object asked about (needle 90%), reads the display (state 100%), tells which shape came
+# first (order 87%) and when the triangle appeared (when 78%); it counts poorly (36%, chance 25%), so
+# count carries no floor of its own. On these 8 videos: full context 30/40 (needle, order, state
+# 8/8, when 6/8, count 0/8), the default 29/40 at 7% kept; uniform frames at the default's share
+# fail the default's check (docs/benchmarks/agnostic-camera.json has 16/40 on them).
 MODEL_VIDEOS = 8
-MIN_MEAN = 0.45  # chance 0.27
-MIN_PER_KIND = {"needle": 0.75, "state": 0.75}
+MIN_MEAN = 0.6  # chance 0.27
+MIN_PER_KIND = {"needle": 0.75, "order": 0.75, "state": 0.75, "when": 0.5}
 # The query-agnostic default (EMLoCSettings(), questions asked only after the video) on the same
 # videos: at most this many answers (of 5 x MODEL_VIDEOS) below full context, at most this share of
 # the video tokens kept on average (the JS search keeps more of some videos than of others).
-DEFAULT_MAX_LOSS = 2  # uniform frames at its share lose 18 points (docs/benchmarks/agnostic-camera.md)
+DEFAULT_MAX_LOSS = 2  # uniform frames at its share lose 32 points (docs/benchmarks/agnostic-camera.md)
 DEFAULT_MAX_KEPT = 0.25
 
 

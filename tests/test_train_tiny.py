@@ -289,3 +289,124 @@ def test_balanced_shape_loss_is_the_mean_over_shapes():
     plain = T.CellProbe(8, 4, (2, 2))
     plain.load_state_dict(probe.state_dict())
     assert not torch.allclose(probe.loss(vision, vision, cells), plain.loss(vision, vision, cells))
+
+
+def test_lookback_targets_are_what_each_token_has_seen():
+    """`--lookback` targets from the owner map by separate code, token by token: the triangle's cells so
+    far (else the sink), at the square's cells the circle's earlier cells and the reverse, at a star's cells
+    the star cells of the frame pair before (else the sink: an onset)."""
+    for seed in range(4):
+        video = synthetic_camera.make_video(10_000_000 + seed, frames=64)
+        labels = T.camera_cell_labels(video, 32, 16)
+        queries, targets = T.lookback_targets(labels, 16)
+
+        def cells(shape: str, strong: bool, video=video) -> set[int]:
+            found = set()
+            for index, event in enumerate(video.events):
+                if event.shape != shape:
+                    continue
+                for step in range(event.start, event.end):
+                    for cell in range(16):
+                        y, x = divmod(cell, 4)
+                        patch = video.owner[step, 28 * y:28 * y + 28, 28 * x:28 * x + 28].astype(int)
+                        share = np.bincount(patch.flatten(), minlength=256)
+                        mine, top = share[2 + index], share[1:].max()
+                        if (mine == top and mine >= 0.25 * 784) if strong else mine > 0:
+                            found.add(step * 16 + cell)
+            return found
+
+        triangle, square, circle, star = (cells("triangle", True), cells("square", True), cells("circle", True),
+                                          cells("star", False))
+        expected = {0: {}, 1: {}, 2: {}}
+        for i in range(512):
+            seen = {j for j in triangle if j <= i}
+            expected[0][i] = seen or {"sink"}
+            if i in square or i in circle:
+                other = circle if i in square else square
+                expected[1][i] = {j for j in other if j <= i} or {"sink"}
+            if i in star:
+                expected[2][i] = {j for j in star if j // 16 == i // 16 - 1} or {"sink"}
+        for h in range(3):
+            assert set(queries[h].nonzero().flatten().tolist()) == set(expected[h])
+            for i, want in expected[h].items():
+                got = {"sink" if c == 0 else c - 1 for c in targets[h, i].nonzero().flatten().tolist()}
+                assert got == want, (seed, h, i)
+
+
+def test_lookback_attention_is_the_models_attention():
+    tokenizer = tiny_tokenizer(WORDS + list(synthetic_camera.WORDS))
+    model = Qwen2VLForConditionalGeneration.from_pretrained(MODEL).eval()
+    batcher = T.Batcher(model, tokenizer, task=synthetic_camera, look=True, appearances="local", lookback=True)
+    inputs, _, _, _ = batcher(SEEDS, 32)
+    start, queries, targets = inputs.pop("lookback")
+    assert start == int((inputs["input_ids"][0] == model.config.video_token_id).nonzero()[0])
+    embeds, _, _, _, rest = T.embed_inputs(model, inputs)
+    captured = T.LayerInput(model, T.LOOKBACK_LAYER)
+    n = queries.shape[-1]
+    with torch.no_grad():
+        model.model.language_model(inputs_embeds=embeds, **rest)  # sdpa, boolean mask: as in training
+        mine = captured.attention(rest["attention_mask"], T.LOOKBACK_HEADS, slice(start, start + n),
+                                  slice(start - 1, start + n))
+        additive = torch.zeros(rest["attention_mask"].shape).masked_fill(~rest["attention_mask"], float("-inf"))
+        model.model.language_model.config._attn_implementation = "eager"
+        try:
+            out = model.model.language_model(inputs_embeds=embeds, output_attentions=True,
+                                             **{**rest, "attention_mask": additive})
+        finally:
+            model.model.language_model.config._attn_implementation = "sdpa"
+    reference = out.attentions[T.LOOKBACK_LAYER][:, list(T.LOOKBACK_HEADS), start:start + n, start - 1:start + n]
+    torch.testing.assert_close(mine, reference, atol=1e-5, rtol=0)
+    # the loss: -log of each query's mass on its targets, averaged per head, then over the heads
+    per_head = [-(reference[:, h] * targets[:, h]).sum(-1).clamp_min(1e-6).log()[queries[:, h]].mean()
+                for h in range(3) if queries[:, h].any()]
+    captured = T.LayerInput(model, T.LOOKBACK_LAYER)
+    with torch.no_grad():
+        model.model.language_model(inputs_embeds=embeds, **rest)
+        torch.testing.assert_close(T.lookback_loss(captured, rest["attention_mask"], (start, queries, targets)),
+                                   torch.stack(per_head).mean(), atol=1e-5, rtol=0)
+
+
+def test_order_reads_both_shapes_with_lookback():
+    tokenizer = tiny_tokenizer(WORDS + list(synthetic_camera.WORDS))
+    model = Qwen2VLForConditionalGeneration.from_pretrained(MODEL).eval()
+    batcher = T.Batcher(model, tokenizer, describe=True, task=synthetic_camera, look=True, appearances="local",
+                        lookback=True)
+    inputs, _, _, _ = batcher(SEEDS, 64)
+    _, at, head, look, _ = inputs["cell_labels"]
+    start = int((inputs["input_ids"][0] == model.config.video_token_id).nonzero()[0])
+    for row, seed in enumerate(SEEDS):
+        labels = T.camera_cell_labels(synthetic_camera.make_video(seed, frames=64), 32, 16)
+        objects = [u for u in range(at.shape[1]) if int(head[row, u]) == 0 and look[row, u].any()]
+        looked = {int(labels[p - start, 0]) for p in look[row, objects[1]].nonzero().flatten().tolist()}
+        assert looked == {T.CAMERA_SHAPES.index("square"), T.CAMERA_SHAPES.index("circle")}
+
+
+def test_grown_vision_tower_starts_as_the_old_one(tmp_path):
+    model = Qwen2VLForConditionalGeneration.from_pretrained(MODEL).eval()
+    video = synthetic_camera.make_video(SEEDS[0], frames=32)
+    from emloc.adapters.qwen_vl import QwenVLAdapter
+
+    pixels = QwenVLAdapter(model, tiny_tokenizer(WORDS + list(synthetic_camera.WORDS))).preprocess(video.frames)
+    grid = torch.tensor([pixels.grid_thw])
+    with torch.no_grad():
+        before = model.model.visual(pixels.pixel_values, grid_thw=grid).pooler_output
+        T.grow_vision(model, 2)
+        after = model.model.visual(pixels.pixel_values, grid_thw=grid).pooler_output
+    assert len(model.model.visual.blocks) == 4 and model.config.vision_config.depth == 4
+    torch.testing.assert_close(after, before)
+    model.save_pretrained(tmp_path)
+    again = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again.model.visual(pixels.pixel_values, grid_thw=grid).pooler_output, before)
+
+
+def test_a_camera_run_with_lookback_and_a_grown_tower_saves_it(tmp_path):
+    import json
+
+    out = tmp_path / "model"
+    T.main(["--out", str(out), "--task", "camera", "--init", str(ROOT / "models" / "emloc-tiny-qwen2vl"), "--look",
+            "--appearance-targets", "local", "--lookback", "--grow-vision", "1", "--lengths", "32", "--batch", "2",
+            "--eval-per-kind", "2", "--eval-at-end", "--warmup", "1", "--threads", "1", "--minutes", "0.0001"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["vision_config"]["depth"] == 3 and config["emloc_temporal_range"] == 16
+    assert json.loads((out / "training.json").read_text())["steps"] == 1

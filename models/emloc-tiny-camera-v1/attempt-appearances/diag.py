@@ -1,6 +1,6 @@
 """Layer-2 attention of a camera checkpoint at the --appearance-targets rows, on 8 held-out videos:
 
-    python models/emloc-tiny-camera/attempt-appearances/diag.py CHECKPOINT FRAMES
+    python models/emloc-tiny-camera-v1/attempt-appearances/diag.py CHECKPOINT FRAMES
 
 per head, the mass on the target positions and the cross-entropy from the target, and at the count
 questions the sink's share (target 1 / (k + 1))."""

@@ -1,7 +1,7 @@
 """Are the --appearance-targets features linearly readable from a frozen checkpoint? Trains fresh linear
 probes (the model frozen) on training seeds and scores them on held-out ones, at 64 frames:
 
-    python models/emloc-tiny-camera/attempt-appearances/features.py CHECKPOINT [STEPS]
+    python models/emloc-tiny-camera-v1/attempt-appearances/features.py CHECKPOINT [STEPS]
 
 star shown (vision output), onset, which came first, triangle's middle passed (middle layer), and the
 local variants (a star on this token; on star tokens, its first frame pair), each against its majority

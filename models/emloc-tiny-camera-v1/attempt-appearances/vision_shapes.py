@@ -3,7 +3,7 @@ checkpoint (the decoder untouched) with a linear shape head on its output, class
 weighted by the inverse of its share of the labelled tokens) or plain, then scores per-shape recall on
 held-out videos with the head it trained:
 
-    python models/emloc-tiny-camera/attempt-appearances/vision_shapes.py CHECKPOINT MINUTES [plain]
+    python models/emloc-tiny-camera-v1/attempt-appearances/vision_shapes.py CHECKPOINT MINUTES [plain]
 """
 
 import sys
