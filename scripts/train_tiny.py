@@ -662,7 +662,8 @@ def train_vision(model, adapter, probe: CellProbe, minutes: float, batch: int, r
     while time.process_time() - started < 60 * minutes:
         videos = [synthetic_camera.make_video(TRAIN_SEEDS + int(s), frames=32) for s in rng.integers(0, 2**31, batch)]
         pixels = [adapter.preprocess(v.frames) for v in videos]
-        labels = torch.cat([camera_cell_labels(v, p.grid_thw[0], 16) for v, p in zip(videos, pixels)])
+        labels = torch.cat([camera_cell_labels(v, p.grid_thw[0], p.pixel_values.shape[0] // 4 // p.grid_thw[0])
+                            for v, p in zip(videos, pixels)])
         out = model.model.visual(torch.cat([p.pixel_values for p in pixels]),
                                  grid_thw=torch.tensor([p.grid_thw for p in pixels])).pooler_output
         loss = sum(F.cross_entropy(head(out).float(), labels[:, i], ignore_index=-100,
@@ -861,9 +862,9 @@ def main(argv: list[str] | None = None) -> None:
                         "of the frame pair; local: on the star's own tokens, and order looks at the shape shown "
                         "first; training only")
     parser.add_argument("--lookback", action="store_true",
-                        help="--task camera with --look: also teach layer 1 on the video tokens to look back at "
+                        help="--task camera: also teach layer 1 on the video tokens to look back at "
                         "the triangle so far, at the other of square and circle, at a star's previous frame "
-                        "pair (else at a sink), and the order question to read both shapes; training only")
+                        "pair (else at a sink), and with --look the order question to read both shapes; training only")
     parser.add_argument("--grow-vision", type=int, default=0,
                         help="with --init: add this many vision blocks after the checkpoint's, each a copy of its "
                         "last with the residual outputs zeroed (the grown tower starts as the old one)")
@@ -882,6 +883,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.task != "camera" and (args.lookback or args.vision_minutes):
+        parser.error("--lookback and --vision-minutes are for --task camera")
 
     torch.set_num_threads(args.threads)
     task = TASKS[args.task]

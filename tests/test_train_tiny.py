@@ -30,6 +30,18 @@ def batch():
     return model, inputs, kinds
 
 
+def eager_attentions(model, embeds, inputs: dict) -> tuple:
+    """The reference: every layer's eager attention weights, the boolean mask made additive (eager adds a
+    boolean mask as 0/1)."""
+    additive = torch.zeros(inputs["attention_mask"].shape).masked_fill(~inputs["attention_mask"], float("-inf"))
+    model.model.language_model.config._attn_implementation = "eager"
+    try:
+        return model.model.language_model(inputs_embeds=embeds, output_attentions=True,
+                                           **{**inputs, "attention_mask": additive}).attentions
+    finally:
+        model.model.language_model.config._attn_implementation = "sdpa"
+
+
 @pytest.mark.parametrize("appearances", [False, True])
 def test_look_attention_is_the_models_attention(appearances):
     model, inputs, _ = appearance_batch(32) if appearances else batch()
@@ -46,15 +58,8 @@ def test_look_attention_is_the_models_attention(appearances):
         looked = T.CopyAttention(model, inputs["attention_mask"], T.LOOK_LAYER)
         model.model.language_model(inputs_embeds=embeds, **inputs)  # sdpa, boolean mask: as in training
         mine = looked(at, head)
-        # the reference: eager attention weights, the mask made additive (eager adds a boolean mask as 0/1)
-        additive = torch.zeros(inputs["attention_mask"].shape).masked_fill(~inputs["attention_mask"], float("-inf"))
-        model.model.language_model.config._attn_implementation = "eager"
-        try:
-            out = model.model.language_model(inputs_embeds=embeds, output_attentions=True,
-                                             **{**inputs, "attention_mask": additive})
-        finally:
-            model.model.language_model.config._attn_implementation = "sdpa"
-    reference = out.attentions[T.LOOK_LAYER][torch.arange(len(SEEDS)).unsqueeze(-1), head, at]
+        attentions = eager_attentions(model, embeds, inputs)
+    reference = attentions[T.LOOK_LAYER][torch.arange(len(SEEDS)).unsqueeze(-1), head, at]
     torch.testing.assert_close(mine, reference, atol=1e-5, rtol=0)
 
 
@@ -347,14 +352,8 @@ def test_lookback_attention_is_the_models_attention():
         model.model.language_model(inputs_embeds=embeds, **rest)  # sdpa, boolean mask: as in training
         mine = captured.attention(rest["attention_mask"], T.LOOKBACK_HEADS, slice(start, start + n),
                                   slice(start - 1, start + n))
-        additive = torch.zeros(rest["attention_mask"].shape).masked_fill(~rest["attention_mask"], float("-inf"))
-        model.model.language_model.config._attn_implementation = "eager"
-        try:
-            out = model.model.language_model(inputs_embeds=embeds, output_attentions=True,
-                                             **{**rest, "attention_mask": additive})
-        finally:
-            model.model.language_model.config._attn_implementation = "sdpa"
-    reference = out.attentions[T.LOOKBACK_LAYER][:, list(T.LOOKBACK_HEADS), start:start + n, start - 1:start + n]
+        attentions = eager_attentions(model, embeds, rest)
+    reference = attentions[T.LOOKBACK_LAYER][:, list(T.LOOKBACK_HEADS), start:start + n, start - 1:start + n]
     torch.testing.assert_close(mine, reference, atol=1e-5, rtol=0)
     # the loss: -log of each query's mass on its targets, averaged per head, then over the heads
     per_head = [-(reference[:, h] * targets[:, h]).sum(-1).clamp_min(1e-6).log()[queries[:, h]].mean()
@@ -410,3 +409,9 @@ def test_a_camera_run_with_lookback_and_a_grown_tower_saves_it(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["vision_config"]["depth"] == 3 and config["emloc_temporal_range"] == 16
     assert json.loads((out / "training.json").read_text())["steps"] == 1
+
+
+@pytest.mark.parametrize("flag", [["--lookback"], ["--vision-minutes", "1"]])
+def test_camera_only_flags_are_refused_for_other_tasks(tmp_path, flag):
+    with pytest.raises(SystemExit):
+        T.main(["--out", str(tmp_path / "model"), "--task", "synthetic", *flag])
