@@ -309,6 +309,16 @@ def plot(summary, path: Path, title: str) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
+def resolve_model(parser, model: str | None, model_dir: str) -> tuple[str, str]:
+    """The model folder (`--model`, else the suite's in models/) and how the saved figures name it
+    (relative to the repository when inside it); a parser error when there is none."""
+    model = model or str(ROOT / "models" / model_dir)
+    if not Path(model).is_dir():
+        parser.error(f"no model at {model}")
+    path = Path(model).resolve()
+    return model, str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else model
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=sorted(SUITES), default="synthetic")
@@ -335,9 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"the {args.suite} suite needs {module}, which this checkout does not have")
     if args.needle and "needle_before" not in inspect.signature(generator.make_video).parameters:
         parser.error(f"{module}.make_video cannot place the needle early (no needle_before)")
-    model = args.model or str(ROOT / "models" / model_dir)
-    if not Path(model).is_dir():
-        parser.error(f"no model at {model}")
+    model, model_label = resolve_model(parser, args.model, model_dir)
     frames = args.frames or (4096 if args.needle else 256)
     names = args.methods or (NEEDLE_METHODS if args.needle else ["default", "paper", "observer"] if args.drift
                              else [m.name for m in METHODS])
@@ -358,7 +366,6 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[{len(rows)}/{args.videos}, {(time.time() - started) / 60:.1f} min] {line}", flush=True)
     rows.sort(key=lambda r: r["seed"])
     stem = "agnostic" + (f"-{args.tag}" if args.tag else "")
-    model_label = str(Path(model).resolve().relative_to(ROOT)) if Path(model).resolve().is_relative_to(ROOT) else model
     meta = dict(suite=args.suite, model=model_label, videos=args.videos, frames=frames, needle=args.needle,
                 seeds=f"{seeds}..{seeds + args.videos - 1}", kinds=question_kinds(rows),
                 budget=rows[0].get("budget"), minutes=round((time.time() - started) / 60, 1),

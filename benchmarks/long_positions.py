@@ -57,10 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(not 0 < s <= 1 for s in args.scales):
         parser.error(f"every scale must lie in (0, 1], got {args.scales}")
     _, model_dir, seeds = agnostic.SUITES[args.suite]
-    model = args.model or str(ROOT / "models" / model_dir)
-    if not Path(model).is_dir():
-        parser.error(f"no model at {model}")
-    model_label = str(Path(model).resolve().relative_to(ROOT)) if Path(model).resolve().is_relative_to(ROOT) else model
+    model, model_label = agnostic.resolve_model(parser, args.model, model_dir)
     frames = args.frames or (4096 if args.needle else 1024)
     names = tuple(sorted(dict.fromkeys(args.methods), key=lambda n: n != "default"))
     if "uniform" in names and "default" not in names:

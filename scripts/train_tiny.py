@@ -106,16 +106,14 @@ class Batcher:
         inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values_videos=pixels,
                       video_grid_thw=grids, cell_labels=labels)
         if self.task is synthetic_camera and self.lookback:
-            per_step = pixels.shape[0] // 4 // int(grids[0, 0]) // len(rows)
-            backs = [lookback_targets(r[8], per_step) for r in rows]
-            inputs["lookback"] = (len(self.preamble), torch.stack([q for q, _ in backs]),
-                                  torch.stack([t for _, t in backs]))
+            inputs["lookback"] = (len(self.preamble), torch.stack([r[10][0] for r in rows]),
+                                  torch.stack([r[10][1] for r in rows]))
         return inputs, targets, where, kinds
 
     def _sample(self, seed: int, frames: int, mid: bool):
         video = self.task.make_video(seed, frames=frames)
         pixels = self.adapter.preprocess(video.frames)
-        steps, per_step = pixels.grid_thw[0], pixels.pixel_values.shape[0] // 4 // pixels.grid_thw[0]
+        steps, per_step = pixels.grid_thw[0], tokens_per_step(pixels)
         start = len(self.preamble)
         video_pos = self.adapter.video_positions(start, 0, pixels)
         pieces = [self.preamble, torch.full((steps * per_step,), self.video_token)]
@@ -158,8 +156,9 @@ class Batcher:
         looks = (_camera_looks(labels, branches, [last for _, last in heads], start, per_step, self.look_first,
                                self.appearances, order_both=self.lookback)
                  if self.task is synthetic_camera and self.look else None)
+        backs = lookback_targets(labels, per_step) if self.task is synthetic_camera and self.lookback else None
         return (torch.cat(pieces), torch.cat(positions, dim=1), mask, pixels.pixel_values, pixels.grid_thw,
-                heads, rest, [b[0] for b in branches], labels, looks)
+                heads, rest, [b[0] for b in branches], labels, looks, backs)
 
 
 class ExampleBatcher:
@@ -273,6 +272,11 @@ class ExampleBatcher:
 
 
 _CAUSAL = torch.ones(1, 1, dtype=torch.bool)
+
+
+def tokens_per_step(pixels) -> int:
+    """Merged vision tokens per frame pair of preprocessed frames (4 patches merge into one token)."""
+    return pixels.pixel_values.shape[0] // 4 // pixels.grid_thw[0]
 
 
 def _causal(n: int) -> torch.Tensor:
@@ -506,21 +510,26 @@ class LayerInput:
     def _hook(self, module, args, kwargs, output):
         self.captured = (kwargs["hidden_states"], kwargs["position_embeddings"])
 
-    def attention(self, mask: torch.Tensor, heads, rows: slice, columns: slice) -> torch.Tensor:
-        """(B, len(heads), rows, columns) attention of query heads `heads` (same q.k, rotary and mask as the
-        model), each row normalised over everything it can see."""
+    def queries_keys(self, heads: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, len(heads), L, D) queries and keys of query heads `heads`, rotary applied as in the model (the
+        key of query head h is KV head h // groups: GQA). Removes the hook: one read per forward."""
         from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
         self.handle.remove()
         hidden, (cos, sin) = self.captured
-        attn, heads = self.layer, list(heads)
+        attn = self.layer
         b, n, _ = hidden.shape
         q = attn.q_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)[:, heads]
         k = attn.k_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)
-        k = k[:, [h // attn.num_key_value_groups for h in heads]]  # GQA: query head h reads KV head h // groups
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k = k[:, [h // attn.num_key_value_groups for h in heads]]
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
+    def attention(self, mask: torch.Tensor, heads, rows: slice, columns: slice) -> torch.Tensor:
+        """(B, len(heads), rows, columns) attention of query heads `heads` (same q.k, rotary and mask as the
+        model), each row normalised over everything it can see."""
+        q, k = self.queries_keys(list(heads))
         seen = slice(0, rows.stop)
-        scores = (q[:, :, rows] @ k[:, :, seen].transpose(-1, -2)).float() * attn.scaling
+        scores = (q[:, :, rows] @ k[:, :, seen].transpose(-1, -2)).float() * self.layer.scaling
         scores = scores.masked_fill(~mask[:, :, rows, seen], float("-inf"))
         return torch.softmax(scores, dim=-1)[..., columns]
 
@@ -631,23 +640,12 @@ class CopyAttention(LayerInput):
 
     def __call__(self, at: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
         """Attention (B, T, L) of query head `head` (B, T; head 0 when None) at positions `at` (B, T)."""
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
-
-        self.handle.remove()
-        hidden, (cos, sin) = self.captured
-        attn = self.layer
-        b, n, _ = hidden.shape
         head = torch.zeros_like(at) if head is None else head
-        used = int(head.max()) + 1
-        q = attn.q_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)[:, :used]
-        k = attn.k_proj(hidden).view(b, n, -1, attn.head_dim).transpose(1, 2)
-        # GQA: query head h reads KV head h // groups
-        k = k.repeat_interleave(attn.num_key_value_groups, dim=1)[:, :used]
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        rows = torch.arange(b).unsqueeze(-1)
+        q, k = self.queries_keys(list(range(int(head.max()) + 1)))
+        rows = torch.arange(at.shape[0]).unsqueeze(-1)
         q = q.transpose(1, 2)[rows, at, head]  # (B, T, D)
         k = k[rows, head]  # (B, T, L, D)
-        scores = torch.einsum("btd,btld->btl", q, k) * attn.scaling  # (B, T, L)
+        scores = torch.einsum("btd,btld->btl", q, k) * self.layer.scaling  # (B, T, L)
         allowed = torch.gather(self.mask[:, 0], 1, at.unsqueeze(-1).expand(-1, -1, self.mask.shape[-1]))
         return torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1)
 
@@ -662,8 +660,7 @@ def train_vision(model, adapter, probe: CellProbe, minutes: float, batch: int, r
     while time.process_time() - started < 60 * minutes:
         videos = [synthetic_camera.make_video(TRAIN_SEEDS + int(s), frames=32) for s in rng.integers(0, 2**31, batch)]
         pixels = [adapter.preprocess(v.frames) for v in videos]
-        labels = torch.cat([camera_cell_labels(v, p.grid_thw[0], p.pixel_values.shape[0] // 4 // p.grid_thw[0])
-                            for v, p in zip(videos, pixels)])
+        labels = torch.cat([camera_cell_labels(v, p.grid_thw[0], tokens_per_step(p)) for v, p in zip(videos, pixels)])
         out = model.model.visual(torch.cat([p.pixel_values for p in pixels]),
                                  grid_thw=torch.tensor([p.grid_thw for p in pixels])).pooler_output
         loss = sum(F.cross_entropy(head(out).float(), labels[:, i], ignore_index=-100,
