@@ -23,6 +23,7 @@ import json
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +78,11 @@ class Batcher:
     """
 
     def __init__(self, model, tokenizer, describe: bool = False, task=synthetic, look: bool = False,
-                 look_first: bool = False, appearances: str | None = None, lookback: bool = False) -> None:
+                 look_first: bool = False, appearances: str | None = None, lookback: bool = False,
+                 lead_cells: bool = False) -> None:
         self.describe = describe
         self.look, self.look_first, self.appearances = look, look_first, appearances
-        self.lookback = lookback
+        self.lookback, self.lead_cells = lookback, lead_cells
         self.task = task
         self.adapter = QwenVLAdapter(model, tokenizer)
         self.tokenizer = tokenizer
@@ -152,11 +154,13 @@ class Batcher:
         for lo, hi, cut in spans:
             mask[lo:hi, :start + cut * per_step] = True
             mask[lo:hi, lo:hi] = _causal(hi - lo)
-        labels = (camera_cell_labels if self.task is synthetic_camera else cell_labels)(video, steps, per_step)
+        labels = (partial(camera_cell_labels, lead=self.lead_cells) if self.task is synthetic_camera
+                  else cell_labels)(video, steps, per_step)
         looks = (_camera_looks(labels, branches, [last for _, last in heads], start, per_step, self.look_first,
                                self.appearances, order_both=self.lookback)
                  if self.task is synthetic_camera and self.look else None)
-        backs = lookback_targets(labels, per_step) if self.task is synthetic_camera and self.lookback else None
+        backs = (lookback_targets(labels, per_step, self.lead_cells) if self.task is synthetic_camera and self.lookback
+                 else None)
         return (torch.cat(pieces), torch.cat(positions, dim=1), mask, pixels.pixel_values, pixels.grid_thw,
                 heads, rest, [b[0] for b in branches], labels, looks, backs)
 
@@ -317,7 +321,7 @@ def cell_labels(video, steps: int, per_step: int) -> torch.Tensor:
 CAMERA_SHAPES = SHAPES + ["distractor"]
 
 
-def camera_cell_labels(video, steps: int, per_step: int, cover: float = 0.25) -> torch.Tensor:
+def camera_cell_labels(video, steps: int, per_step: int, cover: float = 0.25, lead: bool = False) -> torch.Tensor:
     """(steps * per_step, 13) labels of each vision token of the camera suite: shape, colour, digit of what
     covers at least `cover` of its 28 x 28 cell (-100 where something covers less, ignored), whether the
     square / the circle appeared at an earlier step (from the step after its appearance ends), how many
@@ -330,7 +334,10 @@ def camera_cell_labels(video, steps: int, per_step: int, cover: float = 0.25) ->
     passed, clamp(step + 1 - middle, 0, 1): its mean over the video is 1 - middle / steps, the *when*.
     Columns 11-12, the same for stars on their own tokens (`--appearance-targets local`): a star covers
     some of this cell; on those cells, this is the star's first frame pair (1) or a later one (0),
-    -100 on every other cell."""
+    -100 on every other cell. With `lead` (`--lead-cells`): a star covers this cell solidly (at least
+    half as much of it as of the cell it covers most in that frame pair); on those cells, 1 only on the
+    onset's lead cell (the first solid cell, in reading order, of the star's first frame pair), so a
+    count is the number of lead cells whatever a star's size (a star touches 4 to 9 cells)."""
     owner = torch.from_numpy(video.owner.astype(np.int64))  # (steps, H, W)
     side = int(round(per_step ** 0.5))
     cell = owner.shape[1] // side
@@ -365,10 +372,14 @@ def camera_cell_labels(video, steps: int, per_step: int, cover: float = 0.25) ->
     labels[..., 9][labels[..., 0] == CAMERA_SHAPES.index("circle")] = circle_first
     for index, event in enumerate(video.events):
         if event.shape == "star":
-            cells = share[event.start:event.end, :, 2 + index] > 0  # (its steps, cells): the star's own tokens
+            mine = share[event.start:event.end, :, 2 + index]  # (its steps, cells)
+            cells = (mine > 0) & (mine >= 0.5 * mine.amax(-1, keepdim=True)) if lead else mine > 0
             labels[event.start:event.end, :, 11] |= cells.long()
             labels[event.start:event.end, :, 12][cells] = 0
-            labels[event.start, :, 12][cells[0]] = 1
+            onset = cells[0].clone()
+            if lead:  # only the first solid cell, in reading order
+                onset[int(onset.nonzero()[0]) + 1:] = False
+            labels[event.start, :, 12][onset] = 1
         if event.shape in ("square", "circle"):
             labels[event.end:, :, 3 if event.shape == "square" else 4] = 1
         elif event.shape == "star":
@@ -402,7 +413,7 @@ def _camera_looks(labels: torch.Tensor, branches: list, lasts: list[int], start:
     """[(question's last position, head, vision positions to look at, their weights or None)] for the
     branches that have a target; weights (summing to 1) make the target a distribution, None a mass.
     appearances "frame": count reads every token of each onset frame pair, "local" only the star's own
-    tokens there (and order, as with `first`, only the shape shown first)."""
+    tokens there, or its lead cell (`--lead-cells`) (and order, as with `first`, only the shape shown first)."""
     shape = labels[:, 0].reshape(-1, per_step)
     onset_tokens = (labels[:, 12] == 1) if appearances == "local" else (labels[:, 8] == 1)
     onset_tokens = onset_tokens.reshape(-1, per_step)
@@ -476,14 +487,16 @@ def attention_target_loss(probs: torch.Tensor, targets: torch.Tensor, spread: to
 # ("the triangle has been shown": its mean over the video is what *when* reads evenly); head 0 at the
 # square's and the circle's tokens looks at the other one's earlier tokens, else the sink (the later
 # shape then carries the first one's identity, which *order* reads); head 3 at a star's tokens looks at
-# the star tokens of the frame pair before, else the sink (sink: this is an onset, which *count* reads).
+# the star tokens of the frame pair before, else the sink (sink: this is an onset, which *count* reads); with
+# --lead-cells also at the earlier star tokens of its own frame pair (sink: an appearance's lead cell).
 LOOKBACK_LAYER = 1
-LOOKBACK_HEADS = (2, 0, 3)  # triangle so far, the other of square / circle, star in the previous frame pair
+LOOKBACK_HEADS = (2, 0, 3)  # triangle so far, the other of square / circle, star just before
 
 
-def lookback_targets(labels: torch.Tensor, per_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def lookback_targets(labels: torch.Tensor, per_step: int, lead: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(3, V) bool: which video tokens have a target, per LOOKBACK_HEADS entry; (3, V, V + 1) bool: the
-    target positions, column 0 the sink (the token before the video), column 1 + j video token j."""
+    target positions, column 0 the sink (the token before the video), column 1 + j video token j. `lead`:
+    the star head also looks at the earlier star tokens of its own frame pair (labels made with `lead`)."""
     shape, star = labels[:, 0], labels[:, 11] == 1
     n = len(shape)
     step = torch.arange(n) // per_step
@@ -491,9 +504,12 @@ def lookback_targets(labels: torch.Tensor, per_step: int) -> tuple[torch.Tensor,
     tri = shape == CAMERA_SHAPES.index("triangle")
     square, circle = shape == CAMERA_SHAPES.index("square"), shape == CAMERA_SHAPES.index("circle")
     other = torch.where(square.unsqueeze(1), circle.unsqueeze(0), square.unsqueeze(0) & circle.unsqueeze(1))
-    previous = (step.unsqueeze(1) - 1 == step.unsqueeze(0)) & star.unsqueeze(0)
+    before = torch.ones(n, n, dtype=torch.bool).tril(-1)  # j < i
+    just_before = step.unsqueeze(1) - 1 == step.unsqueeze(0)
+    if lead:
+        just_before = just_before | ((step.unsqueeze(1) == step.unsqueeze(0)) & before)
     queries = torch.stack([torch.ones(n, dtype=torch.bool), square | circle, star])
-    looks = torch.stack([tri.unsqueeze(0) & earlier, other & earlier, previous])
+    looks = torch.stack([tri.unsqueeze(0) & earlier, other & earlier, just_before & star.unsqueeze(0)])
     looks = looks & queries.unsqueeze(-1)
     sink = queries & ~looks.any(-1)
     return queries, torch.cat([sink.unsqueeze(-1), looks], dim=-1)
@@ -862,6 +878,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="--task camera: also teach layer 1 on the video tokens to look back at "
                         "the triangle so far, at the other of square and circle, at a star's previous frame "
                         "pair (else at a sink), and with --look the order question to read both shapes; training only")
+    parser.add_argument("--lead-cells", action="store_true",
+                        help="with --appearance-targets local: a star's onset on one lead cell per appearance (the "
+                        "first cell it covers solidly) and, with --lookback, the star head also looks at the earlier "
+                        "star cells of its own frame pair; measured, not used by the shipped model (its card)")
     parser.add_argument("--grow-vision", type=int, default=0,
                         help="with --init: add this many vision blocks after the checkpoint's, each a copy of its "
                         "last with the residual outputs zeroed (the grown tower starts as the old one)")
@@ -880,8 +900,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    if args.task != "camera" and (args.lookback or args.vision_minutes):
-        parser.error("--lookback and --vision-minutes are for --task camera")
+    if args.task != "camera" and (args.lookback or args.vision_minutes or args.lead_cells):
+        parser.error("--lookback, --vision-minutes and --lead-cells are for --task camera")
+    if args.lead_cells and not (args.lookback or args.appearance_targets == "local"):
+        parser.error("--lead-cells changes the labels of --appearance-targets local and --lookback: give one")
 
     torch.set_num_threads(args.threads)
     task = TASKS[args.task]
@@ -900,7 +922,8 @@ def main(argv: list[str] | None = None) -> None:
                                                                          task=task, look=args.look,
                                                                          look_first=args.look_first,
                                                                          appearances=args.appearance_targets,
-                                                                         lookback=args.lookback)
+                                                                         lookback=args.lookback,
+                                                                         lead_cells=args.lead_cells)
     if not examples:  # the temporal positions it is trained on (not its init's): longer streams are compressed
         # into them; a wider range it reads well is a measurement, declared by hand (see the model cards)
         model.config.emloc_temporal_range = max(args.lengths) // model.config.vision_config.temporal_patch_size

@@ -240,35 +240,49 @@ def test_a_run_that_never_evaluated_still_reports(tmp_path):
     assert training["steps"] == 1 and training["best"] is None and not (out / "config.json").exists()
 
 
-def test_local_appearance_labels_are_the_stars_own_tokens():
-    """Columns 11-12 (`--appearance-targets local`) from the owner map by separate code: a cell is a
-    star's if any of its pixels shows that star; an onset is the star's cells at its first frame pair."""
+def star_cells(video, index: int, step: int, lead: bool) -> list[int]:
+    """The cells (reading order) that show star `index` at `step`: any of its pixels, or with `lead`
+    (`--lead-cells`) at least half as many as its best-covered cell of that frame pair (its solid cells)."""
+    mine = [int((video.owner[step, 28 * y:28 * y + 28, 28 * x:28 * x + 28] == 2 + index).sum())
+            for y in range(4) for x in range(4)]
+    return [cell for cell in range(16) if mine[cell] and (2 * mine[cell] >= max(mine) or not lead)]
+
+
+@pytest.mark.parametrize("lead", [False, True])
+def test_local_appearance_labels_are_the_stars_own_tokens(lead):
+    """Columns 11-12 (`--appearance-targets local`) from the owner map by separate code: the cells that show
+    a star; its onset is those cells at its first frame pair, or with `lead` only the first of them (in
+    reading order): one lead cell per appearance."""
     for seed in range(6):
         video = synthetic_camera.make_video(10_000_000 + seed, frames=128)
-        labels = T.camera_cell_labels(video, 64, 16).reshape(64, 16, -1)
+        labels = T.camera_cell_labels(video, 64, 16, lead=lead).reshape(64, 16, -1)
         shown = np.zeros((64, 16), dtype=int)
         onset = np.full((64, 16), -100)
         for index, event in enumerate(video.events):
             if event.shape != "star":
                 continue
             for step in range(event.start, event.end):
-                for cell in range(16):
-                    y, x = divmod(cell, 4)
-                    if (video.owner[step, 28 * y:28 * y + 28, 28 * x:28 * x + 28] == 2 + index).any():
-                        shown[step, cell] = 1
-                        onset[step, cell] = int(step == event.start)
+                cells = star_cells(video, index, step, lead)
+                shown[step, cells] = 1
+                onset[step, cells] = int(step == event.start)
+                if step == event.start and lead:
+                    onset[step, cells[1:]] = 0
         assert np.array_equal(labels[:, :, 11].numpy(), shown) and np.array_equal(labels[:, :, 12].numpy(), onset)
+        stars = sum(e.shape == "star" for e in video.events)
+        assert ((onset == 1).sum() == stars) if lead else ((onset == 1).sum() > stars)
 
 
-def test_local_count_looks_at_the_onsets_own_tokens():
+@pytest.mark.parametrize("lead", [False, True])
+def test_local_count_looks_at_the_onsets_own_tokens(lead):
     tokenizer = tiny_tokenizer(WORDS + list(synthetic_camera.WORDS))
     model = Qwen2VLForConditionalGeneration.from_pretrained(MODEL).eval()
-    batcher = T.Batcher(model, tokenizer, describe=True, task=synthetic_camera, look=True, appearances="local")
+    batcher = T.Batcher(model, tokenizer, describe=True, task=synthetic_camera, look=True, appearances="local",
+                        lead_cells=lead)
     inputs, _, _, _ = batcher(SEEDS, 64)
     _, at, head, look, spread = inputs["cell_labels"]
     for row, seed in enumerate(SEEDS):
         video = synthetic_camera.make_video(seed, frames=64)
-        labels = T.camera_cell_labels(video, 32, 16)
+        labels = T.camera_cell_labels(video, 32, 16, lead=lead)
         start = int((inputs["input_ids"][row] == model.config.video_token_id).nonzero()[0])
         t = next(t for t in range(at.shape[1]) if int(head[row, t]) == 2)  # the count at the end
         k = sum(e.shape == "star" for e in video.events)
@@ -296,16 +310,18 @@ def test_balanced_shape_loss_is_the_mean_over_shapes():
     assert not torch.allclose(probe.loss(vision, vision, cells), plain.loss(vision, vision, cells))
 
 
-def test_lookback_targets_are_what_each_token_has_seen():
+@pytest.mark.parametrize("lead", [False, True])
+def test_lookback_targets_are_what_each_token_has_seen(lead):
     """`--lookback` targets from the owner map by separate code, token by token: the triangle's cells so
     far (else the sink), at the square's cells the circle's earlier cells and the reverse, at a star's cells
-    the star cells of the frame pair before (else the sink: an onset)."""
+    the star cells of the frame pair before, and with `lead` the earlier ones of its own (else the sink: an
+    onset's cells, or with `lead` its lead cell, one per appearance)."""
     for seed in range(4):
         video = synthetic_camera.make_video(10_000_000 + seed, frames=64)
-        labels = T.camera_cell_labels(video, 32, 16)
-        queries, targets = T.lookback_targets(labels, 16)
+        labels = T.camera_cell_labels(video, 32, 16, lead=lead)
+        queries, targets = T.lookback_targets(labels, 16, lead)
 
-        def cells(shape: str, strong: bool, video=video) -> set[int]:
+        def cells(shape: str, video=video) -> set[int]:  # where the shape covers the most, and a quarter
             found = set()
             for index, event in enumerate(video.events):
                 if event.shape != shape:
@@ -316,12 +332,13 @@ def test_lookback_targets_are_what_each_token_has_seen():
                         patch = video.owner[step, 28 * y:28 * y + 28, 28 * x:28 * x + 28].astype(int)
                         share = np.bincount(patch.flatten(), minlength=256)
                         mine, top = share[2 + index], share[1:].max()
-                        if (mine == top and mine >= 0.25 * 784) if strong else mine > 0:
+                        if mine == top and mine >= 0.25 * 784:
                             found.add(step * 16 + cell)
             return found
 
-        triangle, square, circle, star = (cells("triangle", True), cells("square", True), cells("circle", True),
-                                          cells("star", False))
+        triangle, square, circle = cells("triangle"), cells("square"), cells("circle")
+        star = {step * 16 + cell for index, event in enumerate(video.events) if event.shape == "star"
+                for step in range(event.start, event.end) for cell in star_cells(video, index, step, lead)}
         expected = {0: {}, 1: {}, 2: {}}
         for i in range(512):
             seen = {j for j in triangle if j <= i}
@@ -330,12 +347,16 @@ def test_lookback_targets_are_what_each_token_has_seen():
                 other = circle if i in square else square
                 expected[1][i] = {j for j in other if j <= i} or {"sink"}
             if i in star:
-                expected[2][i] = {j for j in star if j // 16 == i // 16 - 1} or {"sink"}
+                expected[2][i] = {j for j in star if j // 16 == i // 16 - 1
+                                  or (lead and j // 16 == i // 16 and j < i)} or {"sink"}
         for h in range(3):
             assert set(queries[h].nonzero().flatten().tolist()) == set(expected[h])
             for i, want in expected[h].items():
                 got = {"sink" if c == 0 else c - 1 for c in targets[h, i].nonzero().flatten().tolist()}
                 assert got == want, (seed, h, i)
+        onsets = {i for i, want in expected[2].items() if want == {"sink"}}  # with `lead`, one per appearance
+        assert onsets == set((labels[:, 12] == 1).nonzero().flatten().tolist())
+        assert (len(onsets) == sum(e.shape == "star" for e in video.events)) == lead
 
 
 def test_lookback_attention_is_the_models_attention():
@@ -411,7 +432,7 @@ def test_a_camera_run_with_lookback_and_a_grown_tower_saves_it(tmp_path):
     assert json.loads((out / "training.json").read_text())["steps"] == 1
 
 
-@pytest.mark.parametrize("flag", [["--lookback"], ["--vision-minutes", "1"]])
+@pytest.mark.parametrize("flag", [["--lookback"], ["--vision-minutes", "1"], ["--lead-cells"]])
 def test_camera_only_flags_are_refused_for_other_tasks(tmp_path, flag):
     with pytest.raises(SystemExit):
         T.main(["--out", str(tmp_path / "model"), "--task", "synthetic", *flag])
