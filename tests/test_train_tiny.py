@@ -321,7 +321,7 @@ def test_lookback_targets_are_what_each_token_has_seen(lead):
         labels = T.camera_cell_labels(video, 32, 16, lead=lead)
         queries, targets = T.lookback_targets(labels, 16, lead)
 
-        def cells(shape: str, video=video) -> set[int]:  # where the shape covers the most, and a quarter
+        def cells(shape: str, video=video) -> set[int]:  # cells it owns: most of any object, >= a quarter
             found = set()
             for index, event in enumerate(video.events):
                 if event.shape != shape:
