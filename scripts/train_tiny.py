@@ -23,7 +23,6 @@ import json
 import math
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -154,8 +153,8 @@ class Batcher:
         for lo, hi, cut in spans:
             mask[lo:hi, :start + cut * per_step] = True
             mask[lo:hi, lo:hi] = _causal(hi - lo)
-        labels = (partial(camera_cell_labels, lead=self.lead_cells) if self.task is synthetic_camera
-                  else cell_labels)(video, steps, per_step)
+        labels = (camera_cell_labels(video, steps, per_step, lead=self.lead_cells) if self.task is synthetic_camera
+                  else cell_labels(video, steps, per_step))
         looks = (_camera_looks(labels, branches, [last for _, last in heads], start, per_step, self.look_first,
                                self.appearances, order_both=self.lookback)
                  if self.task is synthetic_camera and self.look else None)
@@ -504,9 +503,9 @@ def lookback_targets(labels: torch.Tensor, per_step: int, lead: bool = False) ->
     tri = shape == CAMERA_SHAPES.index("triangle")
     square, circle = shape == CAMERA_SHAPES.index("square"), shape == CAMERA_SHAPES.index("circle")
     other = torch.where(square.unsqueeze(1), circle.unsqueeze(0), square.unsqueeze(0) & circle.unsqueeze(1))
-    before = torch.ones(n, n, dtype=torch.bool).tril(-1)  # j < i
     just_before = step.unsqueeze(1) - 1 == step.unsqueeze(0)
-    if lead:
+    if lead:  # and the earlier tokens of its own frame pair
+        before = torch.ones(n, n, dtype=torch.bool).tril(-1)  # j < i
         just_before = just_before | ((step.unsqueeze(1) == step.unsqueeze(0)) & before)
     queries = torch.stack([torch.ones(n, dtype=torch.bool), square | circle, star])
     looks = torch.stack([tri.unsqueeze(0) & earlier, other & earlier, just_before & star.unsqueeze(0)])

@@ -22,12 +22,17 @@ MODEL = ROOT / "models" / "emloc-tiny-camera"
 SEEDS = [10_000_001, 10_000_002]
 
 
-def batch():
-    tokenizer = tiny_tokenizer(WORDS + list(synthetic_camera.WORDS))
+def camera_batch(frames: int, **options):
+    """The shipped camera model, and a camera-suite Batcher's inputs and question kinds for SEEDS at
+    `frames` frames (options: the Batcher's)."""
     model = Qwen2VLForConditionalGeneration.from_pretrained(MODEL).eval()
-    batcher = T.Batcher(model, tokenizer, describe=True, task=synthetic_camera, look=True, look_first=True)
-    inputs, _, _, kinds = batcher(SEEDS, 32)
+    batcher = T.Batcher(model, tiny_tokenizer(WORDS + list(synthetic_camera.WORDS)), task=synthetic_camera, **options)
+    inputs, _, _, kinds = batcher(SEEDS, frames)
     return model, inputs, kinds
+
+
+def batch():
+    return camera_batch(32, describe=True, look=True, look_first=True)
 
 
 def eager_attentions(model, embeds, inputs: dict) -> tuple:
@@ -129,11 +134,7 @@ def test_the_benchmarks_needle_tokens_are_the_training_labels_triangle():
 
 
 def appearance_batch(frames: int = 64):
-    tokenizer = tiny_tokenizer(WORDS + list(synthetic_camera.WORDS))
-    model = Qwen2VLForConditionalGeneration.from_pretrained(MODEL).eval()
-    batcher = T.Batcher(model, tokenizer, describe=True, task=synthetic_camera, look=True, appearances="frame")
-    inputs, _, _, kinds = batcher(SEEDS, frames)
-    return model, inputs, kinds
+    return camera_batch(frames, describe=True, look=True, appearances="frame")
 
 
 def test_appearance_labels_are_the_answers():
@@ -274,11 +275,7 @@ def test_local_appearance_labels_are_the_stars_own_tokens(lead):
 
 @pytest.mark.parametrize("lead", [False, True])
 def test_local_count_looks_at_the_onsets_own_tokens(lead):
-    tokenizer = tiny_tokenizer(WORDS + list(synthetic_camera.WORDS))
-    model = Qwen2VLForConditionalGeneration.from_pretrained(MODEL).eval()
-    batcher = T.Batcher(model, tokenizer, describe=True, task=synthetic_camera, look=True, appearances="local",
-                        lead_cells=lead)
-    inputs, _, _, _ = batcher(SEEDS, 64)
+    model, inputs, _ = camera_batch(64, describe=True, look=True, appearances="local", lead_cells=lead)
     _, at, head, look, spread = inputs["cell_labels"]
     for row, seed in enumerate(SEEDS):
         video = synthetic_camera.make_video(seed, frames=64)
@@ -360,10 +357,7 @@ def test_lookback_targets_are_what_each_token_has_seen(lead):
 
 
 def test_lookback_attention_is_the_models_attention():
-    tokenizer = tiny_tokenizer(WORDS + list(synthetic_camera.WORDS))
-    model = Qwen2VLForConditionalGeneration.from_pretrained(MODEL).eval()
-    batcher = T.Batcher(model, tokenizer, task=synthetic_camera, look=True, appearances="local", lookback=True)
-    inputs, _, _, _ = batcher(SEEDS, 32)
+    model, inputs, _ = camera_batch(32, look=True, appearances="local", lookback=True)
     start, queries, targets = inputs.pop("lookback")
     assert start == int((inputs["input_ids"][0] == model.config.video_token_id).nonzero()[0])
     embeds, _, _, _, rest = T.embed_inputs(model, inputs)
@@ -387,11 +381,7 @@ def test_lookback_attention_is_the_models_attention():
 
 
 def test_order_reads_both_shapes_with_lookback():
-    tokenizer = tiny_tokenizer(WORDS + list(synthetic_camera.WORDS))
-    model = Qwen2VLForConditionalGeneration.from_pretrained(MODEL).eval()
-    batcher = T.Batcher(model, tokenizer, describe=True, task=synthetic_camera, look=True, appearances="local",
-                        lookback=True)
-    inputs, _, _, _ = batcher(SEEDS, 64)
+    model, inputs, _ = camera_batch(64, describe=True, look=True, appearances="local", lookback=True)
     _, at, head, look, _ = inputs["cell_labels"]
     start = int((inputs["input_ids"][0] == model.config.video_token_id).nonzero()[0])
     for row, seed in enumerate(SEEDS):
