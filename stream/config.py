@@ -91,6 +91,22 @@ class MqttConfig:
         return cls(host=host, port=int(port), **options)
 
 
+MAX_STREAM_ID_CHARS = 64
+
+
+def check_stream_id(stream_id) -> str:
+    """A stream id: 1 to 64 printable characters, none of them '/', '#', '+' or white space, so it is
+    one plain MQTT topic level and one URL path segment; ConfigError in one line otherwise."""
+    if not isinstance(stream_id, str) or not stream_id or len(stream_id) > MAX_STREAM_ID_CHARS \
+            or not stream_id.isprintable() or any(c in stream_id for c in "/#+") \
+            or any(c.isspace() for c in stream_id):
+        shown = repr(stream_id)[:40] + ("..." if len(repr(stream_id)) > 40 else "")
+        raise ConfigError(f"stream id must be 1 to {MAX_STREAM_ID_CHARS} printable characters without '/', '#', "
+                          f"'+' or spaces, got {shown}" + (f" ({len(stream_id)} characters)"
+                                                            if isinstance(stream_id, str) else ""))
+    return stream_id
+
+
 @dataclass(frozen=True)
 class StreamConfig:
     """One live stream: a URL or device, its questions and where its answers go."""
@@ -112,8 +128,7 @@ class StreamConfig:
     horizon: float = 3600.0  # how far (s) beyond the stream's time "at" may lie
 
     def __post_init__(self) -> None:
-        if not isinstance(self.id, str) or not self.id or any(c in self.id for c in "/#+ "):
-            raise ConfigError(f"stream id must be a non-empty name without '/', '#', '+' or spaces, got {self.id!r}")
+        check_stream_id(self.id)
         if not isinstance(self.source, str) or not self.source:
             raise ConfigError(f"stream {self.id}: source must be a URL or device path")
         for name in ("every", "save_every", "buffer", "max_waiting", "max_scheduled", "max_standing"):

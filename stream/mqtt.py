@@ -13,6 +13,12 @@ Answers (QoS 1) wait in an outbox until the broker has them: when the broker goe
 bridge reconnects with backoff and publishes what is waiting. QoS 1 is "at least once": an
 answer whose acknowledgement was lost with the connection is published again, so clients
 dedupe answers by `question_id`.
+
+The bridge speaks MQTT 5 and announces a Maximum Packet Size of the payload limit plus header
+room, so the broker drops a bigger message instead of sending it (it is never read into memory);
+a broker that refuses MQTT 5 gets 3.1.1, with a warning that the limit is then checked only
+after a message is read. A retained message on the ask or cancel topic is ignored (a note goes
+to the error topic): it would otherwise be asked again at every reconnection.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from collections import deque
 
 from sinks import AnswerEvent, Sink
 
-from .config import ConfigError, MqttConfig
+from .config import ConfigError, MqttConfig, check_stream_id
 from .questions import MAX_QUESTION_CHARS, BadQuestion, DuplicateId, Question, QuestionQueue, QueueFull, check_id
 
 log = logging.getLogger("emloc_stream")
@@ -36,6 +42,9 @@ MAX_NUMBER_CHARS = 32  # digits of one JSON number
 MAX_SAFE_INT = 2**53  # integer ids beyond this are refused (they would not survive a JSON client)
 REFUSED_CONNECT = {4: "bad user name or password", 5: "not authorized", 134: "bad user name or password",
                    135: "not authorized"}
+REFUSED_VERSION = {1, 132}  # "unacceptable protocol version" (3.1.1) / "unsupported protocol version" (5)
+HEADER_ROOM = 1024  # bytes of a PUBLISH beyond payload and topic: fixed header, packet id, properties
+NEVER_EXPIRES = 0xFFFFFFFF  # MQTT 5 session expiry: the broker keeps the session as 3.1.1's clean_session=False
 
 
 def read_json(payload: bytes, max_payload: int) -> dict:
@@ -154,12 +163,14 @@ class MqttBridge(Sink):
     say what happened to the messages it read."""
 
     def __init__(self, broker: MqttConfig, stream_id: str, queue: QuestionQueue) -> None:
-        self.broker, self.stream_id, self.queue = broker, stream_id, queue
+        self.broker, self.stream_id, self.queue = broker, check_stream_id(stream_id), queue
         self._tls = broker.ssl_context()  # ConfigError now, in the caller's thread, if unusable
         base = f"{broker.prefix}/{stream_id}"
         self.topics = dict(ask=f"{base}/ask", cancel=f"{base}/cancel", answer=f"{base}/answer",
                            error=f"{base}/error", status=f"{base}/status", cancelled=f"{base}/cancelled")
         self.client_id = f"emloc-stream-{stream_id}"  # fixed: the broker keeps this stream's session
+        self.max_packet = broker.max_payload + HEADER_ROOM + max(len(t.encode()) for t in self.topics.values())
+        self.protocol = 5  # until a broker refuses it; then 3.1.1
         self._outbox: deque[tuple[str, bytes, int]] = deque()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -171,7 +182,7 @@ class MqttBridge(Sink):
         self.refused = ""  # the broker refused our credentials or TLS: retrying will not help
         self.connects = 0
         self.last_error = ""
-        self.counts = dict(received=0, accepted=0, refused=0, redelivered=0, cancelled=0, failed=0)
+        self.counts = dict(received=0, accepted=0, refused=0, redelivered=0, cancelled=0, failed=0, retained=0)
         self._thread = threading.Thread(target=self._main, name=f"mqtt:{stream_id}", daemon=True)
 
     # --- used by the stream loop (any thread) ----------------------------------------
@@ -289,7 +300,7 @@ class MqttBridge(Sink):
             try:
                 async with aiomqtt.Client(self.broker.host, self.broker.port, username=self.broker.username,
                                           password=self.broker.password, tls_context=self._tls, timeout=5,
-                                          identifier=self.client_id, clean_session=False) as client:
+                                          identifier=self.client_id, **self._session()) as client:
                     self.connects += 1
                     self.connected.set()
                     self.tried.set()
@@ -307,6 +318,12 @@ class MqttBridge(Sink):
             except aiomqtt.MqttError as error:
                 self.last_error = str(error)
                 code = getattr(getattr(error, "rc", None), "value", getattr(error, "rc", None))
+                if code in REFUSED_VERSION and self.protocol == 5:
+                    self.protocol = 4
+                    log.warning("mqtt: %s:%s refused MQTT 5; using 3.1.1, where the broker may send payloads up to "
+                                "its own limit (read, then refused beyond %d bytes)", self.broker.host,
+                                self.broker.port, self.broker.max_payload)
+                    continue
                 if code in REFUSED_CONNECT:
                     self.refused = f"the broker refused the credentials ({REFUSED_CONNECT[code]})"
                 elif "SSL" in str(error).upper():
@@ -323,6 +340,19 @@ class MqttBridge(Sink):
                         self.last_error, delay)
             await self._sleep(delay)
             delay = min(delay * 2, self.broker.backoff[1])
+
+    def _session(self) -> dict:
+        """aiomqtt's arguments for a persistent session: MQTT 5 with a Maximum Packet Size, or 3.1.1."""
+        from aiomqtt import ProtocolVersion
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        if self.protocol == 4:
+            return dict(protocol=ProtocolVersion.V311, clean_session=False)
+        properties = Properties(PacketTypes.CONNECT)
+        properties.MaximumPacketSize = self.max_packet
+        properties.SessionExpiryInterval = NEVER_EXPIRES
+        return dict(protocol=ProtocolVersion.V5, clean_start=False, properties=properties)
 
     async def _sleep(self, seconds: float) -> None:
         self._wake.clear()
@@ -342,6 +372,11 @@ class MqttBridge(Sink):
             self._handle_message(queue.get_nowait())
 
     def _handle_message(self, message) -> None:
+        if message.retain:  # kept by the broker and sent at every subscription: not a question asked now
+            self.counts["retained"] += 1
+            self.publish_error(f"a retained message on {message.topic} is ignored: publish questions and "
+                               f"cancellations with retain off (clear it with an empty retained message)")
+            return
         payload = message.payload
         if isinstance(payload, str):
             payload = payload.encode("utf-8", "replace")

@@ -11,6 +11,12 @@ scheduled questions never take a one-off's place. `at` must lie within `horizon`
 of the stream's time. Ids are unique for the queue's life (a redelivered question is
 recognised by its id), and any waiting or standing question can be cancelled by id.
 Waiting and standing questions are also the observers that guide pruning.
+
+`Question` is the one check every transport's questions pass (HTTP, OpenAI chat, MQTT,
+questions files, saved state). Its text is text: the chat template's control tokens written
+in it (`<|im_end|>`, ...) are accepted and read as the plain characters they are written with
+(the model adapter tokenizes questions with `split_special_tokens`), so a question cannot
+open or close a turn, and no transport refuses or rewrites them.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from dataclasses import dataclass, field
 
 MAX_QUESTION_CHARS = 2000
 MAX_ID_CHARS = 128
+MAX_EVERY = 1_000_000  # chunks between a standing question's answers
+MAX_AT = 1e15  # seconds of stream time: a bound on the number itself; the queue's horizon is the practical one
 REMEMBERED_IDS = 100_000  # ids of answered questions kept to recognise a redelivery
 
 
@@ -75,11 +83,13 @@ class Question:
         if any(unicodedata.category(c) in ("Cc", "Cs") and c not in "\t\n\r" for c in self.text):
             raise BadQuestion("question text holds control characters or unpaired surrogates; questions are text")
         if self.at is not None and (not isinstance(self.at, (int, float)) or isinstance(self.at, bool)
-                                    or not math.isfinite(self.at) or self.at < 0):
-            raise BadQuestion(f"'at' must be a finite number of seconds >= 0, got {self.at!r}")
+                                    or not (isinstance(self.at, int) or math.isfinite(self.at))
+                                    or not 0 <= self.at <= MAX_AT):
+            raise BadQuestion(f"'at' must be a finite number of seconds from 0 to {MAX_AT:g}, got {_short(self.at)}")
         if self.every is not None and (not isinstance(self.every, int) or isinstance(self.every, bool)
-                                       or self.every < 1):
-            raise BadQuestion(f"'every' must be an integer number of chunks >= 1, got {self.every!r}")
+                                       or not 1 <= self.every <= MAX_EVERY):
+            raise BadQuestion(f"'every' must be an integer number of chunks from 1 to {MAX_EVERY}, "
+                              f"got {_short(self.every)}")
         if self.at is not None and self.every is not None:
             raise BadQuestion("a question is either scheduled ('at') or standing ('every'), not both")
         if not isinstance(self.wait, bool):
@@ -88,6 +98,15 @@ class Question:
     @property
     def kind(self) -> str:
         return "standing" if self.every is not None else "scheduled" if self.at is not None else "one-off"
+
+
+def _short(value) -> str:
+    """A value for an error message: a huge number is named by its size, not printed."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**20:
+        digits = int(abs(value).bit_length() * math.log10(2))  # str() of a huge int is refused (4300 digits)
+        digits += abs(value) >= 10**digits
+        return f"an integer of {digits} digits"
+    return repr(value)[:40]
 
 
 class QuestionQueue:
@@ -206,6 +225,11 @@ class QuestionQueue:
         with self._lock:
             return [dict(id=q.id, text=q.text, at=q.at, every=q.every, origin=q.origin, meta=q.meta, wait=q.wait)
                     for q in self._oneoff + self._scheduled + self._standing]
+
+    def ids(self) -> set[str]:
+        """Ids of the waiting and standing questions."""
+        with self._lock:
+            return {q.id for q in self._oneoff + self._scheduled + self._standing}
 
     def waiting(self) -> int:
         """One-off and scheduled questions waiting."""

@@ -52,10 +52,12 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
     from ..questions import BadQuestion, Question, QueueFull
     from ..service import LiveStream, serve
 
+    limits = None
     if getattr(args, "http", None):  # before the model loads: a refused address should not wait for it
         from ..http.server import check_bind
 
         check_bind(args.http, args.http_token)
+        limits = _http_limits(args)
     if getattr(args, "ha_discovery", False) and mqtt is None:
         raise ConfigError("--ha-discovery publishes to MQTT: give --mqtt HOST:PORT (or mqtt: in the config)")
     for spec in specs:
@@ -83,7 +85,7 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
                     except (BadQuestion, QueueFull) as error:
                         print(f"question refused: {error}", file=sys.stderr, flush=True)
         threading.Thread(target=read_stdin, daemon=True).start()
-    http = _start_http(args, streams)
+    http = _start_http(args, streams, limits)
     if getattr(args, "ha_discovery", False):
         from ..ha import HaDiscovery
 
@@ -104,13 +106,24 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
     return 0
 
 
-def _start_http(args: argparse.Namespace, streams: list):
+def _http_limits(args: argparse.Namespace):
+    from ..http.guard import HttpLimits
+
+    hosts = tuple(name for given in args.http_allow_host or () for name in given.split(","))
+    try:
+        return HttpLimits(allowed_hosts=hosts, rate=args.http_rate, burst=max(1, round(2 * args.http_rate)),
+                          head_timeout=args.http_timeout, body_timeout=args.http_timeout)
+    except ValueError as error:
+        raise ConfigError(f"--http-rate/--http-timeout: {error}") from error
+
+
+def _start_http(args: argparse.Namespace, streams: list, limits=None):
     if not getattr(args, "http", None):
         return None
     from ..http import HttpServer
 
     try:
-        server = HttpServer(streams, args.http, args.http_token)
+        server = HttpServer(streams, args.http, args.http_token, limits=limits)
     except ImportError as error:  # FastAPI, uvicorn, ... are an optional extra
         raise ConfigError(f"--http needs the http extra: pip install 'emloc-stream[http]' ({error})") from error
     server.start()
@@ -119,10 +132,20 @@ def _start_http(args: argparse.Namespace, streams: list):
 
 
 def add_web_options(p: argparse.ArgumentParser) -> None:
+    from ..http.guard import HttpLimits
+
     p.add_argument("--http", metavar="HOST:PORT", help="serve the REST API, the web page, /metrics and "
                    "/v1/chat/completions here (127.0.0.1 unless a token is set)")
     p.add_argument("--http-token", help="bearer token every endpoint but / and /health asks for "
                    "(default: $EMLOC_HTTP_TOKEN); required to bind beyond 127.0.0.1")
+    p.add_argument("--http-allow-host", action="append", metavar="NAME", help="a Host name the server answers to "
+                   "besides the bound address, localhost, 127.0.0.1 and [::1] (repeatable or comma-separated; '*': "
+                   "any); other Hosts get 421, which stops DNS-rebinding pages")
+    p.add_argument("--http-rate", type=float, default=HttpLimits.rate, help="requests per second one client (address) "
+                   f"may send, bursts of twice that; beyond, 429 with Retry-After (default {HttpLimits.rate:g})")
+    p.add_argument("--http-timeout", type=float, default=HttpLimits.head_timeout, help="seconds a request's head, and "
+                   f"then its body, may take to arrive; beyond, 408 and the connection is closed (default "
+                   f"{HttpLimits.head_timeout:g})")
     p.add_argument("--ha-discovery", action="store_true", help="announce standing questions to Home "
                    "Assistant as MQTT sensors (needs MQTT)")
 

@@ -1,17 +1,17 @@
 """The REST API, server-sent events, the page and /metrics, as one FastAPI app over the streams' hubs.
 
-Every endpoint but `/` and `/health` wants `Authorization: Bearer <token>` when a token is set.
-Bad requests get a 4xx whose `detail` names the problem. Stream and question ids from the client
-are only ever looked up in dictionaries, never used as paths.
+Every request first passes the `Guard` (guard.py): Host allow-list, per-client rate, bearer token
+(every endpoint but `/` and `/health` wants `Authorization: Bearer <token>` when a token is set),
+body size and time limits. Bad requests get a 4xx whose `detail` names the problem; every 429 says
+when to retry (`Retry-After`). Stream and question ids from the client are only ever looked up in
+dictionaries, never used as paths.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import io
 import json
-import re
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -22,14 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..questions import BadQuestion, Question, QueueFull
+from ..questions import BadQuestion, Question
+from .guard import Guard, HttpLimits, error_response
 from .hub import StreamHub
 from .metrics import Metrics
 
 PAGE = Path(__file__).with_name("page.html")
-MAX_BODY = 64 * 1024
-CONTROL_TOKEN = re.compile(r"<\|[^|<>]{1,40}\|>")
-OPEN_PATHS = {"/", "/health"}  # everything else wants the token, when one is set
 SAMPLE_EVERY = 1.0  # seconds between status samples (the page's chart, SSE status events)
 
 
@@ -40,17 +38,12 @@ class Ask(BaseModel):
     every: int | None = Field(None, description="re-answer every K folded chunks: a standing question")
 
 
-def checked_text(text: str) -> str:
-    """Refuses text that would smuggle chat-template control tokens into the prompt."""
-    found = CONTROL_TOKEN.search(text)
-    if found:
-        raise HTTPException(400, f"the question contains the control token {found.group()!r}; remove it")
-    return text
-
-
-def create_app(streams: list, token: str | None = None, answer_timeout: float = 120.0) -> FastAPI:
+def create_app(streams: list, token: str | None = None, answer_timeout: float = 120.0,
+               limits: HttpLimits | None = None, bound: str = "127.0.0.1") -> FastAPI:
+    """The app behind its Guard; `bound` is the address served on (its name is an allowed Host)."""
+    limits = limits or HttpLimits()
     metrics = Metrics()
-    hubs = {stream.spec.id: StreamHub(stream, metrics) for stream in streams}
+    hubs = {stream.spec.id: StreamHub(stream, metrics, client_share=limits.client_share) for stream in streams}
     metrics.hubs = list(hubs.values())
 
     @asynccontextmanager
@@ -74,21 +67,7 @@ def create_app(streams: list, token: str | None = None, answer_timeout: float = 
         return hub
 
     _install_error_handlers(app)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if token is not None and request.url.path not in OPEN_PATHS:
-            scheme, _, value = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-                return _error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
-                              {"WWW-Authenticate": "Bearer"})
-        length = request.headers.get("content-length")
-        if length is None and request.method in ("POST", "PUT", "PATCH") and \
-                request.headers.get("transfer-encoding"):
-            return _error(411, "send the body with a Content-Length (chunked bodies are not accepted)")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            return _error(413, f"request body of {length} bytes exceeds the limit of {MAX_BODY}")
-        return await call_next(request)
+    app.add_middleware(Guard, limits=limits, token=token, bound=bound)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -108,17 +87,14 @@ def create_app(streams: list, token: str | None = None, answer_timeout: float = 
         return dict(hub.status(), history=list(hub.history))
 
     @app.post("/streams/{stream_id}/questions", status_code=201)
-    async def ask(stream_id: str, body: Ask) -> dict:
+    async def ask(stream_id: str, body: Ask, request: Request) -> dict:
         hub = hub_of(stream_id)
-        queue = hub.stream.queue
         try:
-            question = Question(queue.new_id(), checked_text(body.question), at=body.at, every=body.every,
+            question = Question(hub.stream.queue.new_id(), body.question, at=body.at, every=body.every,
                                 origin="http")
-            queue.submit(question)
         except BadQuestion as error:
             raise HTTPException(422, str(error)) from error
-        except QueueFull as error:
-            raise HTTPException(429, str(error)) from error
+        hub.submit(question, client_of(request))
         kind = "standing" if question.every else "scheduled" if question.at is not None else "one-off"
         return {"id": question.id, "stream_id": stream_id, "kind": kind}
 
@@ -181,6 +157,11 @@ def create_app(streams: list, token: str | None = None, answer_timeout: float = 
     return app
 
 
+def client_of(request: Request) -> str:
+    """Who asks, for rate limits and queue shares: the peer address."""
+    return request.client.host if request.client else "unknown"
+
+
 async def _sample(hubs: dict) -> None:
     while True:
         for hub in hubs.values():
@@ -191,18 +172,10 @@ async def _sample(hubs: dict) -> None:
         await asyncio.sleep(SAMPLE_EVERY)
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    """Errors in one shape that plain clients (`detail`) and OpenAI clients (`error.message`) both read."""
-    kind = "authentication_error" if status == 401 else "not_found_error" if status == 404 else \
-        "invalid_request_error"
-    return JSONResponse({"detail": message, "error": {"message": message, "type": kind, "code": status}},
-                        status_code=status, headers=headers)
-
-
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return _error(error.status_code, str(error.detail), getattr(error, "headers", None))
+        return error_response(error.status_code, str(error.detail), getattr(error, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -212,4 +185,4 @@ def _install_error_handlers(app: FastAPI) -> None:
             cause = (item.get("ctx") or {}).get("error")
             because = f" ({cause})" if isinstance(cause, str) else ""
             problems.append(f"{where}: {item.get('msg', 'invalid')}{because}")
-        return _error(422, "; ".join(problems) or "invalid request")
+        return error_response(422, "; ".join(problems) or "invalid request")

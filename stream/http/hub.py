@@ -3,18 +3,25 @@
 A `StreamHub` is subscribed to its `LiveStream`: as a Sink it receives every answer, and it is told
 of folds and errors. It keeps the newest answers (numbered, for paging), a short history of the
 cache size, and passes events to the server-sent-event clients and to requests waiting for one
-answer. Sinks are called from the serving thread; clients live on the server's asyncio loop, so
-events cross over with `call_soon_threadsafe`.
+answer. Questions asked over HTTP enter its stream's queue through `submit`, which holds each
+client to its share of the one-off queue, and leave it through `abandon` when their client goes.
+Sinks are called from the serving thread; clients live on the server's asyncio loop, so events
+cross over with `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections import deque
 
+from fastapi import HTTPException
+
 from sinks import AnswerEvent, Sink
+
+from ..questions import BadQuestion, Question, QueueFull
 
 KEEP_ANSWERS = 1000  # newest answers held for GET .../answers
 KEEP_HISTORY = 600  # status samples held for the page's chart
@@ -22,8 +29,11 @@ CLIENT_BACKLOG = 256  # events an SSE client may fall behind before it is cut of
 
 
 class StreamHub(Sink):
-    def __init__(self, stream, metrics=None) -> None:
+    def __init__(self, stream, metrics=None, client_share: float = 1.0) -> None:
         self.stream, self.id, self.metrics = stream, stream.spec.id, metrics
+        self.client_share = client_share
+        self.answer_s = 1.0  # typical seconds per answer (moving average): what a 429 says to wait
+        self._held: dict[str, set[str]] = {}  # client -> ids of its one-off questions (some answered since)
         self.answers: deque[dict] = deque(maxlen=KEEP_ANSWERS)
         self.history: deque[dict] = deque(maxlen=KEEP_HISTORY)
         self.latest_by_question: dict[str, dict] = {}
@@ -46,6 +56,7 @@ class StreamHub(Sink):
             self.latest_by_question[event.question_id] = data
         if self.metrics is not None:
             self.metrics.observe_answer(self.id, event.latency_s)
+        self.answer_s = 0.8 * self.answer_s + 0.2 * event.latency_s
         self._publish("answer", data)
         self._settle(event.question_id, data, None)
 
@@ -59,6 +70,41 @@ class StreamHub(Sink):
             self._settle(question_id, None, message)
 
     # --- used by the server (its loop) -------------------------------------------------
+    def submit(self, question: Question, client: str) -> Question:
+        """Queues `question` for `client`, or HTTPException: 429 (with Retry-After) when the queue, or the
+        client's share of the one-off queue, is full; 422 when the queue refuses it."""
+        queue = self.stream.queue
+        retry = {"Retry-After": str(max(1, math.ceil(self.answer_s)))}
+        held = None
+        if question.kind == "one-off":
+            held = self._held.get(client, set()) & queue.ids()  # those still waiting
+            share = max(1, int(queue.limits["one-off"] * self.client_share))
+            if len(held) >= share:
+                raise HTTPException(429, f"{client} has {len(held)} one-off questions waiting on stream {self.id!r}, "
+                                         f"its share of the queue ({share} of {queue.limits['one-off']}); ask again "
+                                         f"once one is answered", retry)
+        try:
+            queue.submit(question)
+        except BadQuestion as error:
+            raise HTTPException(422, str(error)) from error
+        except QueueFull as error:
+            raise HTTPException(429, str(error), retry) from error
+        if held is not None:
+            self._held[client] = held | {question.id}
+        return question
+
+    def abandon(self, question_id: str) -> bool:
+        """Withdraws a question whose client went away before its answer; True if it was still waiting
+        (so it is never computed), False if it is being (or was) answered."""
+        self.forget(question_id)
+        try:
+            self.stream.queue.cancel(question_id)
+        except BadQuestion:
+            return False
+        if self.metrics is not None:
+            self.metrics.abandoned[self.id] = self.metrics.abandoned.get(self.id, 0) + 1
+        return True
+
     def status(self) -> dict:
         status = self.stream.status()
         status["standing"] = [dict(q, latest=self.latest_by_question.get(q["id"]))
@@ -73,6 +119,8 @@ class StreamHub(Sink):
                      chunks_folded=status["chunks_folded"], lag_s=status["lag_s"])
         self.history.append(point)
         self._publish("status", status)
+        waiting = self.stream.queue.ids()
+        self._held = {client: ids & waiting for client, ids in self._held.items() if ids & waiting}
         return status
 
     def answers_since(self, since: int, limit: int) -> list[dict]:

@@ -15,6 +15,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.hubs: list = []
         self.folded: dict[str, int] = {}
+        self.abandoned: dict[str, int] = {}  # questions withdrawn because their HTTP client went away
         self.fold_seconds = Histogram("emloc_fold_seconds", "Time to fold one chunk into the cache", ["stream"],
                                       buckets=FOLD_BUCKETS, registry=self.registry)
         self.answer_seconds = Histogram("emloc_answer_latency_seconds", "Time to answer one question over the cache",
@@ -40,7 +41,8 @@ class _StatusCollector:
             ("frames_folded", "Frames folded into the cache"),
             ("frames_dropped", "Frames dropped because folding fell behind the source"),
             ("chunks_folded", "Chunks folded into the cache"),
-            ("answers", "Questions answered"))}
+            ("answers", "Questions answered"),
+            ("questions_abandoned", "Questions withdrawn unanswered because their HTTP client went away"))}
         gauges = {name: GaugeMetricFamily(f"emloc_{name}", text, labels=["stream"]) for name, text in (
             ("cache_tokens", "Tokens per layer in the compressed cache"),
             ("temporal_scale", "Spacing of the video's temporal positions (below 1 once compressed past the "
@@ -56,6 +58,7 @@ class _StatusCollector:
             counters["frames_dropped"].add_metric(label, status["frames_dropped"])
             counters["chunks_folded"].add_metric(label, status["chunks_folded"])
             counters["answers"].add_metric(label, status["answers"])
+            counters["questions_abandoned"].add_metric(label, self.metrics.abandoned.get(hub.id, 0))
             gauges["cache_tokens"].add_metric(label, status["cache_tokens"])
             gauges["temporal_scale"].add_metric(label, status["temporal_scale"])
             gauges["lag_seconds"].add_metric(label, status["lag_s"])

@@ -2,7 +2,8 @@
 question, answered over that stream's current cache (as a one-off question on its queue).
 
 The model answers in one piece, so a streamed response is one content chunk between the role
-chunk and the finishing one; OpenAI clients read it like any other stream.
+chunk and the finishing one; OpenAI clients read it like any other stream. A client that goes
+away before its answer has its question withdrawn from the queue, so it is never computed.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import time
 import uuid
 from typing import Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict
 from sse_starlette.sse import EventSourceResponse
 
-from ..questions import BadQuestion, Question, QueueFull
+from ..questions import BadQuestion, Question
 
 router = APIRouter()
 
@@ -59,41 +60,66 @@ def question_of(request: ChatRequest) -> str:
     return content.strip()
 
 
+class ClientGone(Exception):
+    """The client closed its connection before the answer came."""
+
+
+async def client_gone(request: Request) -> None:
+    """Returns once the client has disconnected (its body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request):
-    from .app import checked_text
+    from .app import client_of
 
     hub = request.app.state.hubs.get(body.model)
     if hub is None:
         raise HTTPException(404, f"model {body.model[:64]!r} is not a stream here; the streams are "
                                  f"{sorted(request.app.state.hubs)}")
-    text = checked_text(question_of(body))
     question_id = f"chat-{uuid.uuid4().hex[:12]}"
+    try:
+        question = Question(question_id, question_of(body), origin="http")
+    except BadQuestion as error:
+        raise HTTPException(422, str(error)) from error
     answer = hub.expect(question_id)
     try:
-        hub.stream.queue.submit(Question(question_id, text, origin="http"))
-    except BadQuestion as error:
+        hub.submit(question, client_of(request))
+    except HTTPException:
         hub.forget(question_id)
-        raise HTTPException(422, str(error)) from error
-    except QueueFull as error:
-        hub.forget(question_id)
-        raise HTTPException(429, str(error)) from error
+        raise
     created = int(time.time())
     base = dict(id=question_id, created=created, model=body.model)
 
     async def outcome() -> dict:
+        """The answer; ClientGone (question withdrawn) if the client leaves first, 504 after the timeout."""
+        gone = asyncio.ensure_future(client_gone(request))
         try:
-            data, error = await asyncio.wait_for(asyncio.shield(answer), request.app.state.answer_timeout)
-        except asyncio.TimeoutError as error:
-            hub.forget(question_id)
-            raise HTTPException(504, f"stream {body.model!r} gave no answer within "
-                                     f"{request.app.state.answer_timeout:.0f} s (is it serving?)") from error
-        if error is not None:
-            raise HTTPException(422, f"the question could not be answered: {error}")
-        return data
+            done, _ = await asyncio.wait({answer, gone}, timeout=request.app.state.answer_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the streamed response was cancelled: its client left
+            hub.abandon(question_id)
+            raise
+        finally:
+            gone.cancel()
+        if answer in done:
+            data, error = answer.result()
+            if error is not None:
+                raise HTTPException(422, f"the question could not be answered: {error}")
+            return data
+        if gone in done:
+            hub.abandon(question_id)
+            raise ClientGone()
+        hub.forget(question_id)
+        raise HTTPException(504, f"stream {body.model!r} gave no answer within "
+                                 f"{request.app.state.answer_timeout:.0f} s (is it serving?)")
 
     if not body.stream:
-        data = await outcome()
+        try:
+            data = await outcome()
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
         return dict(base, object="chat.completion",
                     choices=[dict(index=0, message=dict(role="assistant", content=data["answer"]),
                                   finish_reason="stop")],
@@ -111,6 +137,8 @@ async def chat_completions(body: ChatRequest, request: Request):
             data = await outcome()
         except HTTPException as error:  # the stream has begun: the error goes in the stream, as OpenAI does
             yield {"data": json.dumps({"error": {"message": error.detail, "code": error.status_code}})}
+            return
+        except ClientGone:
             return
         yield chunk({"content": data["answer"]})
         yield chunk({}, "stop")

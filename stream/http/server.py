@@ -1,4 +1,7 @@
-"""Runs the app with uvicorn in a thread beside the serving loop; refuses a non-loopback bind without a token."""
+"""Runs the app with uvicorn in a thread beside the serving loop; refuses a non-loopback bind without a token.
+
+uvicorn runs with the limits of `HttpLimits`: h11 with a deadline on request heads, the
+keep-alive idle timeout, a cap on open connections (503 beyond) and h11's cap on a head's size."""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import ipaddress
 import logging
 import os
 import threading
+
+from .guard import HttpLimits, head_timeout_protocol
 
 TOKEN_ENV = "EMLOC_HTTP_TOKEN"
 
@@ -44,16 +49,24 @@ def check_bind(bind: str, token: str | None) -> tuple[tuple[str, int], str | Non
     return (host, port), token
 
 
+MAX_HEAD_BYTES = 16 * 1024  # a request line and headers beyond this get 400 (h11)
+
+
 class HttpServer:
-    def __init__(self, streams: list, bind: str = "127.0.0.1:8080", token: str | None = None) -> None:
+    def __init__(self, streams: list, bind: str = "127.0.0.1:8080", token: str | None = None,
+                 limits: HttpLimits | None = None) -> None:
         (self.host, self.port), token = check_bind(bind, token)
         import uvicorn
 
         from .app import create_app
 
-        self.app = create_app(streams, token=token)
+        limits = limits or HttpLimits()
+        self.app = create_app(streams, token=token, limits=limits, bound=self.host)
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", access_log=False,
-                                lifespan="on", timeout_graceful_shutdown=2)
+                                lifespan="on", timeout_graceful_shutdown=2,
+                                http=head_timeout_protocol(limits.head_timeout), ws="none",
+                                timeout_keep_alive=limits.idle_timeout, limit_concurrency=limits.max_connections,
+                                h11_max_incomplete_event_size=MAX_HEAD_BYTES)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)
 
