@@ -22,6 +22,10 @@ With merging on (`EMLoCSettings.merge_dropped`), a kept token also stands for th
 dropped tokens most like it: `log_mass` (log of how many it stands for) is added to
 its attention logit, so the attention a run of redundant tokens drew is kept
 (proportional attention). A layer that never merged has none and no attention bias.
+
+A hybrid model's full-attention layer also carries the state of the linear-attention layers that
+feed it (`recurrent`, `emloc.recurrent.RecurrentStates`): it follows the tail (forked by a rewind,
+committed with it) and is never pruned.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class PrunedLayer(CacheLayerMixin):
         self.importance: torch.Tensor | None = None
         self.log_mass: torch.Tensor | None = None
         self.merged = False  # some token stands for more than itself: attention needs the bias
+        self.recurrent = None  # linear-attention states of a hybrid model's block (emloc.recurrent)
 
     # --- the transformers cache-layer interface -------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -131,11 +136,15 @@ class PrunedLayer(CacheLayerMixin):
         self.log_mass[:, :, self.length:self.length + n] = 0 if log_mass is None else log_mass
         self.merged = self.merged or log_mass is not None
         self.tail = n
+        if self.recurrent is not None:
+            self.recurrent.settle(n)
 
     def drop_tail(self, keep: int = 0) -> None:
         """Forgets tail tokens after the first `keep` (observer or question tokens)."""
         if not 0 <= keep <= self.tail:
             raise ValueError(f"cannot keep {keep} of {self.tail} tail tokens")
+        if self.recurrent is not None:
+            self.recurrent.rewind(keep)
         self.tail = keep
 
     def commit_tail(self, origins: torch.Tensor, importance: torch.Tensor) -> None:
@@ -146,6 +155,8 @@ class PrunedLayer(CacheLayerMixin):
         self.origins[:, :, self.length:end] = origins
         self.importance[:, :, self.length:end] = importance.float()
         self.length, self.tail = end, 0
+        if self.recurrent is not None:
+            self.recurrent.commit()
 
     def keep_committed(self, index: torch.Tensor) -> None:
         """Keeps only the committed tokens at `index` (1, kv_heads, n), ascending per head.
@@ -186,16 +197,19 @@ class PrunedLayer(CacheLayerMixin):
         if not self.is_initialized:
             return (None,)
         return (self.length, self._k, self._v, self.origins, self.importance, self.log_mass, self.merged,
-                self.committed_importance().clone())
+                self.committed_importance().clone(), self.recurrent, self.recurrent and self.recurrent.save())
 
     def put_back(self, saved: tuple) -> None:
         """Returns the layer to the state `save` recorded, with no tail."""
         if saved[0] is None:
             self.__init__()
             return
-        self.length, self._k, self._v, self.origins, self.importance, self.log_mass, self.merged, importance = saved
+        (self.length, self._k, self._v, self.origins, self.importance, self.log_mass, self.merged, importance,
+         self.recurrent, states) = saved
         self.importance[:, :, :self.length] = importance
         self.tail = 0
+        if self.recurrent is not None:
+            self.recurrent.put_back(states)
 
     # --- snapshots --------------------------------------------------------------------
     def export(self) -> dict[str, torch.Tensor]:
@@ -207,11 +221,15 @@ class PrunedLayer(CacheLayerMixin):
             ("importance", self.committed_importance()))}
         if self.merged:
             out["log_mass"] = self.log_mass[:, :, :self.length].contiguous().clone()
+        if self.recurrent is not None:
+            out.update(self.recurrent.export())
         return out
 
     def restore(self, keys: torch.Tensor, values: torch.Tensor, origins: torch.Tensor,
-                importance: torch.Tensor, log_mass: torch.Tensor | None = None) -> None:
-        """Replaces the layer by exported state (no tail)."""
+                importance: torch.Tensor, log_mass: torch.Tensor | None = None,
+                recurrent: dict[str, torch.Tensor] | None = None) -> None:
+        """Replaces the layer by exported state (no tail); recurrent: its linear-attention states
+        (`conv.<d>`, `recurrent.<d>`), for a hybrid model's layer."""
         n = keys.shape[2]
         shapes = (values.shape[2], origins.shape[-1], importance.shape[-1]) + (
             () if log_mass is None else (log_mass.shape[-1],))
@@ -225,6 +243,12 @@ class PrunedLayer(CacheLayerMixin):
         self.merged = log_mass is not None
         self.log_mass[:, :, :n] = 0 if log_mass is None else log_mass.float()
         self.length, self.tail = n, 0
+        if recurrent:
+            from .recurrent import RecurrentStates
+
+            self.recurrent = RecurrentStates.from_tensors(recurrent)
+        else:
+            self.recurrent = None
 
     def nbytes(self) -> int:
         """Bytes of the committed keys, values and their metadata."""
@@ -233,7 +257,7 @@ class PrunedLayer(CacheLayerMixin):
         per_token = (self._k.shape[-1] * self._k.element_size() + self._v.shape[-1] * self._v.element_size()
                      + self.origins.element_size() + self.importance.element_size()
                      + (self.log_mass.element_size() if self.merged else 0))
-        return self.length * self._k.shape[1] * per_token
+        return self.length * self._k.shape[1] * per_token + (self.recurrent.nbytes() if self.recurrent else 0)
 
     def capacity_nbytes(self) -> int:
         """Bytes allocated, committed or not."""
@@ -290,7 +314,7 @@ class PrunedCache(Cache):
 
     def export(self) -> dict[str, torch.Tensor]:
         """Every layer's committed state, named `layers.<i>.<keys|values|origins|importance>` (and
-        `log_mass` for a layer that merged)."""
+        `log_mass` for a layer that merged, `conv.<d>`/`recurrent.<d>` for a hybrid model's block)."""
         return {f"layers.{i}.{name}": t for i, layer in enumerate(self.layers) for name, t in layer.export().items()}
 
     def restore(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -299,7 +323,9 @@ class PrunedCache(Cache):
                 parts = [tensors[f"layers.{i}.{name}"] for name in ("keys", "values", "origins", "importance")]
             except KeyError as error:
                 raise ValueError(f"saved cache has no {error.args[0]!r}") from error
-            layer.restore(*parts, tensors.get(f"layers.{i}.log_mass"))
+            linear = {name[len(f"layers.{i}."):]: t for name, t in tensors.items()
+                      if name.startswith((f"layers.{i}.conv.", f"layers.{i}.recurrent."))}
+            layer.restore(*parts, tensors.get(f"layers.{i}.log_mass"), linear)
 
     def capacity_nbytes(self) -> int:
         return sum(layer.capacity_nbytes() for layer in self.layers)

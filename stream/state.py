@@ -41,6 +41,7 @@ COUNTERS = ("chunks_folded", "steps", "sink_tokens", "video_start", "max_positio
             "temporal_halvings")
 EXTRA = ("state.counters", "state.times", "state.layout")  # the tensors besides the layers
 TENSOR_PARTS = ("keys", "values", "origins", "importance")
+LINEAR_NAME = re.compile(r"layers\.[0-9]+\.(conv|recurrent)\.[0-9]+")  # a hybrid model's linear-attention states
 
 
 class StateError(RuntimeError):
@@ -242,7 +243,8 @@ def _check_cache(folder: Path, context: StreamContext, start: dict, tensors: dic
                          f"{start['sink_tokens']} (this model's preamble"
                          + (" and its task pack)" if context.task is not None else ")"))
     merged = sum(k.endswith(".log_mass") for k in tensors)  # a layer that merged dropped tokens keeps their mass
-    if len(tensors) - len(EXTRA) - merged != 4 * adapter.num_layers or merged > adapter.num_layers:
+    linear = sum(bool(LINEAR_NAME.fullmatch(k)) for k in tensors)  # a hybrid model's recurrent states, checked below
+    if len(tensors) - len(EXTRA) - merged - linear != 4 * adapter.num_layers or merged > adapter.num_layers:
         raise StateError(f"{folder}: the cache file holds {len(tensors) - len(EXTRA)} layer tensors, the model needs "
                          f"{4 * adapter.num_layers} (and up to {adapter.num_layers} log_mass)")
     expected = context.halvings_for(context.steps_folded - 1)
@@ -270,6 +272,23 @@ def _check_cache(folder: Path, context: StreamContext, start: dict, tensors: dic
         mass = layer.attention_bias()
         if mass is not None and not (torch.isfinite(mass).all() and (mass >= 0).all()):
             raise StateError(f"{folder}: layer {i}'s log_mass is not finite and >= 0")
+        _check_recurrent(folder, i, layer, adapter.recurrent_state_shapes(i))
+
+
+def _check_recurrent(folder: Path, i: int, layer, expected: dict) -> None:
+    """A hybrid model's linear-attention states of layer i: exactly the ones the model has, each of its
+    shape and dtype and finite (nothing else can be checked of a recurrence: any state is possible)."""
+    saved = layer.recurrent.export() if layer.recurrent is not None else {}
+    if set(saved) != set(expected):
+        raise StateError(f"{folder}: layer {i} holds linear-attention states {sorted(saved)}, this model needs "
+                         f"{sorted(expected)}")
+    for name, (shape, dtype) in expected.items():
+        state = saved[name]
+        if tuple(state.shape) != tuple(shape) or state.dtype != dtype:
+            raise StateError(f"{folder}: layer {i}'s linear-attention state {name} is {tuple(state.shape)} "
+                             f"{state.dtype}; this model needs {tuple(shape)} {dtype}")
+        if not torch.isfinite(state).all():
+            raise StateError(f"{folder}: layer {i}'s linear-attention state {name} is not finite")
 
 
 def _finite(value) -> bool:

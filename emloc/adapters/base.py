@@ -129,6 +129,12 @@ class ModelAdapter(ABC):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head over the last layer's output, in float32."""
 
+    def recurrent_state_shapes(self, index: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """A hybrid model's linear-attention states that layer `index` (a full-attention layer, run with
+        the linear-attention layers feeding it) carries: name (`conv.<d>`, `recurrent.<d>` for decoder
+        layer d) -> (shape, dtype); none for a model whose every layer is attention (the default)."""
+        return {}
+
     # --- the chat format ----------------------------------------------------------
     @abstractmethod
     def preamble_ids(self, system_prompt: str) -> torch.Tensor:

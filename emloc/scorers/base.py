@@ -48,9 +48,10 @@ class ChunkView:
         equal at any position (a rotation by -angle undoes the rotate-half RoPE)."""
         cos, sin = (t.float().unsqueeze(1) for t in self.rotary)
         keys = self.keys[layer].float()
-        half = keys.shape[-1] // 2
-        rotated_half = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
-        return keys * cos - rotated_half * sin
+        rot = cos.shape[-1]  # a partial rotary (Qwen3.5) turns the first channels only
+        part, half = keys[..., :rot], rot // 2
+        rotated_half = torch.cat((-part[..., half:], part[..., :half]), dim=-1)
+        return torch.cat((part * cos - rotated_half * sin, keys[..., rot:]), dim=-1)
 
     def patches(self) -> tuple[int, int]:
         """(steps, patches per step) of the chunk's token grid."""

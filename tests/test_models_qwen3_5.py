@@ -1,0 +1,377 @@
+"""Qwen3.5 (issue 26): a hybrid model, three Gated DeltaNet layers for each full-attention layer.
+
+The linear-attention layers carry a recurrent state (conv + delta-rule state) beside the pruned cache:
+folds carry it unpruned, answers, observers and the search's re-runs fork it. Checked against the plain
+transformers model over the whole sequence (its own hybrid cache), never against emloc's own code.
+"""
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache, Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+from emloc import EMLoCSettings, StreamContext
+from emloc.adapters import Qwen3_5Adapter, adapter_for
+from emloc.tiny import _ids, tiny_tokenizer
+
+from .reference import (
+    chat_preamble,
+    chat_question,
+    plain_greedy,
+    plain_logits,
+    published_rope_index,
+    random_frames,
+    video_rope_kwargs,
+)
+
+SYSTEM = "You are a helpful assistant."
+QUESTION = "what colour was the triangle ?"
+STOP = None  # set from the tokenizer
+
+
+def tiny_qwen3_5(tokenizer, *, layers: int = 4, seed: int = 1, init_std: float | None = 0.15,
+                 moe: bool = False) -> Qwen3_5ForConditionalGeneration:
+    """A random Qwen3.5 small enough for CPU: `layers` decoder layers, every fourth full attention
+    (3 linear + 1 full for 4), hidden 64, head_dim 16 of which half is rotated (interleaved M-RoPE)."""
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_conv_kernel_dim=4,
+                linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                max_position_embeddings=32768, **_ids(tokenizer),
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                 "mrope_interleaved": True, "partial_rotary_factor": 0.5})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
+    if moe:
+        from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+        text.update(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+        config, cls = Qwen3_5MoeConfig(text_config=text, vision_config=vision, **_ids(tokenizer)), \
+            Qwen3_5MoeForConditionalGeneration
+    else:
+        config, cls = Qwen3_5Config(text_config=text, vision_config=vision, **_ids(tokenizer)), \
+            Qwen3_5ForConditionalGeneration
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = cls(config)
+        if init_std is not None:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if param.dim() >= 2 and "conv1d" not in name:
+                        param.normal_(0.0, init_std)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def qwen3_5(tokenizer):
+    return tiny_qwen3_5(tokenizer)
+
+
+def stops(model, tokenizer) -> set[int]:
+    return {model.config.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+
+
+def full_sequence(context, model, tokenizer, chunks):
+    """(ids, pixel values, grid, positions) of preamble + every chunk as one video + the question."""
+    full = context.adapter.preprocess(np.concatenate(chunks))
+    n_video = full.pixel_values.shape[0] // 4
+    question = chat_question(tokenizer, QUESTION)
+    ids = chat_preamble(tokenizer, SYSTEM) + [model.config.video_token_id] * n_video + question
+    positions = published_rope_index(ids, video_grids=[full.grid_thw], **video_rope_kwargs(model))
+    return ids, full, positions, len(question)
+
+
+@torch.no_grad()
+def plain_states(model, ids, full, positions) -> DynamicCache:
+    """The plain model's own hybrid cache after the whole sequence (transformers' LinearAttention layers)."""
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([ids]), pixel_values_videos=full.pixel_values,
+          video_grid_thw=torch.tensor([list(full.grid_thw)]), position_ids=positions.unsqueeze(1), cache=cache,
+          use_cache=True)
+    return cache
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_lossless_fold_matches_the_plain_model(qwen3_5, tokenizer, chunks):
+    settings = EMLoCSettings(layer_group_size=1, ratios=(1.0,), chunk_frames=4, system_prompt=SYSTEM)
+    context = StreamContext(qwen3_5, tokenizer, settings)
+    assert isinstance(context.adapter, Qwen3_5Adapter) and context.adapter.num_layers == 1
+    frames = [random_frames(4, seed=s) for s in range(chunks)]
+    for chunk in frames:
+        record = context.fold(chunk)
+        assert record.kept == [record.chunk_tokens]
+    answer = context.answer(QUESTION, max_new_tokens=6, return_logits=True)
+
+    ids, full, positions, n_question = full_sequence(context, qwen3_5, tokenizer, frames)
+    expected = plain_logits(qwen3_5, ids, full.pixel_values, full.grid_thw, positions)[-n_question:]
+    error = float((answer.prompt_logits - expected).abs().max())
+    assert error <= 1e-4, error
+    greedy = plain_greedy(qwen3_5, ids, full.pixel_values, full.grid_thw, positions, 6, stop=stops(qwen3_5, tokenizer))
+    assert answer.token_ids == greedy and len(greedy) > 0
+
+
+# --- pruned folds: the recurrent state is the state after the whole unpruned chunk ---------------------------
+PRUNING = EMLoCSettings(layer_group_size=1, delta=10.0, ratios=(0.25, 1.0), chunk_frames=8, system_prompt=SYSTEM)
+
+
+@pytest.fixture(scope="module")
+def qwen3_5_deep(tokenizer):
+    """8 decoder layers: two blocks of 3 linear + 1 full attention, so pruning one block moves the next."""
+    return tiny_qwen3_5(tokenizer, layers=8, seed=2)
+
+
+@torch.no_grad()
+def replay(model, tokenizer, chunks, kept):
+    """The plain model's decoder layers over the preamble then each chunk, on transformers' own hybrid
+    cache (its LinearAttentionLayer keeps the recurrent states), with each full-attention layer's keys and
+    values replaced after every chunk by what emloc kept (`kept[k][layer]`: (keys, values, log-mass or None)
+    after chunk k; a merged key's log-mass is added to its attention logits). Positions from the published
+    rule over the whole sequence. Returns the cache."""
+    from transformers.cache_utils import DynamicLayer
+
+    from .reference import additive_causal_mask
+
+    lm, text = model.model.language_model, model.config.text_config
+    adapter = Qwen3_5Adapter(model, tokenizer)
+    full = adapter.preprocess(np.concatenate(chunks))
+    video = model.model.visual(full.pixel_values, grid_thw=torch.tensor([list(full.grid_thw)])).pooler_output
+    preamble = chat_preamble(tokenizer, SYSTEM)
+    ids = preamble + [model.config.video_token_id] * video.shape[0]
+    positions = published_rope_index(ids, video_grids=[full.grid_thw], **video_rope_kwargs(model))
+    n = video.shape[0] // len(chunks)
+    segments = [(model.get_input_embeddings()(torch.tensor([preamble])), 0, len(preamble))]
+    segments += [(video[k * n:(k + 1) * n].unsqueeze(0), len(preamble) + k * n, len(preamble) + (k + 1) * n)
+                 for k in range(len(chunks))]
+    cache, bias = DynamicCache(config=model.config), {}
+    for k, (hidden, a, b) in enumerate(segments):
+        rotary = lm.rotary_emb(hidden, positions[:, a:b].unsqueeze(1))
+        for d, layer in enumerate(lm.layers):
+            mask = None  # linear attention takes none
+            if text.layer_types[d] == "full_attention":
+                prefix = cache.layers[d].get_seq_length()
+                mask = additive_causal_mask(prefix, b - a, hidden.dtype).repeat(1, text.num_attention_heads, 1, 1)
+                if bias.get(d) is not None:
+                    groups = text.num_attention_heads // text.num_key_value_heads
+                    mask[..., :prefix] += bias[d].repeat_interleave(groups, dim=1).unsqueeze(2)
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, cache=cache)
+        if k >= 1:  # the chunk's keys as emloc kept them
+            for i, d in enumerate(adapter.attention_layers):
+                keys, values, bias[d] = kept[k - 1][i]
+                fresh = DynamicLayer()
+                fresh.update(keys.clone(), values.clone())
+                cache.layers[d] = fresh
+    return cache
+
+
+def linear_states(context) -> dict[str, torch.Tensor]:
+    """Every linear-attention layer's committed (conv, recurrent) states, by decoder index."""
+    out = {}
+    for layer in context.cache.layers:
+        out.update(layer.recurrent.export())
+    return out
+
+
+def test_pruned_folds_carry_the_unpruned_recurrent_state(qwen3_5_deep, tokenizer):
+    context = StreamContext(qwen3_5_deep, tokenizer, PRUNING)
+    assert context.adapter.num_layers == 2 and context.adapter.blocks == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    chunks = [random_frames(8, seed=10 + k) for k in range(3)]
+    kept = []
+    for chunk in chunks:
+        record = context.fold(chunk, questions=[QUESTION])
+        assert all(k < record.chunk_tokens for k in record.kept), record.kept  # both blocks were pruned
+        kept.append([(layer.keys.clone(), layer.values.clone(), layer.attention_bias())
+                     for layer in context.cache.layers])
+    reference = replay(qwen3_5_deep, tokenizer, chunks, kept)
+    ours = linear_states(context)
+    assert set(ours) == {f"{kind}.{d}" for d in (0, 1, 2, 4, 5, 6) for kind in ("conv", "recurrent")}
+    for d in (0, 1, 2, 4, 5, 6):
+        library = reference.layers[d]
+        torch.testing.assert_close(ours[f"conv.{d}"], library.conv_states[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours[f"recurrent.{d}"], library.recurrent_states[0].float(), atol=1e-5, rtol=0)
+    # the first block's linear layers never see an attention layer: the plain model over the whole unpruned
+    # sequence gives their state directly
+    ids, full, positions, n_question = full_sequence(context, qwen3_5_deep, tokenizer, chunks)
+    whole = plain_states(qwen3_5_deep, ids[:-n_question], full, positions[:, :-n_question])
+    for d in (0, 1, 2):
+        torch.testing.assert_close(ours[f"recurrent.{d}"], whole.layers[d].recurrent_states[0].float(), atol=1e-5,
+                                   rtol=0)
+        torch.testing.assert_close(ours[f"conv.{d}"], whole.layers[d].conv_states[0], atol=1e-5, rtol=0)
+
+
+def test_answers_fork_the_state(qwen3_5_deep, tokenizer):
+    """Answering (with frames not yet in a chunk, and sampling) leaves every state bit-identical, so a
+    second answer equals the first."""
+    context = StreamContext(qwen3_5_deep, tokenizer, PRUNING)
+    for k in range(2):
+        context.fold(random_frames(8, seed=20 + k))
+    before = linear_states(context)
+    keys = [layer.keys.clone() for layer in context.cache.layers]
+    first = context.answer(QUESTION, max_new_tokens=5, return_logits=True, partial_frames=random_frames(2, seed=7))
+    second = context.answer(QUESTION, max_new_tokens=5, return_logits=True, partial_frames=random_frames(2, seed=7))
+    assert first.token_ids == second.token_ids and torch.equal(first.prompt_logits, second.prompt_logits)
+    context.answer("what digit is on screen now ?", max_new_tokens=4, temperature=1.0, seed=3)
+    after = linear_states(context)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert all(torch.equal(a, layer.keys) for a, layer in zip(keys, context.cache.layers))
+    assert all(layer.tail == 0 and layer.recurrent.at == 0 for layer in context.cache.layers)
+
+
+def test_snapshot_restore_includes_the_recurrent_states(qwen3_5_deep, tokenizer):
+    straight = StreamContext(qwen3_5_deep, tokenizer, PRUNING)
+    for k in range(3):
+        straight.fold(random_frames(8, seed=30 + k))
+    first = StreamContext(qwen3_5_deep, tokenizer, PRUNING)
+    for k in range(2):
+        first.fold(random_frames(8, seed=30 + k))
+    tensors, meta = first.snapshot()
+    assert {name for name in tensors if ".recurrent." in name or ".conv." in name}
+    resumed = StreamContext(qwen3_5_deep, tokenizer, PRUNING)
+    resumed.restore(tensors, meta)
+    resumed.fold(random_frames(8, seed=32))
+    a = straight.answer(QUESTION, max_new_tokens=4, return_logits=True)
+    b = resumed.answer(QUESTION, max_new_tokens=4, return_logits=True)
+    assert a.token_ids == b.token_ids and torch.equal(a.prompt_logits, b.prompt_logits)
+    ours, theirs = linear_states(straight), linear_states(resumed)
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
+def test_saved_state_round_trip_and_tampered_recurrent_states(qwen3_5_deep, tokenizer, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from stream.state import StateError, load_state, save_state
+
+    from .test_state import rewrite
+
+    context = StreamContext(qwen3_5_deep, tokenizer, PRUNING)
+    for k in range(2):
+        context.fold(random_frames(8, seed=40 + k), timestamps=[4.0 * k + 0.5 * i for i in range(8)])
+    save_state(tmp_path / "s", context, {"last_time": 7.5})
+    resumed = StreamContext(qwen3_5_deep, tokenizer, PRUNING)
+    assert load_state(tmp_path / "s", resumed) == {"last_time": 7.5}
+    ours, theirs = linear_states(context), linear_states(resumed)
+    assert set(ours) == set(theirs) and all(torch.equal(ours[n], theirs[n]) for n in ours)
+    a, b = (c.answer(QUESTION, max_new_tokens=4, return_logits=True) for c in (context, resumed))
+    assert a.token_ids == b.token_ids and torch.equal(a.prompt_logits, b.prompt_logits)
+
+    cases = [
+        (lambda t: t["layers.1.recurrent.5"].view(-1)[0].fill_(float("nan")), "recurrent.5 is not finite"),
+        (lambda t: t["layers.0.conv.2"].view(-1)[3].fill_(float("inf")), "conv.2 is not finite"),
+        (lambda t: t.update({"layers.0.recurrent.1": t["layers.0.recurrent.1"][..., :4].contiguous()}),
+         r"recurrent.1 is \(1, 4, 8, 4\)"),
+        (lambda t: t.update({"layers.0.conv.0": t["layers.0.conv.0"].double()}), "conv.0 is .* torch.float64"),
+        (lambda t: t.pop("layers.1.conv.6"), "layer 1 holds linear-attention states"),
+        (lambda t: t.update({"layers.0.recurrent.3": t["layers.0.recurrent.2"].clone()}), "layer 0 holds linear"),
+    ]
+    for k, (edit, match) in enumerate(cases):
+        folder = tmp_path / f"t{k}"
+        save_state(folder, context, {"last_time": 7.5})
+        manifest = json.loads((folder / "manifest.json").read_text())
+        tensors = load_file(str(folder / manifest["cache"]))
+        edit(tensors)
+        rewrite(folder, manifest, tensors)  # a forger who recomputes every checksum
+        with pytest.raises(StateError, match=match):
+            load_state(folder, StreamContext(qwen3_5_deep, tokenizer, PRUNING))
+    # and one damaged byte of a recurrent state, checksums untouched
+    folder = tmp_path / "damaged"
+    save_state(folder, context, {"last_time": 7.5})
+    manifest = json.loads((folder / "manifest.json").read_text())
+    cache = folder / manifest["cache"]
+    data = bytearray(cache.read_bytes())
+    data[-7] ^= 0x40
+    cache.write_bytes(bytes(data))
+    with pytest.raises(StateError, match="truncated or modified"):
+        load_state(folder, StreamContext(qwen3_5_deep, tokenizer, PRUNING))
+
+
+# --- positions: only the full-attention keys carry a rotation --------------------------------------------------
+def test_shift_keys_turns_the_partial_rotary_like_the_model(qwen3_5, tokenizer):
+    """A key rotated at (t, h, w) and shifted by s equals the key rotated at (t + s, h, w); the channels
+    past the rotary dimension are untouched."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import apply_rotary_pos_emb
+
+    adapter = Qwen3_5Adapter(qwen3_5, tokenizer)
+    raw = torch.randn(1, adapter.num_kv_heads, 6, adapter.head_dim)
+    at = torch.tensor([[3, 5, 9, 9, 12, 40], [0, 1, 2, 0, 1, 2], [1, 0, 2, 2, 1, 0]])
+    shift = torch.tensor([-1.5, 2.0, -4.0, 0.0, 7.0, -20.0])
+
+    def rotated(positions):
+        cos, sin = adapter.rotary(raw.new_zeros(1), positions)
+        return apply_rotary_pos_emb(raw, raw, cos, sin)[1]
+
+    moved = adapter.shift_keys(rotated(at.float()), shift.view(1, 1, -1).expand(1, adapter.num_kv_heads, -1))
+    target = at.float().clone()
+    target[0] += shift
+    torch.testing.assert_close(moved, rotated(target), atol=1e-5, rtol=0)
+    assert torch.equal(moved[..., 8:], raw[..., 8:])  # head_dim 16, half of it rotated
+
+
+def test_temporal_halving_moves_the_attention_keys_only(qwen3_5_deep, tokenizer):
+    """Past the temporal range the committed video keys are turned back (full-attention layers); the
+    recurrent states hold no position and stay as they are."""
+    from dataclasses import replace
+
+    settings = replace(PRUNING, temporal_range=6)
+    context = StreamContext(qwen3_5_deep, tokenizer, settings)
+    context.fold(random_frames(8, seed=50))
+    states = linear_states(context)
+    keys = [layer.keys.clone() for layer in context.cache.layers]
+    record = context.fold(random_frames(8, seed=51))  # steps 4..7 reach past 6: the spacing is halved
+    assert context.temporal_halvings == 1 and record.temporal_scale == 0.5
+    assert any(not torch.equal(k, layer.keys[:, :, :k.shape[2]]) for k, layer in zip(keys, context.cache.layers))
+    # the second fold advanced the states from exactly the first fold's: replaying it on a copy proves it
+    again = StreamContext(qwen3_5_deep, tokenizer, settings)
+    again.fold(random_frames(8, seed=50))
+    assert all(torch.equal(states[n], t) for n, t in linear_states(again).items())
+    assert context.answer(QUESTION, max_new_tokens=3).token_ids is not None
+
+
+# --- the MoE variant, the registry and the CLI ------------------------------------------------------------------
+def test_moe_variant_is_lossless(tokenizer):
+    model = tiny_qwen3_5(tokenizer, moe=True, seed=3)
+    settings = EMLoCSettings(layer_group_size=1, ratios=(1.0,), chunk_frames=4, system_prompt=SYSTEM)
+    context = StreamContext(model, tokenizer, settings)
+    assert type(context.adapter) is Qwen3_5Adapter and adapter_for(model, tokenizer).num_layers == 1
+    frames = [random_frames(4, seed=s) for s in range(2)]
+    for chunk in frames:
+        context.fold(chunk)
+    answer = context.answer(QUESTION, max_new_tokens=4, return_logits=True)
+    ids, full, positions, n_question = full_sequence(context, model, tokenizer, frames)
+    expected = plain_logits(model, ids, full.pixel_values, full.grid_thw, positions)[-n_question:]
+    torch.testing.assert_close(answer.prompt_logits, expected, atol=1e-4, rtol=0)
+    assert answer.token_ids == plain_greedy(model, ids, full.pixel_values, full.grid_thw, positions, 4,
+                                            stop=stops(model, tokenizer))
+
+
+def test_cli_runs_a_saved_checkpoint(tokenizer, tmp_path):
+    import subprocess
+
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from stream.sources import write_video
+    from stream.synthetic import make_video
+
+    from .test_cli import cli_env, console_script
+
+    model = tiny_qwen3_5(tokenizer, layers=8, seed=4)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    Qwen2VLImageProcessorPil(patch_size=14, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
+        tmp_path / "model")
+    video = make_video(3_326_001, frames=24)
+    path = write_video(tmp_path / "clip.mp4", video.frames, video.fps)
+    config = tmp_path / "c.yaml"
+    config.write_text("emloc:\n  layer_group_size: 1\n  chunk_frames: 8\n")
+    result = subprocess.run([console_script(), "run", str(path), "--model", str(tmp_path / "model"), "--config",
+                             str(config), "--ask", QUESTION, "--max-new-tokens", "3", "--state", str(tmp_path / "st")],
+                            capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("chunk ") >= 3 and "  A: " in result.stdout
+    manifest = (tmp_path / "st" / "manifest.json").read_text()
+    assert "Qwen3_5Adapter" in manifest
