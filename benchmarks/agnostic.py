@@ -90,6 +90,8 @@ METHODS = [
     M("tar_keydiff_merge", "TaR + KeyDiff + merging", scorer="tar+keydiff", merge_dropped=True),
     M("tar_observer_merge", "TaR + observer + merging", scorer="tar+observer", merge_dropped=True),
     Method("default", "default: TaR + KeyDiff + merging (EMLoCSettings())", default=True),
+    Method("default_decode", "default with a fresh 16-token probe answer every chunk (the default until "
+           "issue 25; now the answer is carried)", (("probe_answer_refresh", "decode"),), default=True),
     Method("uniform", "uniform frames at the default's share", baseline="uniform_frames"),
 ]
 NEEDLE_METHODS = ["full", "default", "observer", "paper", "tar", "uniform"]

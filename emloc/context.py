@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from .adapters import InputError, ModelAdapter, adapter_for
 from .budget import enforce_budget
 from .cache import PrunedCache
-from .forward import generate, run_layers
-from .observer import Observer, ObserverPass, observe
+from .forward import LayerWork, counting_layers, generate, run_layers
+from .observer import Observer, ObserverPass, ObserverRun, observe, observe_together
 from .policies import FoldState, JSBoundedSearch, RetentionPolicy
 from .records import Answer, FoldRecord
 from .scorers import ChunkView, Scorer, attention_share, scorer_from_settings
@@ -82,7 +82,12 @@ class StreamContext:
         self._video_layout: list[tuple[int, int, int]] = []
         declared = self.settings.temporal_range
         self.temporal_range = (self.adapter.temporal_range if declared is None else declared) or None  # 0: never
+        if self.temporal_range is not None and self.adapter.temporal_policy_refusal:
+            raise SettingsError(f"temporal_range={self.temporal_range} is not supported for "
+                                f"{type(self.adapter).__name__}: {self.adapter.temporal_policy_refusal}")
         self._time_span: tuple[float, float] | None = None
+        # the probe's answer as the model last gave it, carried to the next chunk (probe_answer_refresh: carry)
+        self.probe_answer: tuple[int, ...] = ()
         self.task = task
         if task is None:
             self._start_stream()
@@ -140,25 +145,27 @@ class StreamContext:
         adapter = self.adapter
         clock = time.perf_counter()
         pixels = adapter.preprocess(frames)
+        pixels.first_step = self._steps
         embeds = adapter.encode_video(pixels)
         vision_s = time.perf_counter() - clock
 
         n, t = embeds.shape[1], pixels.grid_thw[0]
         observers = self._observers(questions) if self.policy.needs_observers else []
-        steps = torch.arange(t).repeat_interleave(n // t)
+        steps = adapter.token_steps(pixels, n)
         counters = (self.temporal_halvings, self.max_position, list(self._video_layout))
         halving = self.halvings_for(self._steps + t - 1) > self.temporal_halvings
         try:  # a halving moves committed keys: undone with the fold it was for (the fold saves its own work)
             with self.cache.saved() if halving else contextlib.nullcontext():
                 self._fit_positions(self._steps + t - 1)
-                positions = adapter.video_positions(self.video_start, self._steps, pixels, self.temporal_scale)
+                positions = adapter.video_positions(self._chunk_start(), self._steps, pixels, self.temporal_scale)
                 if not self._video_layout or self._video_layout[-1][2] != n // t:
                     self._video_layout.append((self.tokens_seen, self._steps, n // t))
                 fold = self._fold_segment(embeds, positions, steps,
-                                          lambda start: self._question_passes(observers, start, n))
+                                          lambda start: self._question_runs(observers, start, n))
         except BaseException:
             self.temporal_halvings, self.max_position, self._video_layout = counters
             raise
+        self._carry_probe_answer(fold["observers"], fold.pop("greedy"))
         first = int(positions[0].min())
         self._steps += t
         if timestamps:
@@ -198,12 +205,18 @@ class StreamContext:
         prepared = [self._example_observer(o) for o in observers]
         vision_s = time.perf_counter() - clock
         fold = self._fold_segment(embeds, positions, torch.cat(steps),
-                                  lambda at: [self._example_pass(o, at) for o in prepared])
+                                  lambda at: [self._example_run(o, at) for o in prepared])
+        fold.pop("greedy")
         self.video_start = start  # the next picture (or the stream's video) starts here
         self.max_position = max(self.max_position, start - 1)
         self.sink_tokens = self.tokens_seen  # examples are never evicted
         return self._record(fold, frames=sum(len(e.frames) for e in examples), padded_frames=0, vision_s=vision_s,
                             positions=(int(positions[0].min()), int(positions[0].max())))
+
+    def _chunk_start(self) -> int:
+        """Where the next chunk's positions start: the video's start (the adapter adds the chunk's own
+        temporal offset), or right after the last position for families that chain their frames."""
+        return self.max_position + 1 if self.adapter.chains_positions else self.video_start
 
     # --- positions past the model's range ---------------------------------------------------
     @property
@@ -268,41 +281,79 @@ class StreamContext:
         ids = torch.cat([self.adapter.question_ids(example.question), answer])
         return Observer("example", example.question, tuple(answer.tolist())), video, positions, ids
 
-    def _example_pass(self, prepared, start: int) -> ObserverPass:
+    def _example_run(self, prepared, start: int) -> ObserverRun:
         observer, video, video_positions, ids = prepared
         video_positions = video_positions + start
         first = int(video_positions.max()) + 1
         embeds = torch.cat([video, self.adapter.embed_text(ids)], dim=1)
         positions = torch.cat([video_positions, self.adapter.text_positions(first, len(ids))], dim=1)
-        return observe(self.adapter, self.cache, observer, None, positions, len(observer.answer_ids) + 1,
-                       embeds=embeds)
+        return ObserverRun(observer, embeds, positions, len(observer.answer_ids) + 1)
 
-    def _question_passes(self, observers: list[Observer], start: int, chunk_len: int) -> list[ObserverPass]:
-        passes = []
-        for k, observer in enumerate(observers):
+    def _question_runs(self, observers: list[Observer], start: int, chunk_len: int) -> list[ObserverRun]:
+        """The observers as runs after the chunk. The probe carries the model's answer to it: the one it
+        gave over the previous chunk (checked and extended in this chunk's own pass), or, with
+        `probe_answer_refresh: decode`, a fresh greedy answer over this chunk (one pass per token)."""
+        runs = []
+        for observer in observers:
             ids = self.adapter.question_ids(observer.text)
             if observer.kind == "probe" and self.settings.probe_answer_tokens:
-                observer = observers[k] = self._with_own_answer(observer, ids, start, chunk_len)
+                if self.settings.probe_answer_refresh == "decode":
+                    observer = self._with_own_answer(observer, ids, start, chunk_len)
+                else:
+                    observer = Observer(observer.kind, observer.text, self.probe_answer)
                 ids = torch.cat([ids, torch.tensor(observer.answer_ids, dtype=ids.dtype)])
-            passes.append(observe(self.adapter, self.cache, observer, ids, self.adapter.text_positions(start, len(ids)),
-                                  self.settings.observed_positions))
-        return passes
+            embeds, positions = self.adapter.embed_text(ids), self.adapter.text_positions(start, len(ids))
+            runs.append(ObserverRun(observer, embeds, positions, self.settings.observed_positions))
+        return runs
 
-    def _fold_segment(self, embeds: torch.Tensor, positions: torch.Tensor, steps: torch.Tensor, make_passes) -> dict:
+    def _carry_probe_answer(self, observers: list[Observer], greedy: list[torch.Tensor]) -> None:
+        """Keeps of the carried answer what the model still says after this chunk (the tokens its
+        greedy choice confirms, in the probe's own pass) and adds the token it would say next: the
+        answer follows the video one token a chunk at no extra pass."""
+        if self.settings.probe_answer_refresh != "carry" or not self.settings.probe_answer_tokens:
+            return
+        for observer, said in zip(observers, greedy):
+            if observer.kind != "probe":
+                continue
+            answer = list(observer.answer_ids)
+            asked = len(said) - len(answer)  # the probe's own tokens
+            said = said.tolist()
+            kept = next((j for j, token in enumerate(answer) if said[asked - 1 + j] != token), len(answer))
+            answer = answer[:kept]
+            following = said[asked - 1 + kept]
+            if following not in self.adapter.stop_ids() and kept < self.settings.probe_answer_tokens:
+                answer.append(following)
+            self.probe_answer = tuple(answer)
+
+    def _fold_segment(self, embeds: torch.Tensor, positions: torch.Tensor, steps: torch.Tensor, make_runs) -> dict:
         """Prefills a segment (1, n, d) at `positions` (3, n), runs the observers after it
-        (`make_passes(first free position)`), ranks its tokens, lets the policy choose what each
+        (`make_runs(first free position)`: the first in the prefill's own pass, the others together in
+        one more), ranks its tokens, lets the policy choose what each
         layer keeps, commits, and enforces the budget. All or nothing."""
         adapter, cache, settings = self.adapter, self.cache, self.settings
         n = embeds.shape[1]
         before = cache.lengths()
-        with cache.saved():  # all or nothing: a failure at any layer puts every layer back
+        with cache.saved(), counting_layers() as work:  # all or nothing: a failure puts every layer back
+            max_position = max(self.max_position, int(positions.max()))
+            # a fresh decode of the probe's answer needs the chunk in the cache before the runs exist
+            decode_first = settings.probe_answer_refresh == "decode" and settings.probe_answer_tokens > 0
             clock = time.perf_counter()
-            run_layers(adapter, cache, embeds, positions)
+            runs = make_runs(max_position + 1) if self.policy.needs_observers and not decode_first else []
+            if runs:  # the first observer rides in the chunk's prefill pass: it comes right after the chunk
+                passes, greedy = observe_together(adapter, cache, runs[:1], lead=(embeds, positions))
+                runs = runs[1:]
+            else:
+                run_layers(adapter, cache, embeds, positions)
+                passes, greedy = [], []
             prefill_s = time.perf_counter() - clock
 
             clock = time.perf_counter()
-            max_position = max(self.max_position, int(positions.max()))
-            passes = make_passes(max_position + 1)
+            if decode_first and self.policy.needs_observers:
+                runs = make_runs(max_position + 1)
+            together = adapter.attention_implementation in FoldState.BATCHED_ATTENTION
+            for batch in ([runs] if together else [[run] for run in runs]) if runs else []:
+                more, more_greedy = observe_together(adapter, cache, batch)
+                passes, greedy = passes + more, greedy + more_greedy
             observe_s = time.perf_counter() - clock
 
             clock = time.perf_counter()
@@ -331,7 +382,8 @@ class StreamContext:
         self.max_position = max_position
         return dict(chunk_tokens=n, groups=retention.groups, kept=kept, evicted=evicted, tokens_before=before,
                     observers=[p.observer for p in passes], max_position=max_position, prefill_s=prefill_s,
-                    observe_s=observe_s, search_s=search_s, evaluations=state.evaluations, score_s=score_s)
+                    observe_s=observe_s, search_s=search_s, evaluations=state.evaluations, score_s=score_s,
+                    greedy=greedy, work=LayerWork(work.calls, work.token_layers))
 
     def _record(self, fold: dict, **fields) -> FoldRecord:
         record = FoldRecord(index=self.chunks_folded, tokens_after=self.cache.lengths(), time_span=self._time_span,
@@ -409,6 +461,7 @@ class StreamContext:
         meta.update(video_layout=[list(entry) for entry in self._video_layout],
                     time_span=list(self._time_span) if self._time_span else None, settings=self.settings.to_dict(),
                     model=self.adapter.identity(), standing_questions=list(self.standing_questions),
+                    probe_answer=list(self.probe_answer),
                     task=self.task.digest if self.task is not None else None)
         return self.cache.export(), meta
 
@@ -437,6 +490,17 @@ class StreamContext:
         self._video_layout = [tuple(int(x) for x in entry) for entry in meta["video_layout"]]
         self._time_span = tuple(meta["time_span"]) if meta.get("time_span") else None
         self.standing_questions = list(meta.get("standing_questions", []))
+        self.probe_answer = self._checked_probe_answer(meta.get("probe_answer", []))
+
+    def _checked_probe_answer(self, answer) -> tuple[int, ...]:
+        """A saved carried answer (untrusted): token ids the model has, no longer than the setting allows
+        (a state saved before answers were carried has none: the next chunk starts a new one)."""
+        vocab = self.adapter.model.get_input_embeddings().num_embeddings
+        if (not isinstance(answer, list) or len(answer) > self.settings.probe_answer_tokens
+                or not all(type(t) is int and 0 <= t < vocab for t in answer)):
+            raise ValueError(f"probe_answer must be a list of at most {self.settings.probe_answer_tokens} token ids "
+                             f"below {vocab}")
+        return tuple(answer)
 
     # --- answer ----------------------------------------------------------------------
     @_one_at_a_time
@@ -458,15 +522,20 @@ class StreamContext:
         try:
             if partial_frames is not None and len(partial_frames):
                 pixels = adapter.preprocess(partial_frames)
-                positions = adapter.video_positions(self.video_start, self._steps, pixels, self.temporal_scale)
+                pixels.first_step = self._steps
+                positions = adapter.video_positions(self._chunk_start(), self._steps, pixels, self.temporal_scale)
                 run_layers(adapter, self.cache, adapter.encode_video(pixels), positions)
                 start = max(start, int(positions.max()) + 1)
+            timing: dict = {}
+            partial_s = time.perf_counter() - clock
             tokens, logits = generate(adapter, self.cache, ids, adapter.text_positions(start, len(ids)),
-                                      max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
+                                      max_new_tokens, temperature=temperature, top_p=top_p, generator=generator,
+                                      timing=timing)
         finally:
             self.cache.drop_tails()
         lengths = self.cache.lengths()
         return Answer(question=question, text=adapter.decode(tokens), token_ids=tokens,
                       cache_tokens=round(sum(lengths) / len(lengths)), chunks_folded=self.chunks_folded,
                       time_span=self._time_span, latency_s=time.perf_counter() - clock,
-                      prompt_logits=logits if return_logits else None)
+                      prompt_logits=logits if return_logits else None,
+                      first_token_s=partial_s + timing["first_token_s"], decode_s=timing["decode_s"])

@@ -6,6 +6,12 @@ see that layer's whole cached prefix and each other causally.
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
@@ -48,37 +54,83 @@ def layer_mask(adapter: ModelAdapter, cache: PrunedCache, index: int, hidden: to
     return additive.to(hidden.dtype)
 
 
+@dataclass
+class LayerWork:
+    """Decoder work, counted the way a GPU pays for it: `calls` sequential decoder-layer calls
+    (each a round of kernel launches, however few its tokens) and `token_layers` tokens x layers
+    (the arithmetic). Hardware-independent, so CPU runs can state what a GPU fold would cost."""
+
+    calls: int = 0
+    token_layers: int = 0
+
+    def __sub__(self, other: LayerWork) -> LayerWork:
+        return LayerWork(self.calls - other.calls, self.token_layers - other.token_layers)
+
+
+_counters = threading.local()
+
+
+@contextmanager
+def counting_layers() -> Iterator[LayerWork]:
+    """Counts, in this thread, the decoder-layer calls `run_layers` makes while the block runs."""
+    outer = getattr(_counters, "work", None)
+    work = _counters.work = LayerWork()
+    try:
+        yield work
+    finally:
+        _counters.work = outer
+        if outer is not None:
+            outer.calls += work.calls
+            outer.token_layers += work.token_layers
+
+
 def run_layers(adapter: ModelAdapter, cache: PrunedCache, hidden: torch.Tensor, positions: torch.Tensor,
                start_layer: int = 0, record_inputs: list | None = None,
-               rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               rotary: tuple[torch.Tensor, torch.Tensor] | None = None, record_from: int = 0,
+               mask_for: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor:
     """Runs layers `start_layer..L-1` on `hidden` (1, n, d), appending its keys/values
     to every layer's tail; returns the last layer's output (before the final norm).
 
-    record_inputs: if given, a list of length L that receives the input of each layer run.
+    record_inputs: if given, a list of length L that receives the input of each layer run
+        (its rows from `record_from` on: an observer run after a chunk in the same pass).
     rotary: precomputed (cos, sin) for `positions`, to skip recomputing them.
+    mask_for: (layer index, hidden) -> that layer's mask, instead of the causal one
+        (observer copies that must not see each other: `emloc.copies`).
     """
     rotary = rotary if rotary is not None else adapter.rotary(hidden, positions)
+    work = getattr(_counters, "work", None)
     for index in range(start_layer, adapter.num_layers):
         if record_inputs is not None:
-            record_inputs[index] = hidden
-        mask = layer_mask(adapter, cache, index, hidden)
+            record_inputs[index] = hidden[:, record_from:] if record_from else hidden
+        mask = mask_for(index, hidden) if mask_for is not None else layer_mask(adapter, cache, index, hidden)
         hidden = adapter.run_layer(index, hidden, mask, rotary, cache)
+        if work is not None:
+            work.calls += 1
+            work.token_layers += hidden.shape[1]
     return hidden
 
 
 @torch.no_grad()
 def generate(adapter: ModelAdapter, cache: PrunedCache, prompt: torch.Tensor, prompt_positions: torch.Tensor,
              max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, prompt_embeds: torch.Tensor | None = None):
+             generator: torch.Generator | None = None, prompt_embeds: torch.Tensor | None = None,
+             timing: dict | None = None):
     """Prefills `prompt` (token ids, or `prompt_embeds`) then decodes up to `max_new_tokens`.
 
     Greedy when temperature == 0. Appends to the cache's tails; the caller drops them.
     Returns (new token ids, float32 logits of the prompt positions).
+    timing: if given, receives `first_token_s` (the prompt's pass up to the first token's logits: bound
+        by the prompt and cache length) and `decode_s` (every later token: one sequential pass each,
+        bound by launch latency and reading the cache).
     """
+    clock = time.perf_counter()
     hidden = prompt_embeds if prompt_embeds is not None else adapter.embed_text(prompt)
     out = run_layers(adapter, cache, hidden, prompt_positions)
     prompt_logits = adapter.logits(out)[0]
     next_logits = prompt_logits[-1]
+    if timing is not None:
+        _sync(prompt_logits.device)
+    first_token = time.perf_counter()
     position = int(prompt_positions.max()) + 1
     stop = adapter.stop_ids()
     tokens: list[int] = []
@@ -93,7 +145,16 @@ def generate(adapter: ModelAdapter, cache: PrunedCache, prompt: torch.Tensor, pr
         out = run_layers(adapter, cache, adapter.embed_text(ids), adapter.text_positions(position, 1))
         next_logits = adapter.logits(out)[0, -1]
         position += 1
+    if timing is not None:
+        _sync(prompt_logits.device)
+        timing["first_token_s"] = first_token - clock
+        timing["decode_s"] = time.perf_counter() - first_token
     return tokens, prompt_logits
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:

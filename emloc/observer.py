@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 from .adapters import ModelAdapter
 from .cache import PrunedCache
+from .copies import ChunkView, Copies, copy_attention
 from .forward import run_layers
+from .recurrent import separate_runs
 
 
 @dataclass(frozen=True)
@@ -51,19 +53,22 @@ class ObserverPass:
 
 
 @contextmanager
-def attention_capture(adapter: ModelAdapter, cache: PrunedCache, n_queries: int):
-    """Records, while active, each layer's attention of its last `n_queries` inputs onto
-    the keys cached before them. Yields a dict layer -> (1, kv_heads, keys)."""
-    captured: dict[int, torch.Tensor] = {}
+def attention_capture(adapter: ModelAdapter, cache: PrunedCache, copies: Copies):
+    """Records, while active, each layer's attention of every copy's rows onto the keys cached
+    before the copies (and the lead rows). Yields a dict layer -> [(1, kv_heads, keys)] per copy."""
+    captured: dict[int, list[torch.Tensor]] = {}
     handles = []
+    lead = copies.lead
 
     def hook_for(index: int):
         def hook(module, args, kwargs, output):
-            hidden = kwargs["hidden_states"]
-            queries = adapter.queries(index, hidden, kwargs["position_embeddings"])
+            hidden = kwargs["hidden_states"][:, lead:]
+            cos, sin = kwargs["position_embeddings"]
+            queries = adapter.queries(index, hidden, (cos[..., lead:, :], sin[..., lead:, :]))
             layer = cache.layers[index]
-            captured[index] = observer_attention(queries, layer.all_keys(), adapter.attention_scale(index), n_queries,
-                                                 layer.attention_bias())
+            keys = layer.all_keys()
+            captured[index] = copy_attention(queries, keys, adapter.attention_scale(index), copies,
+                                             keys.shape[2] - hidden.shape[1], layer.attention_bias())
         return hook
 
     for index in range(adapter.num_layers):
@@ -100,25 +105,98 @@ def observe(adapter: ModelAdapter, cache: PrunedCache, observer: Observer, token
     """Runs `observer` after everything in the cache (committed + tail) and drops its tokens again.
     embeds: the observer's input embeddings (1, n, d) instead of `token_ids` (an example observer
     holds a picture as well as text)."""
-    tails = [layer.tail for layer in cache.layers]
     hidden = embeds if embeds is not None else adapter.embed_text(token_ids)
+    return observe_together(adapter, cache, [ObserverRun(observer, hidden, positions, observed)])[0][0]
+
+
+@dataclass(frozen=True)
+class ObserverRun:
+    """An observer ready to run: its embeddings (1, n, d), positions (3, n), and how many of its last
+    positions the bound protects."""
+
+    observer: Observer
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    observed: int
+
+
+def observe_together(adapter: ModelAdapter, cache: PrunedCache, runs: list[ObserverRun],
+                     lead: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> tuple[list[ObserverPass], list[torch.Tensor]]:
+    """Runs every observer of `runs` after the cache in one pass, as copies that do not see each
+    other, and drops their tokens again.
+
+    lead: (embeddings, positions) of a chunk to prefill in the same pass, before the one observer
+        (it stays in the tails, as a plain prefill would leave it): the chunk and its observer
+        cost one pass instead of two.
+    Returns the passes and, per observer, its greedy next token at every position (n,).
+    """
+    if lead is not None and len(runs) != 1:
+        raise ValueError("a chunk is prefilled together with exactly one observer")
+    pieces = ([lead[0]] if lead is not None else []) + [run.embeds for run in runs]
+    where = ([lead[1]] if lead is not None else []) + [run.positions for run in runs]
+    hidden, positions = torch.cat(pieces, dim=1), torch.cat(where, dim=1)
+    copies = Copies([run.embeds.shape[1] for run in runs], lead=lead[0].shape[1] if lead is not None else 0)
     rotary = adapter.rotary(hidden, positions)
     inputs: list = [None] * adapter.num_layers
-    n = hidden.shape[1]
+    tails = [layer.tail for layer in cache.layers]
+    keep = copies.lead  # tail tokens that stay: the chunk prefilled in this pass
+    mask_for = None
+    if len(runs) > 1:
+        def mask_for(index, states):
+            return copies.mask(adapter, cache, index, states)
     try:
-        with attention_capture(adapter, cache, n) as captured:
-            out = run_layers(adapter, cache, hidden, positions, record_inputs=inputs, rotary=rotary)
+        # separate_runs: a hybrid model's linear-attention layers run each copy from the state after the lead
+        with attention_capture(adapter, cache, copies) as captured, separate_runs(copies.lead, copies.spans):
+            out = run_layers(adapter, cache, hidden, positions, record_inputs=inputs, rotary=rotary,
+                             record_from=copies.lead, mask_for=mask_for)
+    finally:
+        for layer, tail in zip(cache.layers, tails):
+            layer.drop_tail(tail + keep)
+    passes, greedy = [], []
+    cos, sin = rotary
+    for c, (run, (first, end)) in enumerate(zip(runs, copies.spans)):
+        logits = adapter.logits(out[:, first:end])[0]
+        m = min(run.observed, end - first)
+        a, b = first - copies.lead, end - copies.lead
+        passes.append(ObserverPass(
+            run.observer, [None if x is None else x[:, a:b] for x in inputs],
+            (cos[..., first:end, :], sin[..., first:end, :]),
+            positions[:, first:end], F.log_softmax(logits[-m:], dim=-1),
+            [captured[i][c] for i in range(adapter.num_layers)]))
+        greedy.append(logits.argmax(dim=-1))
+    return passes, greedy
+
+
+def rerun_together(adapter: ModelAdapter, cache: PrunedCache, runs: list[ObserverPass], start_layer: int,
+                   views: dict[int, list[ChunkView]] | None = None) -> list[torch.Tensor]:
+    """Re-runs observer passes from `start_layer` (their recorded inputs there) against the cache as it
+    stands, all in one pass as copies; `views[layer][c]` narrows what copy c sees of that layer's tail
+    (a candidate selection of the chunk). Returns float32 log-probabilities at each run's observed
+    positions."""
+    copies = Copies([run.layer_inputs[start_layer].shape[1] for run in runs], views=views or {})
+    hidden = torch.cat([run.layer_inputs[start_layer] for run in runs], dim=1)
+    positions = torch.cat([run.positions for run in runs], dim=1)
+    rotary = tuple(torch.cat([run.rotary[k] for run in runs], dim=-2) for k in (0, 1))
+    tails = [layer.tail for layer in cache.layers]
+    try:
+        with separate_runs(0, copies.spans):
+            out = run_layers(adapter, cache, hidden, positions, start_layer=start_layer, rotary=rotary,
+                             mask_for=lambda index, states: copies.mask(adapter, cache, index, states))
     finally:
         for layer, tail in zip(cache.layers, tails):
             layer.drop_tail(tail)
-    reference = F.log_softmax(adapter.logits(out[:, -observed:])[0], dim=-1)
-    attention = [captured[i] for i in range(adapter.num_layers)]
-    return ObserverPass(observer, inputs, rotary, positions, reference, attention)
+    results = []
+    for run, (_, end) in zip(runs, copies.spans):
+        m = run.reference.shape[0]
+        results.append(F.log_softmax(adapter.logits(out[:, end - m:end])[0], dim=-1))
+    return results
 
 
 def rerun_log_probs(adapter: ModelAdapter, cache: PrunedCache, run: ObserverPass, start_layer: int) -> torch.Tensor:
     """Re-runs an observer from `start_layer` (its recorded input there) against the cache
-    as it stands; returns float32 log-probabilities at the observed positions."""
+    as it stands; returns float32 log-probabilities at the observed positions. One pass per
+    observer and candidate: what flash attention, which takes no copies' mask, is left with."""
     tails = [layer.tail for layer in cache.layers]
     try:
         out = run_layers(adapter, cache, run.layer_inputs[start_layer], run.positions,

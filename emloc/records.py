@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .forward import LayerWork
 from .observer import Observer
 from .policies import GroupDecision
 
@@ -19,6 +20,8 @@ class FoldRecord:
     positions: (first, last) temporal position of the chunk; max_position: highest seen.
     temporal_scale: the video's temporal spacing after this fold (below 1 once the stream has
         reached past its model's temporal range).
+    work: sequential decoder-layer calls and tokens x layers the fold made (prefill, observers,
+        search): what it costs a GPU, whatever hardware ran it.
     """
 
     index: int
@@ -42,6 +45,7 @@ class FoldRecord:
     evaluations: int
     score_s: float = 0.0  # ranking the chunk's tokens (the scorer), within the fold
     temporal_scale: float = 1.0
+    work: LayerWork = field(default_factory=LayerWork)  # decoder-layer calls and tokens x layers of the fold
 
     @property
     def kept_fraction(self) -> float:
@@ -68,6 +72,9 @@ class FoldRecord:
 class Answer:
     """An answer over the cache as it stood; the cache is left unchanged.
 
+    latency_s = first_token_s + decode_s (+ bookkeeping): the first token waits for any frames
+    not yet in a chunk and the question's prefill over the cache; each later token is one pass.
+
     prompt_logits: (question tokens, vocab) float32 logits, when asked for.
     """
 
@@ -79,3 +86,9 @@ class Answer:
     time_span: tuple[float, float] | None
     latency_s: float
     prompt_logits: torch.Tensor | None = field(default=None, repr=False)
+    first_token_s: float = 0.0  # time to first token: frames not yet folded, then the question's pass
+    decode_s: float = 0.0  # every later token, one sequential pass each
+
+    @property
+    def decode_s_per_token(self) -> float:
+        return self.decode_s / max(len(self.token_ids) - 1, 1)

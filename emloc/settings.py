@@ -50,6 +50,11 @@ class EMLoCSettings:
         answer to it (up to this many tokens) over the unpruned chunk, so the bound covers
         what the model says about the video and not only the prompt's next-token guesses
         (0 = the paper's observer, the prompt alone).
+    probe_answer_refresh: how that answer follows the video. 'carry' (default): the answer the
+        model gave over the previous chunk rides in this chunk's prefill pass, which checks it
+        token by token and adds the next token, so it costs no pass of its own (a GPU pays per
+        sequential pass, and a fresh decode is one pass per token). 'decode': a fresh greedy
+        answer over every chunk, `probe_answer_tokens` sequential passes.
     scorer: how a chunk's tokens are ranked before the search decides how many each layer
         group keeps: one of `emloc.scorers.SCORERS` ('observer' = EMLoC's observer attention,
         'tar' temporal novelty, 'van' value norm, 'keydiff' key diversity, 'template' the
@@ -82,6 +87,7 @@ class EMLoCSettings:
     system_prompt: str = "You are a helpful assistant."
     max_observers: int = 4
     probe_answer_tokens: int = 16
+    probe_answer_refresh: str = "carry"
     scorer: str = "tar+keydiff"
     coverage_buckets: int = 0
     merge_dropped: bool = True
@@ -112,6 +118,8 @@ class EMLoCSettings:
                  "probe_prompt must be a non-empty string")
         _require(isinstance(self.probe_answer_tokens, int) and self.probe_answer_tokens >= 0,
                  f"probe_answer_tokens must be an integer >= 0, got {self.probe_answer_tokens!r}")
+        _require(self.probe_answer_refresh in ("carry", "decode"),
+                 f"probe_answer_refresh must be 'carry' or 'decode', got {self.probe_answer_refresh!r}")
         try:
             scorer_names(self.scorer)
         except ValueError as error:

@@ -48,8 +48,9 @@ def test_positions_continue_and_are_not_renumbered(model, tokenizer):
 
 
 def test_search_restarts_from_recorded_hidden_state(model, tokenizer):
-    """Layer l runs once for the prefill, once per observer, and once per candidate of every
-    group at or below it: the layers under a group are never recomputed for it."""
+    """Layer l runs once for the prefill and the first observer, once for the other observers
+    together, and once for every group at or below it (all its candidates in one pass): the layers
+    under a group are never recomputed for it, and no candidate costs a pass of its own."""
     context = StreamContext(model, tokenizer, SETTINGS)
     context.standing_questions = ["is anyone at the door ?"]
     calls = [0] * context.adapter.num_layers
@@ -62,7 +63,7 @@ def test_search_restarts_from_recorded_hidden_state(model, tokenizer):
             hook.remove()
     observers = len(record.observers)
     assert observers == 2
-    expected = [1 + observers + observers * sum(len(g.tried) for g in record.groups if g.first <= i)
+    expected = [1 + 1 + sum(1 for g in record.groups if g.first <= i and g.tried)
                 for i in range(context.adapter.num_layers)]
     assert calls == expected
     assert record.evaluations == sum(len(g.tried) for g in record.groups) > 0

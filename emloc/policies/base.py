@@ -12,7 +12,8 @@ import torch
 
 from ..adapters import ModelAdapter
 from ..cache import PrunedCache
-from ..observer import ObserverPass, js_divergence, rerun_log_probs
+from ..copies import ChunkView
+from ..observer import ObserverPass, js_divergence, rerun_log_probs, rerun_together
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,13 @@ class FoldState:
     merge_keys[l]: (1, kv_heads, chunk_len, head_dim) unit keys (RoPE undone) by which dropped
         tokens are merged into the kept token most like them, or None (no merging).
     `apply` puts a selection into the cache's tails; `divergence` re-runs every observer
-    from a layer against the tails as they stand and returns the largest JS.
+    from a layer against the tails as they stand and returns the largest JS; `divergences` does
+    it for several candidate selections of one layer group in a single pass (`batched`: the
+    attention implementation takes the copies' masks; flash attention does not).
+    evaluations: candidate selections evaluated; passes: sequential re-runs made for them.
     """
+
+    BATCHED_ATTENTION = ("sdpa", "eager")
 
     def __init__(self, adapter: ModelAdapter, cache: PrunedCache, chunk_keys: list[torch.Tensor],
                  chunk_values: list[torch.Tensor], importance: list[torch.Tensor],
@@ -60,6 +66,8 @@ class FoldState:
         self.num_layers = adapter.num_layers
         self.chunk_len = chunk_keys[0].shape[2]
         self.evaluations = 0
+        self.passes_run = 0
+        self.batched = adapter.attention_implementation in self.BATCHED_ATTENTION
 
     def apply(self, selection: dict[int, torch.Tensor | None]) -> None:
         for layer, index in selection.items():
@@ -74,8 +82,39 @@ class FoldState:
 
     def divergence(self, start_layer: int) -> float:
         self.evaluations += 1
+        self.passes_run += len(self.passes)
         return max(js_divergence(run.reference, rerun_log_probs(self.adapter, self.cache, run, start_layer))
                    for run in self.passes)
+
+    def divergences(self, start_layer: int, selections: list[dict[int, torch.Tensor]]) -> list[float]:
+        """The largest JS over the observers for each candidate selection of the layers it names
+        (every selection names the same layers, from `start_layer` up; the layers above them hold
+        what `apply` last put there). One pass: a copy of every observer per candidate, each seeing
+        its candidate's tokens (with their merged log-mass) of the chunk at the searched layers."""
+        layers = sorted(selections[0])
+        self.apply({layer: None for layer in layers})  # the whole chunk in the tail; copies see their part
+        views: dict[int, list[ChunkView]] = {layer: [] for layer in layers}
+        for selection in selections:
+            for layer in layers:
+                view = self._view(layer, selection[layer])
+                views[layer] += [view] * len(self.passes)
+        runs = [run for _ in selections for run in self.passes]
+        log_probs = rerun_together(self.adapter, self.cache, runs, start_layer, views)
+        self.evaluations += len(selections)
+        self.passes_run += 1
+        per_run = [js_divergence(run.reference, lp) for run, lp in zip(runs, log_probs)]
+        k = len(self.passes)
+        return [max(per_run[i * k:(i + 1) * k]) for i in range(len(selections))]
+
+    def _view(self, layer: int, index: torch.Tensor) -> ChunkView:
+        """What a candidate keeping `index` (1, kv_heads, k) of layer `layer`'s chunk lets a copy see."""
+        visible = torch.zeros(index.shape[:2] + (self.chunk_len,), dtype=torch.bool, device=index.device)
+        visible.scatter_(-1, index, True)
+        log_mass = None
+        if self.merge_keys is not None:
+            log_mass = torch.zeros(visible.shape, dtype=torch.float32, device=index.device)
+            log_mass.scatter_(-1, index, merged_log_mass(self.merge_keys[layer], index))
+        return ChunkView(visible, log_mass)
 
 
 def merged_log_mass(unit_keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
