@@ -27,15 +27,25 @@ WORDS = (
 ).split()
 
 
-def tiny_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with Qwen's chat and vision special tokens (ids 0-7)."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(dict.fromkeys(words or WORDS)))}
+def tiny_tokenizer(words: list[str] | None = None, *, extra_special: tuple[str, ...] = (),
+                   digits: bool = False) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with Qwen's chat and vision special tokens (ids 0-7), then `extra_special`
+    (LLaVA's `<image>`, `<video>`). digits: numbers split into single digits (as Qwen's tokenizer does),
+    the digits and the timestamp words (`<`, `>`, `seconds`) in the vocabulary: Qwen3-VL's `<3.5 seconds>`."""
+    special = SPECIAL_TOKENS + list(extra_special)
+    vocab_words = list(words or WORDS) + (TIMESTAMP_WORDS if digits else [])
+    vocab = {token: i for i, token in enumerate(special + list(dict.fromkeys(vocab_words)))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    splits = [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    tok.pre_tokenizer = pre_tokenizers.Sequence(splits + ([pre_tokenizers.Digits(individual_digits=True)]
+                                                          if digits else []))
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    unk_token="[UNK]")
+
+
+TIMESTAMP_WORDS = list("0123456789<>") + ["seconds"]
 
 
 def _ids(tokenizer) -> dict:
@@ -70,6 +80,58 @@ def tiny_qwen2_5_vl(tokenizer=None, *, layers: int = 4, hidden: int = 64, heads:
                            fullatt_block_indexes=[1], tokens_per_second=2),
         **_ids(tokenizer))
     return _build(Qwen2_5_VLForConditionalGeneration, config, seed, dtype, init_std)
+
+
+def tiny_qwen3_vl(tokenizer=None, *, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                  seed: int = 0, dtype: torch.dtype = torch.float32, init_std: float | None = None,
+                  moe: bool = False, deepstack: tuple[int, ...] = (0, 1)):
+    """A randomly initialised Qwen3-VL (moe: Qwen3-VL-MoE, 4 experts, 2 a token): q/k norms, interleaved
+    M-RoPE, a vision tower with learned position embeddings whose blocks `deepstack` feed the first
+    decoder layers. Needs `tiny_tokenizer(digits=True)` for the frames' timestamps."""
+    from transformers import (
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
+    )
+
+    tokenizer = tokenizer or tiny_tokenizer(digits=True)
+    text = _text_config(tokenizer, layers, hidden, heads, kv_heads)
+    half = hidden // heads // 2
+    text.update(head_dim=hidden // heads, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                           "mrope_section": [half - 2 * (half // 4), half // 4,
+                                                                             half // 4], "mrope_interleaved": True})
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden, decoder_sparse_step=1)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                  deepstack_visual_indexes=list(deepstack))
+    ids = {k: v for k, v in _ids(tokenizer).items() if k.startswith(("image", "video", "vision"))}
+    cls, config_cls = ((Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeConfig) if moe
+                       else (Qwen3VLForConditionalGeneration, Qwen3VLConfig))
+    config = config_cls(text_config=text, vision_config=vision, **ids)
+    return _build(cls, config, seed, dtype, init_std)
+
+
+def tiny_llava_onevision(tokenizer=None, *, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                         seed: int = 0, dtype: torch.dtype = torch.float32, init_std: float | None = None):
+    """A randomly initialised LLaVA-OneVision: a SigLIP tower on 64 x 64 frames (16 patches, pooled to 4
+    tokens a frame), a projector, a Qwen2 decoder with 1D RoPE. Needs `tiny_tokenizer(extra_special=
+    ("<image>", "<video>"))`."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    tokenizer = tokenizer or tiny_tokenizer(extra_special=("<image>", "<video>"))
+    get = tokenizer.convert_tokens_to_ids
+    text = _text_config(tokenizer, layers, hidden, heads, kv_heads)
+    text.update(model_type="qwen2", rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        text.pop(key)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=64, patch_size=16)
+    config = LlavaOnevisionConfig(text_config=text, vision_config=vision, image_token_index=get("<image>"),
+                                  video_token_index=get("<video>"), vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", image_grid_pinpoints=[[64, 64]])
+    return _build(LlavaOnevisionForConditionalGeneration, config, seed, dtype, init_std)
 
 
 def _text_config(tokenizer, layers: int, hidden: int, heads: int, kv_heads: int) -> dict:

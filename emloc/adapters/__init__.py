@@ -5,13 +5,18 @@ from __future__ import annotations
 from torch import nn
 
 from .base import InputError, ModelAdapter, UnsupportedModelError, VideoPixels
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen3_5 import Qwen3_5Adapter
+from .qwen3_vl import Qwen3VLAdapter
 from .qwen_vl import QwenVLAdapter
 
 # model_type (from the checkpoint's config.json) -> adapter class
 FAMILIES: dict[str, type[ModelAdapter]] = {
     "qwen2_vl": QwenVLAdapter,
     "qwen2_5_vl": QwenVLAdapter,
+    "qwen3_vl": Qwen3VLAdapter,  # timestamps as text, DeepStack
+    "qwen3_vl_moe": Qwen3VLAdapter,
+    "llava_onevision": LlavaOnevisionAdapter,  # SigLIP, pooled frames, Qwen2 with 1D RoPE
     "qwen3_5": Qwen3_5Adapter,  # hybrid: Gated DeltaNet + full attention (emloc.recurrent)
     "qwen3_5_moe": Qwen3_5Adapter,
 }

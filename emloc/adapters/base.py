@@ -48,6 +48,9 @@ class VideoPixels:
     pixel_values: torch.Tensor
     grid_thw: tuple[int, int, int]
     padded_frames: int = 0
+    # the chunk's first temporal step in its video: families that write each step's time as text
+    # (Qwen3-VL's `<t seconds>`) need it to build the chunk; the context sets it before encoding
+    first_step: int = 0
 
 
 class ModelAdapter(ABC):
@@ -62,6 +65,11 @@ class ModelAdapter(ABC):
     # Temporal positions the checkpoint reads a video over (None: no known limit).
     # Past it, a stream compresses its video's temporal positions (`StreamContext`).
     temporal_range: int | None = None
+    # True: a chunk's positions continue from the last position used (each frame a block after the
+    # text before it: Qwen3-VL, 1D-RoPE families) instead of from the video's start plus the step offset.
+    chains_positions: bool = False
+    # Why the family cannot compress its video's temporal positions (None: it can, with `shift_keys`).
+    temporal_policy_refusal: str | None = None
 
     @classmethod
     @abstractmethod
@@ -97,6 +105,12 @@ class ModelAdapter(ABC):
     def shift_keys(self, keys: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """Cached keys (1, kv_heads, n, head_dim), already rotated, moved by `shift` (1, kv_heads, n)
         positions along the temporal axis only, as if they had been rotated there to begin with."""
+
+    def token_steps(self, pixels: VideoPixels, n: int) -> torch.Tensor:
+        """(n,) the temporal step (from the chunk's first) of each of the chunk's `n` tokens; by default
+        every step holds the same number of tokens."""
+        t = pixels.grid_thw[0]
+        return torch.arange(t).repeat_interleave(n // t)
 
     def text_positions(self, start: int, n: int) -> torch.Tensor:
         """(3, n): text advances all three position axes together."""

@@ -35,6 +35,8 @@ class TemporalNovelty(Scorer):
     def raw(self, chunk: ChunkView, layer: int) -> torch.Tensor:
         steps, patches = chunk.patches()
         keys = F.normalize(chunk.unrotated_keys(layer), dim=-1)  # (1, H, n, D)
+        if steps * patches != keys.shape[2]:
+            return self._ragged(chunk, keys)
         heads, dim = keys.shape[1], keys.shape[-1]
         grid = keys.reshape(heads, steps, patches, dim)
         if steps == 1:
@@ -49,3 +51,31 @@ class TemporalNovelty(Scorer):
         if self.recent:
             novelty[:, -self.recent:] = novelty.amax(dim=(1, 2)).view(heads, 1, 1)
         return novelty.reshape(1, heads, steps * patches)
+
+    def _ragged(self, chunk: ChunkView, keys: torch.Tensor) -> torch.Tensor:
+        """Steps of different lengths (Qwen3-VL: a step's timestamp text is longer from 10 s, 100 s, ...):
+        each step's tokens aligned from its end, where its frame's patches are, and compared with the
+        tokens in the same slot of the steps around it that have one."""
+        token_steps = chunk.token_steps.to(keys.device)
+        counts = torch.bincount(token_steps)
+        steps, width, (_, heads, n, dim) = len(counts), int(counts.max()), keys.shape
+        first = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(n, device=keys.device) - first[token_steps] + (width - counts[token_steps])
+        grid = keys.new_zeros(heads, steps, width, dim)
+        grid[:, token_steps, slot] = keys[0]
+        valid = keys.new_zeros(steps, width)
+        valid[token_steps, slot] = 1
+        ones = keys.new_ones(1, 1, 2 * self.window + 1)
+
+        def along_time(x: torch.Tensor) -> torch.Tensor:  # (..., steps) summed over +-window steps
+            shape = x.shape
+            return F.conv1d(F.pad(x.reshape(-1, 1, steps), (self.window, self.window)), ones).reshape(shape)
+
+        box = along_time(grid.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) - grid  # (H, steps, width, D)
+        others = (along_time(valid.T).T - valid).clamp_min(0)  # (steps, width) neighbours with this slot
+        neighbours = box / others.clamp_min(1).view(1, steps, width, 1)
+        novelty = (1 - F.cosine_similarity(grid, neighbours, dim=-1)).clamp_min(0) * (others > 0)
+        if self.recent:
+            novelty[:, -self.recent:] = novelty.amax(dim=(1, 2)).view(heads, 1, 1)
+        return novelty[:, token_steps, slot].unsqueeze(0)
+
