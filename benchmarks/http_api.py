@@ -97,7 +97,9 @@ def ask_to_answer(folder: Path, questions: int, screenshot: Path) -> dict:
     server = subprocess.Popen([sys.executable, "-m", "stream", "live", f"udp://127.0.0.1:{udp}", "--config",
                                str(config), "--stream-id", "cam", "--http", f"127.0.0.1:{port}",
                                "--standing", "what digit is on screen now ?", "--every", "2",
-                               "--max-new-tokens", "4", "--status-every", "30", "--buffer", "64"], cwd=ROOT,
+                               "--max-new-tokens", "4", "--status-every", "30", "--buffer", "64",
+                               "--http-rate", "1000"],  # it polls /answers every 5 ms: past the default rate
+                              cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ffmpeg = page = None
     base = f"http://127.0.0.1:{port}"

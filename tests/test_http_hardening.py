@@ -330,3 +330,20 @@ def test_a_rebinding_page_in_chromium_gets_421(server):
         assert browser.find_elements(By.CSS_SELECTOR, '[data-stream="cam"]') or "emloc" in browser.title.lower()
     finally:
         browser.quit()
+
+
+def test_the_allowed_hosts_follow_the_bound_address_and_the_flags():
+    import argparse
+
+    from stream.commands.live import _http_limits
+    from stream.http.guard import HttpLimits, host_name
+
+    assert [host_name(h) for h in ("Example.COM:80", "[::1]:8080", "::1", "127.0.0.1:8080@evil")] == [
+        "example.com", "::1", "::1", "127.0.0.1:8080@evil"]
+    assert HttpLimits().hosts_for("192.168.1.5") == {"localhost", "127.0.0.1", "::1", "192.168.1.5"}
+    assert HttpLimits().hosts_for("0.0.0.0") == {"localhost", "127.0.0.1", "::1"}
+    assert HttpLimits(allowed_hosts=("*",)).hosts_for("0.0.0.0") is None
+    limits = _http_limits(argparse.Namespace(http_allow_host=["Cam.LAN,nvr.lan", "10.0.0.2"], http_rate=5.0,
+                                             http_timeout=3.0))
+    assert limits.hosts_for("0.0.0.0") == {"localhost", "127.0.0.1", "::1", "cam.lan", "nvr.lan", "10.0.0.2"}
+    assert (limits.rate, limits.burst, limits.head_timeout, limits.body_timeout) == (5.0, 10, 3.0, 3.0)
