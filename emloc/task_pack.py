@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from .settings import EMLoCSettings, SettingsError, many_shot
 FORMAT = "emloc-task-pack/1"
 COUNTERS = ("sink_tokens", "video_start", "max_position", "tokens_seen")
 PARTS = ("keys", "values", "origins", "importance")
+LINEAR_STATE = re.compile(r"layers\.[0-9]+\.(conv|recurrent)\.[0-9]+")  # a hybrid model's linear-attention states
 
 
 class PackError(ValueError):
@@ -189,8 +191,12 @@ class TaskPack:
             raise PackError(f"{path}: the pack's settings are invalid: {error}") from error
         layers = sorted({int(k.split(".")[1]) for k in self.tensors if k.startswith("layers.")})
         if not layers or layers != list(range(len(layers))) or any(
-                not k.startswith("layers.") or k.split(".")[2] not in PARTS + ("log_mass",) for k in self.tensors):
+                not k.startswith("layers.") or k.split(".")[2] not in PARTS + ("log_mass",) for k in self.tensors
+                if not LINEAR_STATE.fullmatch(k)):
             raise PackError(f"{path}: the pack holds unexpected tensors {sorted(self.tensors)[:6]}")
+        for name in filter(LINEAR_STATE.fullmatch, self.tensors):  # a hybrid model's (shapes: at the stream's start)
+            if not torch.isfinite(self.tensors[name]).all():
+                raise PackError(f"{path}: the linear-attention state {name} is not finite")
         for i in layers:
             parts = [self.tensors.get(f"layers.{i}.{p}") for p in PARTS]
             if any(p is None for p in parts):

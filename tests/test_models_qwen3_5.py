@@ -375,3 +375,44 @@ def test_cli_runs_a_saved_checkpoint(tokenizer, tmp_path):
     assert result.stdout.count("chunk ") >= 3 and "  A: " in result.stdout
     manifest = (tmp_path / "st" / "manifest.json").read_text()
     assert "Qwen3_5Adapter" in manifest
+
+
+def test_a_lossless_task_pack_reproduces_the_plain_model(qwen3_5, tokenizer, tmp_path):
+    """Examples folded into a pack (recurrent states included), saved and loaded back, then a video and a
+    question: with every ratio 1.0 the plain model's logits over preamble + examples + video + question."""
+    from emloc import TaskExample, TaskPack, many_shot
+
+    rng = np.random.default_rng(5)
+    examples = [TaskExample(rng.integers(0, 256, (2, 56, 56, 3), dtype=np.uint8), "what colour was the square ?",
+                            answer) for answer in ("red", "blue", "green")]
+    pack = TaskPack.build(qwen3_5, examples, many_shot(ratios=(1.0,)), tokenizer=tokenizer, examples_per_chunk=2)
+    assert any(".recurrent." in name for name in pack.tensors)
+    pack.save(tmp_path / "p.pack")
+    pack = TaskPack.load(tmp_path / "p.pack")
+    settings = EMLoCSettings(layer_group_size=1, ratios=(1.0,), merge_dropped=False, chunk_frames=4)
+    context = StreamContext(qwen3_5, tokenizer, settings, task=pack)
+    video = random_frames(4, seed=3)
+    context.fold(video)
+    answer = context.answer(QUESTION, max_new_tokens=3, return_logits=True)
+
+    adapter, video_token = context.adapter, qwen3_5.config.video_token_id
+    ids, pixels, grids = chat_preamble(tokenizer, settings.system_prompt), [], []
+    turn = tokenizer.encode("<|im_end|>\n<|im_start|>user\n<|vision_start|>", add_special_tokens=False)
+    for example in examples:
+        p = adapter.preprocess(example.frames)
+        ids += [video_token] * (p.pixel_values.shape[0] // 4)
+        ids += chat_question(tokenizer, example.question) + tokenizer.encode(example.answer, add_special_tokens=False)
+        ids += turn
+        pixels.append(p.pixel_values)
+        grids.append(list(p.grid_thw))
+    p = adapter.preprocess(video)
+    ids += [video_token] * (p.pixel_values.shape[0] // 4)
+    pixels.append(p.pixel_values)
+    grids.append(list(p.grid_thw))
+    question = chat_question(tokenizer, QUESTION)
+    ids += question
+    positions = published_rope_index(ids, video_grids=grids, **video_rope_kwargs(qwen3_5))
+    with torch.no_grad():
+        out = qwen3_5(input_ids=torch.tensor([ids]), pixel_values_videos=torch.cat(pixels),
+                      video_grid_thw=torch.tensor(grids), position_ids=positions.unsqueeze(1))
+    torch.testing.assert_close(answer.prompt_logits, out.logits[0, -len(question):].float(), atol=1e-4, rtol=0)
