@@ -416,3 +416,64 @@ def test_a_lossless_task_pack_reproduces_the_plain_model(qwen3_5, tokenizer, tmp
         out = qwen3_5(input_ids=torch.tensor([ids]), pixel_values_videos=torch.cat(pixels),
                       video_grid_thw=torch.tensor(grids), position_ids=positions.unsqueeze(1))
     torch.testing.assert_close(answer.prompt_logits, out.logits[0, -len(question):].float(), atol=1e-4, rtol=0)
+
+
+def test_stacked_runs_fork_the_recurrence_per_copy(qwen3_5, tokenizer):
+    """Observer copies stacked along one pass (`separate_runs`: a lead that stays, then copies that must not
+    see each other) give each copy what it gives alone: the linear layers run each copy from the state
+    after the lead, and only the lead advances the state."""
+    from emloc.recurrent import separate_runs
+
+    context = StreamContext(qwen3_5, tokenizer, EMLoCSettings(layer_group_size=1, ratios=(1.0,), chunk_frames=4))
+    context.fold(random_frames(4, seed=60))
+    adapter, cache, layer = context.adapter, context.cache, context.cache.layers[0]
+    start = context.max_position + 1
+    torch.manual_seed(0)
+    lead, copy_a, copy_b = (torch.randn(1, n, 64) for n in (6, 5, 4))
+
+    def alone(hidden, first):
+        positions = adapter.text_positions(first, hidden.shape[1])
+        mask = additive_mask(layer.get_seq_length(), [(0, hidden.shape[1])], 0)
+        return adapter.run_layer(0, hidden, mask, adapter.rotary(hidden, positions), cache)
+
+    def additive_mask(cached, spans, n_lead):
+        rows = spans[-1][1]
+        owner = torch.full((rows,), -1)
+        for c, (a, b) in enumerate(spans):
+            owner[a:b] = c
+        owner[:n_lead] = -1
+        r = torch.arange(rows)
+        ok = (r.view(1, -1) <= r.view(-1, 1)) & ((owner.view(1, -1) == owner.view(-1, 1)) | (owner.view(1, -1) == -1))
+        mask = torch.zeros(1, adapter.num_heads, rows, cached + rows)
+        mask[..., cached:] = mask[..., cached:].masked_fill(~ok, float("-inf"))
+        return mask
+
+    with torch.no_grad():
+        out_lead = alone(lead, start)
+        after_lead = {k: v.clone() for k, v in linear_now(layer).items()}
+        out_a = alone(copy_a, start + 6)
+        layer.drop_tail(6)
+        out_b = alone(copy_b, start + 6)
+        layer.drop_tail(0)
+        committed = linear_now(layer)
+
+        stacked = torch.cat([lead, copy_a, copy_b], dim=1)
+        positions = torch.cat([adapter.text_positions(start, 6), adapter.text_positions(start + 6, 5),
+                               adapter.text_positions(start + 6, 4)], dim=1)
+        spans = [(6, 11), (11, 15)]
+        with separate_runs(6, spans):
+            out = adapter.run_layer(0, stacked, additive_mask(layer.get_seq_length(), spans, 6),
+                                    adapter.rotary(stacked, positions), cache)
+        layer.drop_tail(6)  # the lead stays, as a chunk prefilled with its first observer
+        for ours, theirs in zip((out[:, :6], out[:, 6:11], out[:, 11:]), (out_lead, out_a, out_b)):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+        assert all(torch.equal(t, after_lead[k]) for k, t in linear_now(layer).items())
+        layer.drop_tail(0)
+        assert all(torch.equal(t, committed[k]) for k, t in linear_now(layer).items())
+
+
+def linear_now(layer) -> dict[str, torch.Tensor]:
+    """The layer's current (not committed) linear-attention states."""
+    states = layer.recurrent
+    return {**{f"conv.{d}": t for d, t in states.conv.items()},
+            **{f"recurrent.{d}": t for d, t in states.recurrent.items()}}
