@@ -4,6 +4,7 @@ paper's online setting, full context versus EMLoC.
     python benchmarks/gpu_scale.py                 # on a GPU: 7B in bf16, 384 frames, 64 a chunk
     python benchmarks/gpu_scale.py --reduced       # anywhere: the same shapes, narrow layers (CPU)
     python benchmarks/gpu_scale.py --arch qwen3_5  # Qwen3.5-9B shapes: hybrid, 24 Gated DeltaNet + 8 full attention
+    python benchmarks/gpu_scale.py --arch qwen2_5_vl | qwen3_vl | llava_onevision  # 7B/8B shapes (gpu_scale_archs.py)
 
 The 7B config is the published one (28 layers, hidden 3584, 28 heads / 4 KV heads, M-RoPE
 sections 16/24/24, vision tower depth 32 x 1280). Frames are 336x336: 144 tokens per frame
@@ -32,6 +33,7 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gpu_scale_archs import ARCHS  # noqa: E402
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration  # noqa: E402
 
 from emloc import StreamContext  # noqa: E402
@@ -149,14 +151,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reduced", action="store_true", help="narrow layers (any machine); default on CPU")
     parser.add_argument("--frames", type=int, default=384)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
-    parser.add_argument("--arch", choices=("qwen2_vl", "qwen3_5"), default="qwen2_vl",
-                        help="qwen3_5: the hybrid Qwen3.5-9B shapes, layer groups of 4 of its 8 full-attention layers")
+    parser.add_argument("--arch", choices=("qwen2_vl", "qwen3_5", *ARCHS), default="qwen2_vl",
+                        help="qwen3_5: the hybrid Qwen3.5-9B shapes, layer groups of 4 of its 8 full-attention layers; "
+                        "qwen2_5_vl, qwen3_vl, llava_onevision: Qwen2.5-VL-7B, Qwen3-VL-8B, LLaVA-OneVision-7B "
+                        "(gpu_scale_archs.py), layer groups of half their layers")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reduced = args.reduced or device.type == "cpu"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.arch == "qwen3_5":
         adapter = build_qwen3_5(QWEN3_5_REDUCED if reduced else QWEN3_5_9B, device, dtype)
+    elif args.arch in ARCHS:
+        adapter, arch_settings, arch_label = ARCHS[args.arch](reduced, device, dtype)
     else:
         adapter = build(REDUCED if reduced else SEVEN_B, device, dtype)
     rng = np.random.default_rng(0)
@@ -166,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.arch == "qwen3_5":  # 8 full-attention layers: two groups of 4, as the paper's two groups of 14
         settings = videomme_online(layer_group_size=4)
         label = "Qwen3.5-9B architecture" if not reduced else "Qwen3.5-9B shapes, narrow (reduced) layers"
+    elif args.arch in ARCHS:
+        settings, label = arch_settings, arch_label
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'})"
     print(f"{label} on {machine}, {dtype}; {args.frames} frames at 336x336, 64 a chunk", flush=True)
     run(adapter, settings, KeepAll(), video[:settings.chunk_frames], device)  # warm-up: allocator, kernels

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import InputError, ModelAdapter, adapter_for
+from .adapters.base import rank_with_frames
 from .budget import enforce_budget
 from .cache import PrunedCache
 from .forward import LayerWork, counting_layers, generate, run_layers
@@ -161,7 +162,8 @@ class StreamContext:
                 if not self._video_layout or self._video_layout[-1][2] != n // t:
                     self._video_layout.append((self.tokens_seen, self._steps, n // t))
                 fold = self._fold_segment(embeds, positions, steps,
-                                          lambda start: self._question_runs(observers, start, n))
+                                          lambda start: self._question_runs(observers, start, n),
+                                          frame_text=adapter.frame_text(pixels, n))
         except BaseException:
             self.temporal_halvings, self.max_position, self._video_layout = counters
             raise
@@ -325,7 +327,8 @@ class StreamContext:
                 answer.append(following)
             self.probe_answer = tuple(answer)
 
-    def _fold_segment(self, embeds: torch.Tensor, positions: torch.Tensor, steps: torch.Tensor, make_runs) -> dict:
+    def _fold_segment(self, embeds: torch.Tensor, positions: torch.Tensor, steps: torch.Tensor, make_runs,
+                      frame_text: torch.Tensor | None = None) -> dict:
         """Prefills a segment (1, n, d) at `positions` (3, n), runs the observers after it
         (`make_runs(first free position)`: the first in the prefill's own pass, the others together in
         one more), ranks its tokens, lets the policy choose what each
@@ -364,6 +367,8 @@ class StreamContext:
                              [[p.attention[i][..., before[i]:] for p in passes] for i in range(adapter.num_layers)],
                              template)
             importance = [self.scorer.score(view, i) for i in range(adapter.num_layers)]
+            if frame_text is not None:  # a frame's own text (Qwen3-VL's timestamp) is kept with the frame
+                importance = [rank_with_frames(scores, steps, frame_text) for scores in importance]
             prefix_attention = [[p.attention[i][..., :before[i]] for p in passes] for i in range(adapter.num_layers)]
             score_s = time.perf_counter() - clock
 

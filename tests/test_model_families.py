@@ -8,6 +8,7 @@ frames and one newline closing the video), or transformers' decoder layers over 
 
 from __future__ import annotations
 
+import math
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -258,6 +259,36 @@ def _prefill_keys(model, before, embeds, positions, deepstack, visual) -> list[t
             hidden[0, visual] += deepstack[i]
     return [layer.keys[:, :, before[i][0].shape[2]:] for i, layer in enumerate(cache.layers)]
 
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl", "qwen3_vl_moe"])
+def test_a_frames_timestamp_is_kept_with_the_frame(name):
+    """Pruned to 30% (a JS bound every candidate passes): in every layer and head a frame's timestamp and
+    markers are kept only if one of its visual tokens is, and with every frame that keeps a visual token
+    but the last one the selection reached; some frames lose everything, time included."""
+    _, tok, model = family_model(name)
+    settings = EMLoCSettings(layer_group_size=2, delta=1.0, ratios=(0.3, 1.0), chunk_frames=8,
+                             system_prompt=SYSTEM)
+    context = StreamContext(model, tok, settings)
+    seen = context.tokens_seen
+    record = context.fold(random_frames(8, seed=0))
+    pixels = context.adapter.preprocess(random_frames(8, seed=0))
+    text, steps = context.adapter.frame_text(pixels, 0), context.adapter.token_steps(pixels, 0)
+    assert record.kept == [math.ceil(0.3 * record.chunk_tokens)] * 4
+    dropped_frames = 0
+    for layer in context.cache.layers:
+        for head in layer.committed_origins()[0] - seen:
+            kept = torch.zeros(record.chunk_tokens, dtype=torch.bool)
+            kept[head[head >= 0]] = True
+            partial = 0
+            for step in range(4):
+                mine = steps == step
+                vision, words = kept[mine & ~text], kept[mine & text]
+                assert vision.any() or not words.any()  # no time without its frame
+                partial += bool(vision.any() and not words.all())
+                dropped_frames += not vision.any()
+            assert partial <= 1  # only where the selection ended
+    assert dropped_frames > 0
 
 # --- long streams: timestamps, positions, the temporal-position policy -------------------------------------
 def test_timestamps_of_any_length_keep_the_stream_lossless():

@@ -36,6 +36,18 @@ def check_attention(name: str) -> str:
     return name
 
 
+def rank_with_frames(importance: torch.Tensor, steps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """(1, kv_heads, n) importance in which each frame-text token (`text`: (n,) bool) scores just below the
+    best vision token of its frame (`steps`: (n,) each token's frame), per head: a top-k selection then keeps
+    a frame's text only together with that token, and right after it."""
+    heads = importance.shape[1]
+    vision = importance.float().masked_fill(text.view(1, 1, -1), float("-inf"))
+    best = vision.new_full((1, heads, int(steps.max()) + 1), float("-inf")).scatter_reduce(
+        2, steps.view(1, 1, -1).expand(1, heads, -1).to(importance.device), vision, "amax")[..., steps]
+    below = best - (best.abs() * 1e-6 + 1e-9)  # below the frame's best, above anything below it but ties
+    return torch.where(text.view(1, 1, -1).to(importance.device), below, importance.float()).to(importance.dtype)
+
+
 @dataclass
 class VideoPixels:
     """A chunk of frames in the model's input layout.
@@ -111,6 +123,11 @@ class ModelAdapter(ABC):
         every step holds the same number of tokens."""
         t = pixels.grid_thw[0]
         return torch.arange(t).repeat_interleave(n // t)
+
+    def frame_text(self, pixels: VideoPixels, n: int) -> torch.Tensor | None:
+        """(n,) True at the chunk's tokens that are text about their frame (Qwen3-VL's timestamp and vision
+        markers), which pruning ranks with the frame (`rank_with_frames`); None: the chunk is vision only."""
+        return None
 
     def text_positions(self, start: int, n: int) -> torch.Tensor:
         """(3, n): text advances all three position axes together."""

@@ -16,9 +16,11 @@ features are found again in a layer's input by the exact bits of its visual rows
 they reach the right tokens at the right layers through every concatenation and slice the fold, the
 observers and the search make, without any of them knowing about DeepStack.
 
-Pruning treats the timestamp tokens like any other token of the chunk (the policy ranks them by the
-observers' attention); the time of a frame whose tokens survive but whose timestamp did not is still
-carried by the positions of its neighbours, and nothing is ever renumbered.
+Pruning keeps a frame's timestamp with the frame: its text tokens (timestamp and vision markers) rank
+just below the frame's best visual token in every layer and head (`frame_text`, `rank_with_frames`),
+so a frame that keeps any token keeps its time, right after that token in the ranking, and a frame that
+keeps none drops its time too (a timestamp alone would name a moment nothing is left of). They cost a
+frame ~9 tokens; the budget later evicts them like any token.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class Qwen3VLAdapter(QwenVLAdapter):
         self.temporal_range = None  # see temporal_policy_refusal
         self.max_positions = model.config.text_config.max_position_embeddings
         self._video_token = model.config.video_token_id
-        self._deepstack = _Deepstack(len(vision.deepstack_visual_indexes))
+        # Qwen3.5 (a subclass) has the same video path without DeepStack
+        self._deepstack = _Deepstack(len(getattr(vision, "deepstack_visual_indexes", ())))
 
     # --- inputs ------------------------------------------------------------------
     @torch.no_grad()
@@ -82,7 +85,8 @@ class Qwen3VLAdapter(QwenVLAdapter):
             patches = pixels.pixel_values[first * h * w:(first + k) * h * w].to(self.device, self.dtype)
             out = visual(patches, grid_thw=torch.tensor([[k, h, w]], device=self.device))
             pieces.append(out.pooler_output)
-            stacks.append(torch.stack(list(out.deepstack_features)) if out.deepstack_features else None)
+            features = getattr(out, "deepstack_features", None)
+            stacks.append(torch.stack(list(features)) if features else None)
         ids = torch.cat(self._step_ids(pixels.first_step, pixels))
         embeds = self.embed_text(ids)
         visual_rows = (ids == self._video_token).to(self.device)
@@ -111,6 +115,10 @@ class Qwen3VLAdapter(QwenVLAdapter):
         """Each token's temporal step: a timestamp's tokens and markers belong to their frame's step."""
         return torch.cat([torch.full((len(ids),), s) for s, ids in enumerate(self._step_ids(pixels.first_step,
                                                                                              pixels))])
+
+    def frame_text(self, pixels: VideoPixels, n: int) -> torch.Tensor:
+        """A step's timestamp and vision markers: pruning keeps them with their frame's best token."""
+        return torch.cat(self._step_ids(pixels.first_step, pixels)) != self._video_token
 
     # --- positions ---------------------------------------------------------------
     def video_positions(self, video_start: int, first_step: int, pixels: VideoPixels,
