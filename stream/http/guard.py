@@ -109,6 +109,8 @@ class RateLimiter:
 
 
 class Guard:
+    """The ASGI middleware (see the module's docstring); `bound` is the address served on."""
+
     def __init__(self, app, limits: HttpLimits, token: str | None = None, bound: str = "127.0.0.1") -> None:
         self.app, self.limits, self.token = app, limits, token
         self.hosts = limits.hosts_for(bound)
