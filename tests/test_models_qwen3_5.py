@@ -2,7 +2,8 @@
 
 The linear-attention layers carry a recurrent state (conv + delta-rule state) beside the pruned cache:
 folds carry it unpruned, answers, observers and the search's re-runs fork it. Checked against the plain
-transformers model over the whole sequence (its own hybrid cache), never against emloc's own code.
+transformers model over the whole sequence as its processor lays it out (timestamps before each frame,
+positions from its own get_rope_index) and against its own hybrid cache, never against emloc's code.
 """
 
 import numpy as np
@@ -10,23 +11,17 @@ import pytest
 import torch
 from transformers import DynamicCache, Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
-from emloc import EMLoCSettings, StreamContext
+from emloc import EMLoCSettings, SettingsError, StreamContext
 from emloc.adapters import Qwen3_5Adapter, adapter_for
 from emloc.tiny import _ids, tiny_tokenizer
 
-from .reference import (
-    chat_preamble,
-    chat_question,
-    plain_greedy,
-    plain_logits,
-    published_rope_index,
-    random_frames,
-    video_rope_kwargs,
-)
+from .reference import random_frames
+from .test_model_families import QWEN3_CHAT, plain_greedy, plain_inputs, plain_logits, video_text
+from .test_oracle import with_attention
 
 SYSTEM = "You are a helpful assistant."
 QUESTION = "what colour was the triangle ?"
-STOP = None  # set from the tokenizer
+PREAMBLE, ASK = QWEN3_CHAT["preamble"], QWEN3_CHAT["question"]
 
 
 def tiny_qwen3_5(tokenizer, *, layers: int = 4, seed: int = 1, init_std: float | None = 0.15,
@@ -64,7 +59,7 @@ def tiny_qwen3_5(tokenizer, *, layers: int = 4, seed: int = 1, init_std: float |
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return tiny_tokenizer()
+    return tiny_tokenizer(digits=True)  # Qwen's digit split: the frames' `<1.5 seconds>`
 
 
 @pytest.fixture(scope="module")
@@ -72,32 +67,26 @@ def qwen3_5(tokenizer):
     return tiny_qwen3_5(tokenizer)
 
 
-def stops(model, tokenizer) -> set[int]:
-    return {model.config.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
-
-
-def full_sequence(context, model, tokenizer, chunks):
-    """(ids, pixel values, grid, positions) of preamble + every chunk as one video + the question."""
-    full = context.adapter.preprocess(np.concatenate(chunks))
-    n_video = full.pixel_values.shape[0] // 4
-    question = chat_question(tokenizer, QUESTION)
-    ids = chat_preamble(tokenizer, SYSTEM) + [model.config.video_token_id] * n_video + question
-    positions = published_rope_index(ids, video_grids=[full.grid_thw], **video_rope_kwargs(model))
-    return ids, full, positions, len(question)
+def full_inputs(context, model, tokenizer, chunks, question: bool = True) -> dict:
+    """The plain model's inputs for preamble + every chunk as one video (+ the question)."""
+    video = video_text(model, context.adapter, np.concatenate(chunks))
+    text = PREAMBLE + video[0] + (ASK.format(q=QUESTION) if question else "")
+    return plain_inputs(model, tokenizer, text, [video])
 
 
 @torch.no_grad()
-def plain_states(model, ids, full, positions) -> DynamicCache:
+def plain_states(model, inputs) -> DynamicCache:
     """The plain model's own hybrid cache after the whole sequence (transformers' LinearAttention layers)."""
     cache = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([ids]), pixel_values_videos=full.pixel_values,
-          video_grid_thw=torch.tensor([list(full.grid_thw)]), position_ids=positions.unsqueeze(1), cache=cache,
-          use_cache=True)
+    model(**inputs, cache=cache, use_cache=True)
     return cache
 
 
-@pytest.mark.parametrize("chunks", [1, 3])
-def test_lossless_fold_matches_the_plain_model(qwen3_5, tokenizer, chunks):
+@pytest.mark.parametrize("implementation, chunks", [("sdpa", 1), ("sdpa", 3), ("eager", 3)])
+def test_lossless_fold_matches_the_plain_model(qwen3_5, tokenizer, implementation, chunks):
+    """Every ratio 1.0: the plain model's logits (<= 1e-4) and greedy tokens over preamble + the whole video
+    (every chunk's timestamps, positions chained) + question; the recurrence carried across chunks exactly."""
+    qwen3_5 = with_attention(qwen3_5, implementation)
     settings = EMLoCSettings(layer_group_size=1, ratios=(1.0,), chunk_frames=4, system_prompt=SYSTEM)
     context = StreamContext(qwen3_5, tokenizer, settings)
     assert isinstance(context.adapter, Qwen3_5Adapter) and context.adapter.num_layers == 1
@@ -107,16 +96,16 @@ def test_lossless_fold_matches_the_plain_model(qwen3_5, tokenizer, chunks):
         assert record.kept == [record.chunk_tokens]
     answer = context.answer(QUESTION, max_new_tokens=6, return_logits=True)
 
-    ids, full, positions, n_question = full_sequence(context, qwen3_5, tokenizer, frames)
-    expected = plain_logits(qwen3_5, ids, full.pixel_values, full.grid_thw, positions)[-n_question:]
+    inputs = full_inputs(context, qwen3_5, tokenizer, frames)
+    expected = plain_logits(qwen3_5, inputs)[-answer.prompt_logits.shape[0]:]
     error = float((answer.prompt_logits - expected).abs().max())
     assert error <= 1e-4, error
-    greedy = plain_greedy(qwen3_5, ids, full.pixel_values, full.grid_thw, positions, 6, stop=stops(qwen3_5, tokenizer))
+    greedy = plain_greedy(qwen3_5, inputs, 6, context.adapter.stop_ids())
     assert answer.token_ids == greedy and len(greedy) > 0
 
 
 # --- pruned folds: the recurrent state is the state after the whole unpruned chunk ---------------------------
-PRUNING = EMLoCSettings(layer_group_size=1, delta=10.0, ratios=(0.25, 1.0), chunk_frames=8, system_prompt=SYSTEM)
+PRUNING = EMLoCSettings(layer_group_size=1, delta=10.0, ratios=(0.25, 1.0), chunk_frames=4, system_prompt=SYSTEM)
 
 
 @pytest.fixture(scope="module")
@@ -126,30 +115,32 @@ def qwen3_5_deep(tokenizer):
 
 
 @torch.no_grad()
-def replay(model, tokenizer, chunks, kept):
+def replay(model, tokenizer, chunks, kept, chunk_tokens):
     """The plain model's decoder layers over the preamble then each chunk, on transformers' own hybrid
     cache (its LinearAttentionLayer keeps the recurrent states), with each full-attention layer's keys and
     values replaced after every chunk by what emloc kept (`kept[k][layer]`: (keys, values, log-mass or None)
-    after chunk k; a merged key's log-mass is added to its attention logits). Positions from the published
-    rule over the whole sequence. Returns the cache."""
+    after chunk k; a merged key's log-mass is added to its attention logits). The sequence, its embeddings
+    and positions (the library's get_rope_index) as the processor lays them out; `chunk_tokens`: where the
+    chunks end in it. Returns the cache."""
     from transformers.cache_utils import DynamicLayer
 
     from .reference import additive_causal_mask
 
     lm, text = model.model.language_model, model.config.text_config
     adapter = Qwen3_5Adapter(model, tokenizer)
-    full = adapter.preprocess(np.concatenate(chunks))
-    video = model.model.visual(full.pixel_values, grid_thw=torch.tensor([list(full.grid_thw)])).pooler_output
-    preamble = chat_preamble(tokenizer, SYSTEM)
-    ids = preamble + [model.config.video_token_id] * video.shape[0]
-    positions = published_rope_index(ids, video_grids=[full.grid_thw], **video_rope_kwargs(model))
-    n = video.shape[0] // len(chunks)
-    segments = [(model.get_input_embeddings()(torch.tensor([preamble])), 0, len(preamble))]
-    segments += [(video[k * n:(k + 1) * n].unsqueeze(0), len(preamble) + k * n, len(preamble) + (k + 1) * n)
-                 for k in range(len(chunks))]
+    video = video_text(model, adapter, np.concatenate(chunks))
+    inputs = plain_inputs(model, tokenizer, PREAMBLE + video[0], [video])
+    ids = inputs["input_ids"]
+    positions = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"])[0]
+    embeds = model.get_input_embeddings()(ids)
+    visual = model.model.visual(inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"]).pooler_output
+    embeds[0, ids[0] == model.config.video_token_id] = visual
+    ends = np.cumsum([len(tokenizer.encode(PREAMBLE, add_special_tokens=False))] + list(chunk_tokens)).tolist()
+    assert ends[-1] == ids.shape[1]
+    segments = [(embeds[:, a:b], a, b) for a, b in zip([0] + ends[:-1], ends)]
     cache, bias = DynamicCache(config=model.config), {}
     for k, (hidden, a, b) in enumerate(segments):
-        rotary = lm.rotary_emb(hidden, positions[:, a:b].unsqueeze(1))
+        rotary = lm.rotary_emb(hidden, positions[:, :, a:b])
         for d, layer in enumerate(lm.layers):
             mask = None  # linear attention takes none
             if text.layer_types[d] == "full_attention":
@@ -179,14 +170,15 @@ def linear_states(context) -> dict[str, torch.Tensor]:
 def test_pruned_folds_carry_the_unpruned_recurrent_state(qwen3_5_deep, tokenizer):
     context = StreamContext(qwen3_5_deep, tokenizer, PRUNING)
     assert context.adapter.num_layers == 2 and context.adapter.blocks == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    chunks = [random_frames(8, seed=10 + k) for k in range(3)]
-    kept = []
+    chunks = [random_frames(4, seed=10 + k) for k in range(3)]
+    kept, chunk_tokens = [], []
     for chunk in chunks:
         record = context.fold(chunk, questions=[QUESTION])
+        chunk_tokens.append(record.chunk_tokens)
         assert all(k < record.chunk_tokens for k in record.kept), record.kept  # both blocks were pruned
         kept.append([(layer.keys.clone(), layer.values.clone(), layer.attention_bias())
                      for layer in context.cache.layers])
-    reference = replay(qwen3_5_deep, tokenizer, chunks, kept)
+    reference = replay(qwen3_5_deep, tokenizer, chunks, kept, chunk_tokens)
     ours = linear_states(context)
     assert set(ours) == {f"{kind}.{d}" for d in (0, 1, 2, 4, 5, 6) for kind in ("conv", "recurrent")}
     for d in (0, 1, 2, 4, 5, 6):
@@ -195,8 +187,7 @@ def test_pruned_folds_carry_the_unpruned_recurrent_state(qwen3_5_deep, tokenizer
         torch.testing.assert_close(ours[f"recurrent.{d}"], library.recurrent_states[0].float(), atol=1e-5, rtol=0)
     # the first block's linear layers never see an attention layer: the plain model over the whole unpruned
     # sequence gives their state directly
-    ids, full, positions, n_question = full_sequence(context, qwen3_5_deep, tokenizer, chunks)
-    whole = plain_states(qwen3_5_deep, ids[:-n_question], full, positions[:, :-n_question])
+    whole = plain_states(qwen3_5_deep, full_inputs(context, qwen3_5_deep, tokenizer, chunks, question=False))
     for d in (0, 1, 2):
         torch.testing.assert_close(ours[f"recurrent.{d}"], whole.layers[d].recurrent_states[0].float(), atol=1e-5,
                                    rtol=0)
@@ -207,8 +198,7 @@ def test_answers_fork_the_state(qwen3_5_deep, tokenizer):
     """Answering (with frames not yet in a chunk, and sampling) leaves every state bit-identical, so a
     second answer equals the first."""
     context = StreamContext(qwen3_5_deep, tokenizer, PRUNING)
-    for k in range(2):
-        context.fold(random_frames(8, seed=20 + k))
+    context.fold(random_frames(4, seed=20))
     before = linear_states(context)
     keys = [layer.keys.clone() for layer in context.cache.layers]
     first = context.answer(QUESTION, max_new_tokens=5, return_logits=True, partial_frames=random_frames(2, seed=7))
@@ -223,16 +213,15 @@ def test_answers_fork_the_state(qwen3_5_deep, tokenizer):
 
 def test_snapshot_restore_includes_the_recurrent_states(qwen3_5_deep, tokenizer):
     straight = StreamContext(qwen3_5_deep, tokenizer, PRUNING)
-    for k in range(3):
-        straight.fold(random_frames(8, seed=30 + k))
-    first = StreamContext(qwen3_5_deep, tokenizer, PRUNING)
     for k in range(2):
-        first.fold(random_frames(8, seed=30 + k))
+        straight.fold(random_frames(4, seed=30 + k))
+    first = StreamContext(qwen3_5_deep, tokenizer, PRUNING)
+    first.fold(random_frames(4, seed=30))
     tensors, meta = first.snapshot()
     assert {name for name in tensors if ".recurrent." in name or ".conv." in name}
     resumed = StreamContext(qwen3_5_deep, tokenizer, PRUNING)
     resumed.restore(tensors, meta)
-    resumed.fold(random_frames(8, seed=32))
+    resumed.fold(random_frames(4, seed=31))
     a = straight.answer(QUESTION, max_new_tokens=4, return_logits=True)
     b = resumed.answer(QUESTION, max_new_tokens=4, return_logits=True)
     assert a.token_ids == b.token_ids and torch.equal(a.prompt_logits, b.prompt_logits)
@@ -251,10 +240,10 @@ def test_saved_state_round_trip_and_tampered_recurrent_states(qwen3_5_deep, toke
 
     context = StreamContext(qwen3_5_deep, tokenizer, PRUNING)
     for k in range(2):
-        context.fold(random_frames(8, seed=40 + k), timestamps=[4.0 * k + 0.5 * i for i in range(8)])
-    save_state(tmp_path / "s", context, {"last_time": 7.5})
+        context.fold(random_frames(4, seed=40 + k), timestamps=[2.0 * k + 0.5 * i for i in range(4)])
+    save_state(tmp_path / "s", context, {"last_time": 3.5})
     resumed = StreamContext(qwen3_5_deep, tokenizer, PRUNING)
-    assert load_state(tmp_path / "s", resumed) == {"last_time": 7.5}
+    assert load_state(tmp_path / "s", resumed) == {"last_time": 3.5}
     ours, theirs = linear_states(context), linear_states(resumed)
     assert set(ours) == set(theirs) and all(torch.equal(ours[n], theirs[n]) for n in ours)
     a, b = (c.answer(QUESTION, max_new_tokens=4, return_logits=True) for c in (context, resumed))
@@ -271,7 +260,7 @@ def test_saved_state_round_trip_and_tampered_recurrent_states(qwen3_5_deep, toke
     ]
     for k, (edit, match) in enumerate(cases):
         folder = tmp_path / f"t{k}"
-        save_state(folder, context, {"last_time": 7.5})
+        save_state(folder, context, {"last_time": 3.5})
         manifest = json.loads((folder / "manifest.json").read_text())
         tensors = load_file(str(folder / manifest["cache"]))
         edit(tensors)
@@ -280,7 +269,7 @@ def test_saved_state_round_trip_and_tampered_recurrent_states(qwen3_5_deep, toke
             load_state(folder, StreamContext(qwen3_5_deep, tokenizer, PRUNING))
     # and one damaged byte of a recurrent state, checksums untouched
     folder = tmp_path / "damaged"
-    save_state(folder, context, {"last_time": 7.5})
+    save_state(folder, context, {"last_time": 3.5})
     manifest = json.loads((folder / "manifest.json").read_text())
     cache = folder / manifest["cache"]
     data = bytearray(cache.read_bytes())
@@ -290,46 +279,12 @@ def test_saved_state_round_trip_and_tampered_recurrent_states(qwen3_5_deep, toke
         load_state(folder, StreamContext(qwen3_5_deep, tokenizer, PRUNING))
 
 
-# --- positions: only the full-attention keys carry a rotation --------------------------------------------------
-def test_shift_keys_turns_the_partial_rotary_like_the_model(qwen3_5, tokenizer):
-    """A key rotated at (t, h, w) and shifted by s equals the key rotated at (t + s, h, w); the channels
-    past the rotary dimension are untouched."""
-    from transformers.models.qwen3_5.modeling_qwen3_5 import apply_rotary_pos_emb
-
-    adapter = Qwen3_5Adapter(qwen3_5, tokenizer)
-    raw = torch.randn(1, adapter.num_kv_heads, 6, adapter.head_dim)
-    at = torch.tensor([[3, 5, 9, 9, 12, 40], [0, 1, 2, 0, 1, 2], [1, 0, 2, 2, 1, 0]])
-    shift = torch.tensor([-1.5, 2.0, -4.0, 0.0, 7.0, -20.0])
-
-    def rotated(positions):
-        cos, sin = adapter.rotary(raw.new_zeros(1), positions)
-        return apply_rotary_pos_emb(raw, raw, cos, sin)[1]
-
-    moved = adapter.shift_keys(rotated(at.float()), shift.view(1, 1, -1).expand(1, adapter.num_kv_heads, -1))
-    target = at.float().clone()
-    target[0] += shift
-    torch.testing.assert_close(moved, rotated(target), atol=1e-5, rtol=0)
-    assert torch.equal(moved[..., 8:], raw[..., 8:])  # head_dim 16, half of it rotated
-
-
-def test_temporal_halving_moves_the_attention_keys_only(qwen3_5_deep, tokenizer):
-    """Past the temporal range the committed video keys are turned back (full-attention layers); the
-    recurrent states hold no position and stay as they are."""
-    from dataclasses import replace
-
-    settings = replace(PRUNING, temporal_range=6)
-    context = StreamContext(qwen3_5_deep, tokenizer, settings)
-    context.fold(random_frames(8, seed=50))
-    states = linear_states(context)
-    keys = [layer.keys.clone() for layer in context.cache.layers]
-    record = context.fold(random_frames(8, seed=51))  # steps 4..7 reach past 6: the spacing is halved
-    assert context.temporal_halvings == 1 and record.temporal_scale == 0.5
-    assert any(not torch.equal(k, layer.keys[:, :, :k.shape[2]]) for k, layer in zip(keys, context.cache.layers))
-    # the second fold advanced the states from exactly the first fold's: replaying it on a copy proves it
-    again = StreamContext(qwen3_5_deep, tokenizer, settings)
-    again.fold(random_frames(8, seed=50))
-    assert all(torch.equal(states[n], t) for n, t in linear_states(again).items())
-    assert context.answer(QUESTION, max_new_tokens=3).token_ids is not None
+# --- positions: time is in the timestamps ------------------------------------------------------------------
+def test_the_temporal_position_policy_is_refused_with_its_reason(qwen3_5, tokenizer):
+    with pytest.raises(SettingsError, match="temporal_range=64 is not supported for .*timestamp text.*recurrent state"):
+        StreamContext(qwen3_5, tokenizer, EMLoCSettings(layer_group_size=1, chunk_frames=4, temporal_range=64))
+    assert StreamContext(qwen3_5, tokenizer, EMLoCSettings(layer_group_size=1, chunk_frames=4,
+                                                           temporal_range=0)).temporal_range is None
 
 
 # --- the MoE variant, the registry and the CLI ------------------------------------------------------------------
@@ -342,11 +297,10 @@ def test_moe_variant_is_lossless(tokenizer):
     for chunk in frames:
         context.fold(chunk)
     answer = context.answer(QUESTION, max_new_tokens=4, return_logits=True)
-    ids, full, positions, n_question = full_sequence(context, model, tokenizer, frames)
-    expected = plain_logits(model, ids, full.pixel_values, full.grid_thw, positions)[-n_question:]
+    inputs = full_inputs(context, model, tokenizer, frames)
+    expected = plain_logits(model, inputs)[-answer.prompt_logits.shape[0]:]
     torch.testing.assert_close(answer.prompt_logits, expected, atol=1e-4, rtol=0)
-    assert answer.token_ids == plain_greedy(model, ids, full.pixel_values, full.grid_thw, positions, 4,
-                                            stop=stops(model, tokenizer))
+    assert answer.token_ids == plain_greedy(model, inputs, 4, context.adapter.stop_ids())
 
 
 def test_cli_runs_a_saved_checkpoint(tokenizer, tmp_path):
@@ -385,37 +339,26 @@ def test_a_lossless_task_pack_reproduces_the_plain_model(qwen3_5, tokenizer, tmp
     rng = np.random.default_rng(5)
     examples = [TaskExample(rng.integers(0, 256, (2, 56, 56, 3), dtype=np.uint8), "what colour was the square ?",
                             answer) for answer in ("red", "blue", "green")]
-    pack = TaskPack.build(qwen3_5, examples, many_shot(ratios=(1.0,)), tokenizer=tokenizer, examples_per_chunk=2)
+    pack = TaskPack.build(qwen3_5, examples, many_shot(ratios=(1.0,), system_prompt=SYSTEM), tokenizer=tokenizer,
+                          examples_per_chunk=2)
     assert any(".recurrent." in name for name in pack.tensors)
     pack.save(tmp_path / "p.pack")
     pack = TaskPack.load(tmp_path / "p.pack")
-    settings = EMLoCSettings(layer_group_size=1, ratios=(1.0,), merge_dropped=False, chunk_frames=4)
+    settings = EMLoCSettings(layer_group_size=1, ratios=(1.0,), merge_dropped=False, chunk_frames=4,
+                             system_prompt=SYSTEM)
     context = StreamContext(qwen3_5, tokenizer, settings, task=pack)
     video = random_frames(4, seed=3)
     context.fold(video)
     answer = context.answer(QUESTION, max_new_tokens=3, return_logits=True)
 
-    adapter, video_token = context.adapter, qwen3_5.config.video_token_id
-    ids, pixels, grids = chat_preamble(tokenizer, settings.system_prompt), [], []
-    turn = tokenizer.encode("<|im_end|>\n<|im_start|>user\n<|vision_start|>", add_special_tokens=False)
+    text, videos = PREAMBLE, []
     for example in examples:
-        p = adapter.preprocess(example.frames)
-        ids += [video_token] * (p.pixel_values.shape[0] // 4)
-        ids += chat_question(tokenizer, example.question) + tokenizer.encode(example.answer, add_special_tokens=False)
-        ids += turn
-        pixels.append(p.pixel_values)
-        grids.append(list(p.grid_thw))
-    p = adapter.preprocess(video)
-    ids += [video_token] * (p.pixel_values.shape[0] // 4)
-    pixels.append(p.pixel_values)
-    grids.append(list(p.grid_thw))
-    question = chat_question(tokenizer, QUESTION)
-    ids += question
-    positions = published_rope_index(ids, video_grids=grids, **video_rope_kwargs(qwen3_5))
-    with torch.no_grad():
-        out = qwen3_5(input_ids=torch.tensor([ids]), pixel_values_videos=torch.cat(pixels),
-                      video_grid_thw=torch.tensor(grids), position_ids=positions.unsqueeze(1))
-    torch.testing.assert_close(answer.prompt_logits, out.logits[0, -len(question):].float(), atol=1e-4, rtol=0)
+        videos.append(video_text(qwen3_5, context.adapter, example.frames))
+        text += videos[-1][0] + QWEN3_CHAT["example"].format(q=example.question, a=example.answer)
+    videos.append(video_text(qwen3_5, context.adapter, video))
+    text += videos[-1][0] + ASK.format(q=QUESTION)
+    expected = plain_logits(qwen3_5, plain_inputs(qwen3_5, tokenizer, text, videos))
+    torch.testing.assert_close(answer.prompt_logits, expected[-answer.prompt_logits.shape[0]:], atol=1e-4, rtol=0)
 
 
 def test_stacked_runs_fork_the_recurrence_per_copy(qwen3_5, tokenizer):

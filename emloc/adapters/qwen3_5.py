@@ -7,29 +7,36 @@ layers after the last full-attention layer join the last block). So layer groups
 and the cache count full-attention layers, and the linear layers' state (`emloc.recurrent`) rides along
 with the block's `PrunedLayer`, unpruned: the recurrence has consumed every token of a chunk.
 
-Positions: the full-attention layers use interleaved M-RoPE on part of each head (`partial_rotary_factor`);
-the linear layers use none. Video tokens are laid out as for Qwen2-VL (temporal step on the temporal
-axis, text after the video at the highest position + 1), without the per-frame timestamp text the
-published processor writes between frames (a chunk is vision tokens only, for every family).
+The video path is Qwen3-VL's (the same processor and position rule, without DeepStack): each temporal
+step is a block after its `<t seconds>` timestamp, positions chain from the last one used, and the
+full-attention layers rotate part of each head (`partial_rotary_factor`) by interleaved M-RoPE. So the
+temporal-position policy is refused, for Qwen3-VL's reason (time is in the timestamp text, every axis
+advances with it) and one of its own: the linear layers' state holds no position that could be turned.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.qwen3_5.modeling_qwen3_5 import apply_rotary_pos_emb, rotate_half
+from transformers.models.qwen3_5.modeling_qwen3_5 import apply_rotary_pos_emb
 
 from ..recurrent import BlockCache, RecurrentStates, current_runs, run_linear
 from .base import UnsupportedModelError
-from .qwen_vl import QwenVLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
 
-class Qwen3_5Adapter(QwenVLAdapter):
+class Qwen3_5Adapter(Qwen3VLAdapter):
     """Adapter for `Qwen3_5ForConditionalGeneration` and `Qwen3_5MoeForConditionalGeneration`.
 
     attention_layers: decoder index of each full-attention layer (the adapter's layers).
     blocks[i]: the decoder indices run as adapter layer i, in order.
     """
+
+    temporal_policy_refusal = (
+        "Qwen3.5 carries time in the timestamp text before each frame, not on an M-RoPE axis: every position "
+        "axis advances with the text, so compressing the temporal axis cannot bound its positions (and its "
+        "linear-attention layers' recurrent state holds no position that could be turned back). Set "
+        "temporal_range: 0; a stream then runs to the model's max_position_embeddings")
 
     def __init__(self, model: nn.Module, tokenizer, **options) -> None:
         super().__init__(model, tokenizer, **options)
@@ -51,22 +58,6 @@ class Qwen3_5Adapter(QwenVLAdapter):
         think = tokenizer.convert_tokens_to_ids("</think>")
         # the chat template's non-thinking turn: an empty thought, so answers start with the answer
         self._no_thought = isinstance(think, int) and think != tokenizer.unk_token_id
-
-    # --- positions ---------------------------------------------------------------------
-    def shift_keys(self, keys: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """Turns the rotated part of each key (the first `rotary_dim` channels; the rest carries no
-        position) by `shift` temporal positions: the model's rotary at (shift, 0, 0) gives angle 0 to
-        the height and width frequencies it interleaves. In float32."""
-        _, heads, n, dim = keys.shape
-        zero = torch.zeros_like(shift.reshape(-1), dtype=torch.float32)
-        positions = torch.stack([shift.reshape(-1).float(), zero, zero]).to(keys.device)
-        cos, sin = self.rotary(keys.new_zeros(1, dtype=torch.float32), positions)
-        scaling = getattr(self._decoder.rotary_emb, "attention_scaling", 1.0)
-        rot = cos.shape[-1]
-        cos, sin = (t.float().reshape(1, heads, n, rot) / scaling for t in (cos, sin))
-        flat = keys.float()
-        turned = flat[..., :rot] * cos + rotate_half(flat[..., :rot]) * sin
-        return torch.cat([turned, flat[..., rot:]], dim=-1).to(keys.dtype)
 
     # --- the decoder ---------------------------------------------------------------------
     def run_layer(self, index, hidden, mask, rotary, cache):
