@@ -2,8 +2,14 @@
 
 The reader samples frames at the target rate and keeps only the newest `buffer` of them:
 when folding is slower than the source, older frames are dropped (and counted), never
-queued without bound. When the source stops sending or fails, it is reopened with
-exponential backoff until `stop()`; timestamps keep increasing across reconnects.
+queued without bound. Packets are decoded one by one: one the decoder cannot use (a
+reader that joined mid-GOP, or lost packets, has no reference frame until the next
+keyframe) is skipped and counted, never a reason to reconnect, because a reconnect joins
+mid-GOP again and a camera sends a keyframe only every 4-10 s or more. The source is
+reopened only when no packet arrives for `read_timeout` (then at once: the silence was
+the wait, and a restarted UDP source's first keyframe must find us listening) or when it
+ends or cannot be opened (then with exponential backoff); timestamps keep increasing
+across reconnects.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ class LiveSource:
         if buffer < 1:
             raise ValueError(f"buffer must hold at least 1 frame, got {buffer}")
         self.url, self.fps, self.format, self.options = url, fps, format, dict(options or {})
+        # FFmpeg probes a stream for 5 s of its time by default, waiting for parameters that only come with a
+        # keyframe; a probe that outlasts the open timeout is cut off and leaves the connection unusable, so
+        # it stops at half that timeout (the decoder reads the parameters from the keyframe when it comes).
+        self.options.setdefault("analyzeduration", str(round(open_timeout * 500_000)))
         self.open_timeout, self.read_timeout, self.backoff = open_timeout, read_timeout, backoff
         self.start_time = start_time  # timestamp of the first frame (a resumed stream goes on from its last)
         self._frames: deque[Frame] = deque()
@@ -38,6 +48,7 @@ class LiveSource:
         self.connects = 0
         self.dropped = 0
         self.last_error = ""
+        self.skipped_packets = 0  # packets the decoder could not use (no keyframe yet, or damaged), skipped
         self.newest_time: float | None = None  # newest frame the source produced (kept or not)
 
     def start(self) -> LiveSource:
@@ -53,6 +64,11 @@ class LiveSource:
             self._thread.join(timeout=self.read_timeout + self.open_timeout + 1)
         self.state = "stopped"
 
+    def waiting(self) -> int:
+        """Frames read and kept, not yet taken."""
+        with self._ready:
+            return len(self._frames)
+
     def get(self, timeout: float | None = None) -> Frame | None:
         """The oldest kept frame, waiting up to `timeout`; None on timeout or once stopped."""
         with self._ready:
@@ -64,6 +80,7 @@ class LiveSource:
     def _run(self) -> None:
         delay, offset, last = self.backoff[0], self.start_time, None
         while not self._stop.is_set():
+            silent = False
             try:
                 produced = False
                 for time_s in self._read(offset):
@@ -73,15 +90,18 @@ class LiveSource:
                 if produced:
                     self.last_error = "source ended"
             except NoData as error:
-                self.last_error = str(error)
-            except Exception as error:  # PyAV raises many kinds; each means: reconnect
+                self.last_error, silent = str(error), True
+            except Exception as error:  # PyAV raises many kinds when opening or reading; each means: reconnect
                 self.last_error = f"{type(error).__name__}: {error}"
             if self._stop.is_set():
                 break
             self.state = "reconnecting"
-            log.warning("%s: %s; reconnecting in %.1f s", self.url, self.last_error, delay)
             if last is not None:
                 offset = last + 1.0 / self.fps  # timestamps continue after a reconnect
+            if silent:  # the timeout already waited; listen again now, not after a backoff
+                log.warning("%s: %s; reconnecting", self.url, self.last_error)
+                continue
+            log.warning("%s: %s; reconnecting in %.1f s", self.url, self.last_error, delay)
             self._stop.wait(delay)
             delay = min(delay * 2, self.backoff[1])
 
@@ -99,12 +119,15 @@ class LiveSource:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             self.state, self.connects = "connected", self.connects + 1
-            sampler, first = RateSampler(self.fps), None
-            for frame in _decoded(container, stream, f"no data from {self.url} for {self.read_timeout:g} s"):
+            sampler, first, t = RateSampler(self.fps), None, None
+            for frame in self._decoded(container, stream):
                 if self._stop.is_set():
                     return
                 pts = float(frame.time) if frame.time is not None else time.monotonic()
-                first = pts if first is None else first
+                if first is None or (t is not None and offset + pts - first < t - 1.0):
+                    # the first frame, or timestamps that went back: a source restarted within the read timeout
+                    # (or whose clock wrapped) goes on from where it was, not from its old timestamps
+                    offset, first = (offset if t is None else t + 1.0 / self.fps), pts
                 t = offset + pts - first
                 self.newest_time = t
                 if not sampler.keep(t):
@@ -120,15 +143,27 @@ class LiveSource:
         finally:
             container.close()
 
+    def _decoded(self, container, stream):
+        """The frames of `stream`, packet by packet; a packet the decoder rejects is skipped (the decoder
+        resumes at the next keyframe by itself). NoData when no packet arrives for the read timeout."""
+        import av
+
+        packets = container.demux(stream)
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                break
+            except av.error.ExitError as error:
+                raise NoData(f"no data from {self.url} for {self.read_timeout:g} s") from error
+            try:
+                yield from packet.decode()  # an empty packet at the end flushes the decoder's last frames
+            except av.error.InvalidDataError as error:
+                self.skipped_packets += 1
+                if self.skipped_packets == 1 or self.skipped_packets % 100 == 0:
+                    log.info("%s: %d undecodable packets skipped so far (waiting for a keyframe): %s",
+                             self.url, self.skipped_packets, error)
+
 
 class NoData(RuntimeError):
     """The source sent nothing for the open or read timeout."""
-
-
-def _decoded(container, stream, message: str):
-    import av
-
-    try:
-        yield from container.decode(stream)
-    except av.error.ExitError as error:
-        raise NoData(message) from error

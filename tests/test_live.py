@@ -22,9 +22,11 @@ ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
 
 
-def stream_to(port: int) -> subprocess.Popen:
+def stream_to(port: int, gop: int = 10) -> subprocess.Popen:
+    """testsrc at 10 frames/s, a keyframe every `gop` frames exactly (as a camera sends them)."""
     return subprocess.Popen(["ffmpeg", "-v", "error", "-re", "-f", "lavfi", "-i", "testsrc=size=56x56:rate=10",
-                             "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", "10",
+                             "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", str(gop),
+                             "-keyint_min", str(gop), "-sc_threshold", "0",
                              "-pix_fmt", "yuv420p", "-f", "mpegts", f"udp://127.0.0.1:{port}?pkt_size=1316"])
 
 
@@ -59,6 +61,44 @@ def test_live_source_samples_and_survives_a_restart():
     finally:
         ffmpeg.kill()
         source.stop()
+
+
+def first_frame_within(source: LiveSource, seconds: float) -> float | None:
+    """Seconds until the source gives a frame, or None if none came within `seconds`."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        if source.get(0.1) is not None:
+            return time.monotonic() - started
+    return None
+
+
+def test_joined_mid_gop_and_restarted_the_first_frame_comes_with_the_next_keyframe():
+    # A keyframe every 6 s, joined just after one: every packet until the next is undecodable and must be
+    # skipped, not a reason to reconnect and join mid-GOP again; and FFmpeg's probe of the stream, which waits
+    # for a keyframe's parameters up to 7 s of an MPEG-TS stream by default, must not outlast the 5 s open
+    # timeout (cut off, it leaves the connection unusable: a reconnect, mid-GOP again).
+    port = free_port(socket.SOCK_DGRAM)
+    gop_s = 6
+    ffmpeg = stream_to(port, gop=10 * gop_s)
+    source = None
+    try:
+        time.sleep(0.5)
+        source = LiveSource(f"udp://127.0.0.1:{port}", fps=2, read_timeout=1.5).start()
+        waited = first_frame_within(source, gop_s + 5)
+        assert waited is not None, f"no frame within {gop_s + 5} s of joining ({source.last_error})"
+        assert source.connects == 1, f"reconnected {source.connects - 1} times before the first frame"
+        ffmpeg.kill()
+        ffmpeg.wait()
+        assert until(lambda: source.state == "reconnecting", timeout=10)
+        while source.get(0.1) is not None:
+            pass
+        ffmpeg = stream_to(port, gop=10 * gop_s)
+        waited = first_frame_within(source, gop_s + 5)
+        assert waited is not None, f"no frame within {gop_s + 5} s of the restart ({source.last_error})"
+    finally:
+        ffmpeg.kill()
+        if source is not None:
+            source.stop()
 
 
 @needs_mosquitto
