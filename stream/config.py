@@ -126,12 +126,14 @@ class StreamConfig:
     max_scheduled: int = 64  # questions with "at" waiting, counted apart so they cannot starve one-offs
     max_standing: int = 8  # standing questions; more are refused until one is cancelled
     horizon: float = 3600.0  # how far (s) beyond the stream's time "at" may lie
+    answers_per_fold: int = 2  # one-off/scheduled answers between two folds while frames wait (folding's share)
 
     def __post_init__(self) -> None:
         check_stream_id(self.id)
         if not isinstance(self.source, str) or not self.source:
             raise ConfigError(f"stream {self.id}: source must be a URL or device path")
-        for name in ("every", "save_every", "buffer", "max_waiting", "max_scheduled", "max_standing"):
+        for name in ("every", "save_every", "buffer", "max_waiting", "max_scheduled", "max_standing",
+                     "answers_per_fold"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"stream {self.id}: {name} must be an integer >= 1, got {value!r}")

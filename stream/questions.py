@@ -109,6 +109,12 @@ def _short(value) -> str:
     return repr(value)[:40]
 
 
+def _asker(question: Question) -> str:
+    """Who asked: the HTTP client (its address, recorded by the server), else the transport."""
+    client = question.meta.get("client") if isinstance(question.meta, dict) else None
+    return client if isinstance(client, str) else question.origin
+
+
 class QuestionQueue:
     """Thread-safe: producers (CLI, MQTT) submit from any thread; the stream loop takes.
 
@@ -138,6 +144,8 @@ class QuestionQueue:
         self._ids = itertools.count(1)
         self._order = itertools.count()
         self._keys: list[tuple[float, int]] = []  # sort keys of _scheduled
+        self._served: dict[str, int] = {}  # asker -> turn its last one-off question was taken (see take_due)
+        self._turn = 0
 
     def new_id(self) -> str:
         """An id no question accepted so far has (restored questions keep theirs)."""
@@ -196,16 +204,30 @@ class QuestionQueue:
             return list(dict.fromkeys(q.text for q in self._oneoff + self._scheduled + self._standing))
 
     def take_due(self, stream_time: float | None, chunks_folded: int, chunk_just_folded: bool,
-                 video: bool = True) -> list[Question]:
+                 video: bool = True, limit: int | None = None) -> list[Question]:
         """Removes and returns waiting questions due now; adds standing ones due after this chunk.
-        Without `video` (the stream has no frames yet), questions that asked to wait are not due."""
+        Without `video` (the stream has no frames yet), questions that asked to wait are not due.
+        limit: at most this many one-off and scheduled questions (the runner takes them one at a time, so
+        that folding keeps its share; the others stay waiting, cancellable). With a limit, one-off questions
+        are taken in turn by asker (`meta["client"]`, else `origin`): the one served least recently first, so
+        a client that keeps its share of the queue full does not stand before another's every question."""
         with self._lock:
             if stream_time is not None:
                 self.now = max(self.now, stream_time)
             due = [q for q in self._oneoff if video or not q.wait]
-            self._oneoff = [q for q in self._oneoff if not (video or not q.wait)]
+            if limit is not None:
+                due = sorted(due, key=lambda q: self._served.get(_asker(q), -1))[:limit]  # stable: FIFO per asker
+                for q in due:
+                    self._turn += 1
+                    self._served[_asker(q)] = self._turn
+                if len(self._served) > REMEMBERED_IDS:  # askers long gone: forgetting one only moves it first
+                    self._served.clear()
+            taken = {id(q) for q in due}
+            self._oneoff = [q for q in self._oneoff if id(q) not in taken]
+            room = None if limit is None else limit - len(due)
             n = 0
-            while n < len(self._scheduled) and stream_time is not None and self._scheduled[n].at <= stream_time:
+            while (n < len(self._scheduled) and stream_time is not None and self._scheduled[n].at <= stream_time
+                   and (room is None or n < room)):
                 n += 1
             due += self._scheduled[:n]
             del self._scheduled[:n], self._keys[:n]

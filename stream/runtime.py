@@ -7,6 +7,14 @@ at the end of a finite source, which folds the last short chunk and answers ever
 question still waiting, then the `at_end` ones (a recorded video's questions without "at":
 known from the start, so they guide pruning, but answered over the whole video). A failing
 sink is reported and the others still get the answer.
+
+Folding has a guaranteed share: questions are taken from the queue one at a time, and while
+frames wait to be folded (`behind()`, e.g. a live source's buffer holds frames) at most
+`answers_per_fold` one-off or scheduled questions are answered between two folds; the others
+stay in the queue (cancellable) until the next fold. So however many questions wait, each
+chunk costs at most its fold plus `answers_per_fold` answers, and a live stream's lag stays
+bounded. Standing questions are answered after their fold as before (at most `max_standing`).
+Caught up (nothing behind), questions are answered as they come, the source checked between two.
 """
 
 from __future__ import annotations
@@ -49,11 +57,19 @@ class StreamRunner:
                  max_new_tokens: int = 16, on_error: Callable[[str, str], None] | None = None,
                  on_fold: Callable[[StreamRunner], None] | None = None,
                  source_state: Callable[[], str] | None = None, at_end: Sequence[Question] = (),
-                 observe_questions: bool = True) -> None:
+                 observe_questions: bool = True, behind: Callable[[], bool] | None = None,
+                 answers_per_fold: int = 2) -> None:
         """source_state: the source's state, named when a question comes before any video.
         at_end: questions answered by `finish` (over the whole of a finite source), observers until then.
-        observe_questions: False folds with the probe observer only (query-agnostic), whatever waits."""
+        observe_questions: False folds with the probe observer only (query-agnostic), whatever waits.
+        behind: whether frames wait to be fed (a live source's buffer); then at most `answers_per_fold`
+        one-off or scheduled answers between two folds. Without it nothing is ever behind."""
+        if not isinstance(answers_per_fold, int) or answers_per_fold < 1:
+            raise ValueError(f"answers_per_fold must be an integer >= 1, got {answers_per_fold!r}")
         self.stream_id, self.context, self.queue, self.sinks = stream_id, context, queue, list(sinks)
+        self.behind = behind or (lambda: False)
+        self.answers_per_fold = answers_per_fold
+        self.answers_since_fold = 0  # one-off and scheduled answers since the last fold
         self.at_end = list(at_end)
         self.observe_questions = observe_questions
         self.max_new_tokens = max_new_tokens
@@ -71,20 +87,23 @@ class StreamRunner:
         chunk = self.chunker.push(frame)
         if chunk is not None:
             self._fold(chunk.frames, chunk.times)
-            self._answer(self.queue.take_due(frame.time, self.context.chunks_folded, chunk_just_folded=True))
-        else:
-            self.poll()
+            self._answer(self.queue.take_due(frame.time, self.context.chunks_folded, chunk_just_folded=True,
+                                             limit=1))
+        self.poll()
 
     def has_video(self) -> bool:
         """Whether a question has anything to be answered over: a folded chunk or frames waiting for one."""
         return self.context.chunks_folded > 0 or self.chunker.pending() is not None
 
     def poll(self) -> None:
-        """Answers the questions due now (one-off, or scheduled at a time the stream has reached).
-        Before the first frame, a question that asked to wait stays; the others get an error."""
-        due = self.queue.take_due(self.status.stream_time, self.context.chunks_folded, chunk_just_folded=False,
-                                  video=self.has_video())
-        if due:
+        """Answers the questions due now (one-off, or scheduled at a time the stream has reached), one at a
+        time, until folding's share stops it (see the module's docstring). Before the first frame, a question
+        that asked to wait stays; the others get an error."""
+        while not (self.answers_since_fold >= self.answers_per_fold and self.behind()):
+            due = self.queue.take_due(self.status.stream_time, self.context.chunks_folded, chunk_just_folded=False,
+                                      video=self.has_video(), limit=1)
+            if not due:
+                return
             self._answer(due)
 
     def finish(self) -> None:
@@ -112,6 +131,7 @@ class StreamRunner:
         self.context.fold(frames, questions=self.observers(), timestamps=times)
         self.status_from_context()
         self.last_folded_time = times[-1]
+        self.answers_since_fold = 0
         if self.on_fold is not None:
             self.on_fold(self)
 
@@ -135,6 +155,7 @@ class StreamRunner:
             event = AnswerEvent(self.stream_id, question.id, question.text, answer.text, span, time.time(),
                                 answer.cache_tokens, answer.latency_s, expected=question.meta.get("expected"))
             self.status.answers += 1
+            self.answers_since_fold += question.every is None
             self.deliver(event)
 
     def deliver(self, event: AnswerEvent) -> None:

@@ -53,6 +53,16 @@ def test_queue_is_bounded_and_refuses_clearly():
             Question("bad", **bad)
 
 
+def test_one_at_a_time_the_queue_serves_askers_in_turn():
+    queue = QuestionQueue(max_waiting=16)
+    for i in range(6):
+        queue.submit(Question(f"flood{i}", "what ?", meta={"client": "10.0.0.9"}))
+    queue.submit(Question("other", "what ?", meta={"client": "10.0.0.7"}))
+    queue.submit(Question("cli", "what ?"))  # no client: its transport is the asker
+    taken = [queue.take_due(None, 0, False, limit=1)[0].id for _ in range(5)]
+    assert taken == ["flood0", "other", "cli", "flood1", "flood2"]
+
+
 def test_runner_answers_one_off_scheduled_and_standing(qwen2_vl, tokenizer):
     context = StreamContext(qwen2_vl, tokenizer, SETTINGS)
     queue, sink = QuestionQueue(), Collect()
@@ -74,6 +84,41 @@ def test_runner_answers_one_off_scheduled_and_standing(qwen2_vl, tokenizer):
     assert runner.status.chunks_folded == 5 and runner.status.state == "ended"
     assert runner.status.answers == len(sink.events) == 4
     assert runner.status.temporal_scale == 1.0
+
+
+class Timeline(Sink):
+    """What the runner did, in order: 'fold' or the question id answered."""
+
+    def __init__(self, events):
+        self.events = events
+
+    def deliver(self, event):
+        self.events.append(event.question_id)
+
+
+def test_folding_keeps_its_share_under_a_full_queue(qwen2_vl, tokenizer):
+    # frames always waiting (a live source behind): at most 2 one-off answers between two folds, the rest wait
+    # in the queue (still cancellable); caught up, the queue is emptied one question at a time
+    context = StreamContext(qwen2_vl, tokenizer, SETTINGS)
+    queue, timeline, behind = QuestionQueue(max_waiting=64), [], [True]
+    runner = StreamRunner("cam", context, queue, [Timeline(timeline)], max_new_tokens=1,
+                          on_fold=lambda r: timeline.append("fold"), behind=lambda: behind[0], answers_per_fold=2)
+    for i in range(30):
+        queue.submit(Question(f"q{i}", "what digit is on screen now ?"))
+    queue.submit(Question("door", "is anyone at the door ?", every=1))
+    for frame in frames(24):
+        runner.feed(frame)
+    assert timeline.count("fold") == 3, timeline
+    between = [[e for e in part if e.startswith("q")] for part in " ".join(timeline).split("fold")]
+    assert [len(part) for part in between] == [2, 2, 2, 2], timeline  # 2 before the 1st fold, 2 after each
+    assert timeline.count("door") == 3, "standing questions are answered after their fold, outside the share"
+    assert queue.counts()["one-off"] == 30 - 8
+    queue.cancel("q29")  # still in the queue, so a client that went away costs nothing
+    behind[0] = False
+    runner.poll()
+    assert queue.counts()["one-off"] == 0 and sum(e.startswith("q") for e in timeline) == 29
+    with pytest.raises(ValueError, match="answers_per_fold"):
+        StreamRunner("cam", context, queue, [], answers_per_fold=0)
 
 
 def test_the_status_says_when_positions_were_compressed(qwen2_vl, tokenizer):

@@ -83,6 +83,7 @@ class StreamHub(Sink):
                 raise HTTPException(429, f"{client} has {len(held)} one-off questions waiting on stream {self.id!r}, "
                                          f"its share of the queue ({share} of {queue.limits['one-off']}); ask again "
                                          f"once one is answered", retry)
+        question.meta.setdefault("client", client)  # the queue takes one-off questions in turn by client
         try:
             queue.submit(question)
         except BadQuestion as error:
