@@ -24,7 +24,7 @@ from .live import LiveSource
 from .mqtt import MqttBridge
 from .questions import BadQuestion, DuplicateId, Question, QuestionQueue, QueueFull
 from .runtime import StreamRunner
-from .state import StateError, has_state, load_state, save_state
+from .state import StateError, StateNotSaved, check_source, has_state, load_state, save_state, source_fingerprint
 
 log = logging.getLogger("emloc_stream")
 QUESTION_FIELDS = {"id", "text", "at", "every", "origin", "meta", "wait"}
@@ -33,8 +33,11 @@ QUESTION_FIELDS = {"id", "text", "at", "every", "origin", "meta", "wait"}
 class LiveStream:
     def __init__(self, spec: StreamConfig, adapter: ModelAdapter, settings, *, fps: float,
                  mqtt: MqttConfig | None = None, max_new_tokens: int = 16, console: bool = True,
-                 questions: list[Question] = (), task=None) -> None:
+                 questions: list[Question] = (), task=None, source_moved: bool = False) -> None:
+        """source_moved: resume a state folded from another URL (the camera moved); else that is refused."""
         self.spec, self.fps = spec, fps
+        self.source_moved = source_moved
+        self.unsaved = ""  # why the last save failed; "" once one succeeds (folding goes on, saves are retried)
         self.context = StreamContext(adapter, settings=settings, task=task)  # task: a TaskPack, shared read-only
         self.queue = QuestionQueue(max_waiting=spec.max_waiting, max_scheduled=spec.max_scheduled,
                                    max_standing=spec.max_standing, horizon=spec.horizon)
@@ -47,7 +50,8 @@ class LiveStream:
             self.sinks.append(self.bridge)
         self.runner = StreamRunner(spec.id, self.context, self.queue, self.sinks, max_new_tokens=max_new_tokens,
                                    on_error=self.report_error, on_fold=self._on_fold,
-                                   source_state=lambda: self.status()["state"])
+                                   source_state=lambda: self.status()["state"],
+                                   behind=lambda: self.source.waiting() > 0, answers_per_fold=spec.answers_per_fold)
         start_time = self._resume() if spec.state and has_state(spec.state) else 0.0
         first_chunk = start_time + settings.chunk_frames / fps
         for text in spec.ask:
@@ -74,6 +78,10 @@ class LiveStream:
         if stream.get("stream_id") != self.spec.id:
             raise StateError(f"{self.spec.state}: this state belongs to stream {stream.get('stream_id')!r}, "
                              f"not {self.spec.id!r}")
+        note = check_source(self.spec.state, stream.get("source"), source_fingerprint(self.spec.source, live=True),
+                            moved_ok=self.source_moved)
+        if note:
+            print(f"{self.spec.id}: {note}", file=sys.stderr, flush=True)
         questions = stream.get("questions", [])
         try:
             if not isinstance(questions, list):
@@ -92,12 +100,24 @@ class LiveStream:
         return last_time + 1 / self.fps
 
     def save(self) -> None:
+        """Saves the state; a save that cannot be written (full disk, read-only folder) is reported as "state not
+        saved" (the fold itself succeeded, the previous state is intact) and retried after the next fold."""
         if self.spec.state and self.runner.last_folded_time is not None:
-            save_state(Path(self.spec.state), self.context, dict(
-                stream_id=self.spec.id, last_time=self.runner.last_folded_time, questions=self.queue.snapshot()))
+            try:
+                save_state(Path(self.spec.state), self.context, dict(
+                    stream_id=self.spec.id, source=source_fingerprint(self.spec.source, live=True),
+                    last_time=self.runner.last_folded_time, questions=self.queue.snapshot()))
+            except StateNotSaved as error:
+                if not self.unsaved:  # once, not every chunk; the status carries it meanwhile
+                    self.report_error(None, f"{error}; folding goes on, the save is retried every chunk")
+                self.unsaved = str(error)
+                return
+            if self.unsaved:
+                print(f"{self.spec.id}: state saved again in {self.spec.state}", file=sys.stderr, flush=True)
+            self.unsaved = ""
 
     def _on_fold(self, runner: StreamRunner) -> None:
-        if self.context.chunks_folded % self.spec.save_every == 0:
+        if self.context.chunks_folded % self.spec.save_every == 0 or self.unsaved:
             self.save()
         self._tell("on_fold", self.context.records[-1])
 
@@ -155,6 +175,8 @@ class LiveStream:
             status.state, status.detail = "reconnecting", self.source.last_error
         elif self.failed:
             status.state, status.detail = "failed", self.failed
+        elif self.unsaved:
+            status.detail = self.unsaved
         elif self.source.state == "connected" and status.state == "starting":
             status.state = "running"
         return status.to_dict()

@@ -17,7 +17,19 @@ the model.
 
 Saving writes a new cache file, then replaces the manifest atomically, then removes the
 older cache files of DIR (regular files named cache-<n>.safetensors only), so a crash at
-any moment leaves one complete, consistent state.
+any moment leaves one complete, consistent state. A save that cannot be written (a full
+disk, a folder made read-only) removes what it wrote, leaves the previous state as it was,
+and raises `StateNotSaved`, one line naming the folder, the reason and the free space.
+
+A state records which video it was folded from (`source_fingerprint`): for a file its size,
+modification time and the SHA-256 of its first MiB; for a folder of images their number and a
+hash of their names, sizes and the first image's first MiB; for a live source its URL.
+`check_source` refuses another video. The first MiB rather than decoded frames: it is read
+without decoding (so it is checked before any work and does not depend on which decoder, or
+which version of it, reads the file), and it holds the container's header and the first frames'
+compressed data, which two different videos share only if they are the same video up to there.
+Size and hash decide; the modification time is recorded, not compared, because a copy or a
+restored backup of the same video changes it.
 """
 
 from __future__ import annotations
@@ -48,9 +60,56 @@ class StateError(RuntimeError):
     """A saved state cannot be used; the message says why. The context it was loaded into must not be used."""
 
 
+class StateNotSaved(StateError):
+    """A save could not be written (full disk, unwritable folder); the previous state is intact."""
+
+
+FINGERPRINT_BYTES = 1 << 20  # the first MiB of a video file identifies it (see the module's docstring)
+
+
 def save_state(folder: str | Path, context: StreamContext, stream: dict) -> Path:
-    """Saves `context` and `stream` (plain data: last timestamp, pending questions, ...)."""
+    """Saves `context` and `stream` (plain data: last timestamp, pending questions, ...); StateNotSaved, with
+    the previous state left intact, when the folder cannot take it."""
     folder = Path(folder)
+    written: list[Path] = []
+    try:
+        return _save(folder, context, stream, written)
+    except (OSError, SafetensorError) as error:
+        for path in written:  # a partial cache file must not fill what little room is left
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+        raise StateNotSaved(f"{folder}: state not saved: {_reason(error)} ({_free(folder)}); the previous state "
+                            f"there is intact") from error
+
+
+def _reason(error: Exception) -> str:
+    """The system's words for a failed write (safetensors wraps them: "I/O error: ... (os error 28)")."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    code = re.search(r"\(os error (\d+)\)", str(error))
+    return os.strerror(int(code.group(1))) if code else str(error).splitlines()[0][:200]
+
+
+def _free(folder: Path) -> str:
+    """The free space on `folder`'s disk, in words."""
+    import shutil
+
+    for place in (folder, *folder.parents):
+        try:
+            free = shutil.disk_usage(place).free
+        except OSError:
+            continue
+        for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+            if free < 1024 or unit == "TiB":
+                amount = f"{free:.0f} bytes" if unit == "bytes" else f"{free:.1f} {unit}"
+                return f"{amount} free on its disk"
+            free /= 1024
+    return "free space unknown"
+
+
+def _save(folder: Path, context: StreamContext, stream: dict, written: list[Path]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tensors, meta = context.snapshot()
     tensors["state.counters"] = torch.tensor([int(meta[name]) for name in COUNTERS], dtype=torch.int64)
@@ -59,6 +118,7 @@ def save_state(folder: str | Path, context: StreamContext, stream: dict) -> Path
     serial = max([_serial_of(folder)] + [int(m.group(1)) for p in folder.iterdir()
                                          if (m := CACHE_NAME.fullmatch(p.name))]) + 1
     cache = folder / f"cache-{serial}.safetensors"
+    written.append(cache)
     save_file(tensors, str(cache))
     _fsync(cache)
     manifest = dict(format=FORMAT, serial=serial, cache=cache.name, bytes=cache.stat().st_size,
@@ -66,13 +126,65 @@ def save_state(folder: str | Path, context: StreamContext, stream: dict) -> Path
     manifest["manifest_sha256"] = _digest(manifest)
     tmp = folder / "manifest.json.tmp"
     tmp.unlink(missing_ok=True)  # never write through a planted symlink
+    written.append(tmp)
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     _fsync(tmp)
     os.replace(tmp, folder / "manifest.json")
+    written.clear()  # the new state is in place: nothing to take back
     for old in folder.iterdir():  # only our own files, found by name in this folder, never a path from a manifest
         if CACHE_NAME.fullmatch(old.name) and old.name != cache.name and not old.is_symlink() and old.is_file():
             old.unlink(missing_ok=True)
     return folder / "manifest.json"
+
+
+def source_fingerprint(source: str | Path, *, live: bool = False) -> dict:
+    """What identifies the video a state is folded from (see the module's docstring)."""
+    if live:
+        return dict(kind="live", url=str(source))
+    path = Path(source)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        from .sources import IMAGE_SUFFIXES
+
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for file in files:
+            digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
+        if files:
+            with files[0].open("rb") as f:
+                digest.update(f.read(FINGERPRINT_BYTES))
+        return dict(kind="images", images=len(files), sha256=digest.hexdigest())
+    stat = path.stat()
+    with path.open("rb") as f:
+        digest.update(f.read(FINGERPRINT_BYTES))
+    return dict(kind="file", bytes=stat.st_size, mtime=stat.st_mtime, sha256_first_mib=digest.hexdigest())
+
+
+SAME_SOURCE = {"live": ("url",), "images": ("images", "sha256"), "file": ("bytes", "sha256_first_mib")}
+
+
+def check_source(folder: str | Path, saved, current: dict, *, moved_ok: bool = False) -> str | None:
+    """Refuses (StateError) a state folded from another video than `current` (a fingerprint); returns a note
+    for a state saved before fingerprints (accepted: it was checked by path or stream id as before), or for a
+    live source that moved and `moved_ok` accepts."""
+    if saved is None:
+        return (f"{folder}: this state was saved before states recorded their source; resuming it as the same "
+                f"video (if the video was replaced, start a new state folder)")
+    if not isinstance(saved, dict) or saved.get("kind") not in SAME_SOURCE:
+        raise StateError(f"{folder}: the manifest's source must be a source fingerprint, got {str(saved)[:200]}")
+    if saved["kind"] == current["kind"] and all(saved.get(k) == current[k] for k in SAME_SOURCE[current["kind"]]):
+        return None
+    if current["kind"] == "live" == saved["kind"]:
+        if moved_ok:
+            return f"{folder}: the source moved from {saved.get('url')!r} to {current['url']!r}; resuming as asked"
+        raise StateError(f"{folder}: this state was folded from {str(saved.get('url'))[:200]!r}, not "
+                         f"{current['url']!r}; if the camera moved there, resume with --source-moved (else start a "
+                         f"new state folder)")
+    if current["kind"] == "live" or saved["kind"] == "live":
+        raise StateError(f"{folder}: this state was folded from a {saved['kind']} source, not a {current['kind']} one; "
+                         f"start a new state folder")
+    what = (f"{saved.get('bytes')} bytes" if saved["kind"] == "file" else f"{saved.get('images')} images")
+    raise StateError(f"{folder}: this state was folded from another video ({what}, different content) than the "
+                     f"one given now; start a new state folder for it")
 
 
 def has_state(folder: str | Path) -> bool:

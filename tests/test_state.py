@@ -285,3 +285,128 @@ def test_resuming_with_the_other_query_aware_setting_is_named(tmp_path, capsys):
     assert main(args + ["--query-aware"]) == 2
     assert "this state was folded without --query-aware; resume it the same way" in capsys.readouterr().err
     assert main(args) == 0 and "resumed from" in capsys.readouterr().out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (a real filesystem that fills), unmounted after the test; skipped where mounting is refused."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {mounted.stderr.strip()[:100]}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk, leave=0):
+    """Fills `disk` up to `leave` bytes with one file, returned (remove it to free the room)."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as f:  # unbuffered: the write that fails is inside the loop
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
+def test_a_full_disk_keeps_the_old_state_and_says_so_in_one_line(qwen2_vl, tokenizer, small_disk):
+    adapter = adapter_for(qwen2_vl, tokenizer)
+    spec = StreamConfig(id="cam", source="udp://127.0.0.1:9", state=str(small_disk / "state"))
+    stream = LiveStream(spec, adapter, SETTINGS, fps=2.0, console=False)
+    errors = []
+    stream.subscribe(type("Errors", (), {"on_error": lambda self, qid, message: errors.append(message)})())
+    video = [(image, i / 2) for i, image in enumerate(random_frames(32, seed=5))]
+    from stream.sources import Frame
+
+    for image, t in video[:8]:
+        stream.runner.feed(Frame(image, t))
+    saved = json.loads((small_disk / "state" / "manifest.json").read_text())
+    assert saved["context"]["chunks_folded"] == 1 and saved["stream"]["source"] == {"kind": "live",
+                                                                                    "url": "udp://127.0.0.1:9"}
+    filler = fill(small_disk)
+    for image, t in video[8:24]:  # two more folds: both saves fail, folding goes on
+        stream.runner.feed(Frame(image, t))
+    assert stream.context.chunks_folded == 3 and stream.runner.status.chunks_folded == 3
+    assert len(errors) == 1, "reported once, not every chunk"
+    assert re.fullmatch(rf"{small_disk / 'state'}: state not saved: No space left on device \(\d+(\.\d)? (bytes|KiB) "
+                        r"free on its disk\); the previous state there is intact; folding goes on, the save is "
+                        r"retried every chunk", errors[0]), errors[0]
+    assert "fold failed" not in errors[0] and stream.status()["detail"].startswith(str(small_disk / "state"))
+    assert sorted(p.name for p in (small_disk / "state").iterdir()) == ["cache-1.safetensors", "manifest.json"]
+    other = StreamContext(adapter, settings=SETTINGS)
+    assert load_state(small_disk / "state", other)["last_time"] == 3.5 and other.chunks_folded == 1
+    filler.unlink()  # room again: the next fold's save goes through
+    for image, t in video[24:]:
+        stream.runner.feed(Frame(image, t))
+    assert stream.unsaved == "" and json.loads((small_disk / "state" / "manifest.json").read_text())[
+        "context"]["chunks_folded"] == 4
+
+
+def test_cli_run_on_a_full_disk_answers_and_exits_1_with_one_line(tmp_path, small_disk, capsys):
+    from stream.cli import main
+
+    video = make_video(3_300_002, frames=16)
+    path = write_video(tmp_path / "clip.mp4", video.frames, video.fps)
+    config = tmp_path / "c.yaml"
+    config.write_text("emloc:\n  preset: reference_code\n  chunk_frames: 8\n")
+    (small_disk / "state").mkdir()
+    fill(small_disk)
+    code = main(["run", str(path), "--model", "builtin:random", "--config", str(config), "--ask", "what ?",
+                 "--max-new-tokens", "1", "--state", str(small_disk / "state")])
+    out, err = capsys.readouterr()
+    assert code == 1 and "Traceback" not in err
+    assert "what ?" in out, "the answers are still given"
+    lines = [line for line in err.splitlines() if "state not saved" in line]
+    assert len(lines) == 2 and "No space left on device" in lines[0] and "free on its disk" in lines[0], err
+    assert list((small_disk / "state").iterdir()) == [], "no partial file left behind"
+
+
+def test_a_state_is_refused_for_another_video_at_the_same_path(tmp_path, capsys):
+    from stream.cli import main
+    from stream.state import source_fingerprint
+
+    path, state = tmp_path / "clip.mp4", tmp_path / "state"
+    config = tmp_path / "c.yaml"
+    config.write_text("emloc:\n  preset: reference_code\n  chunk_frames: 16\n")
+    args = ["run", str(path), "--model", "builtin:random", "--config", str(config), "--ask", "what ?",
+            "--max-new-tokens", "1", "--state", str(state)]
+    first = make_video(3_300_003, frames=16)
+    write_video(path, first.frames, first.fps)
+    assert main(args) == 0
+    saved = json.loads((state / "manifest.json").read_text())["stream"]["source"]
+    assert saved == json.loads(json.dumps(source_fingerprint(path)))
+    moved = tmp_path / "moved.mp4"
+    path.rename(moved)  # the same video elsewhere resumes
+    assert main([*args[:1], str(moved), *args[2:]]) == 0 and "resumed from" in capsys.readouterr().out
+    second = make_video(3_300_004, frames=16)  # another video, same path, same length and size class
+    write_video(path, second.frames, second.fps)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "this state was folded from another video" in err and len(err.strip().splitlines()) == 1, err
+    # a state saved before fingerprints: resumed by its path, as then, with a note
+    manifest = json.loads((state / "manifest.json").read_text())
+    del manifest["stream"]["source"]
+    manifest["stream"]["video"] = str(path.resolve())
+    manifest["manifest_sha256"] = _digest(manifest)
+    (state / "manifest.json").write_text(json.dumps(manifest))
+    assert main(args) == 0
+    assert "saved before states recorded their source" in capsys.readouterr().out
+
+
+def test_a_live_state_is_refused_for_another_url_unless_the_camera_moved(qwen2_vl, tokenizer, tmp_path):
+    adapter = adapter_for(qwen2_vl, tokenizer)
+    context = folded(qwen2_vl, tokenizer, [0])
+    save_state(tmp_path, context, dict(stream_id="cam", last_time=3.5, questions=[],
+                                       source={"kind": "live", "url": "rtsp://10.0.0.5/stream"}))
+    spec = StreamConfig(id="cam", source="rtsp://10.0.0.9/stream", state=str(tmp_path))
+    with pytest.raises(StateError, match="folded from 'rtsp://10.0.0.5/stream', not 'rtsp://10.0.0.9/stream'; "
+                                         "if the camera moved there, resume with --source-moved"):
+        LiveStream(spec, adapter, SETTINGS, fps=2.0, console=False)
+    stream = LiveStream(spec, adapter, SETTINGS, fps=2.0, console=False, source_moved=True)
+    assert stream.context.chunks_folded == 1

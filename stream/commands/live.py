@@ -25,7 +25,7 @@ def live(args: argparse.Namespace) -> int:
                         jsonl=str(args.jsonl) if args.jsonl else None, state=str(args.state) if args.state else None,
                         save_every=args.save_every, buffer=args.buffer, max_waiting=args.max_waiting,
                         max_scheduled=args.max_scheduled, max_standing=args.max_standing, horizon=args.horizon,
-                        task=args.task or config.task)
+                        task=args.task or config.task, answers_per_fold=args.answers_per_fold)
     questions = load_questions(args.questions) if args.questions else []
     return _serve(config, given, args, [spec], mqtt, questions)
 
@@ -72,7 +72,7 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
             print(f"{spec.id} starts from {spec.task}: {packs[spec.id].describe()}", flush=True)
     streams = [LiveStream(spec, adapter, settings, fps=config.model.fps, mqtt=mqtt,
                           max_new_tokens=args.max_new_tokens, questions=questions if i == 0 else (),
-                          task=packs[spec.id])
+                          task=packs[spec.id], source_moved=getattr(args, "source_moved", False))
                for i, spec in enumerate(specs)]
     if getattr(args, "stdin", False):
         queue = streams[0].queue
@@ -103,7 +103,10 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
         status = stream.runner.status
         print(f"stopped {stream.spec.id}: {status.frames_seen} frames, {status.chunks_folded} chunks, "
               f"{status.answers} answers", flush=True)
-    return 0
+    unsaved = [stream for stream in streams if stream.unsaved]  # its last save failed: say so in the exit status
+    for stream in unsaved:
+        print(f"{stream.spec.id}: {stream.unsaved}", file=sys.stderr, flush=True)
+    return 1 if unsaved else 0
 
 
 def _http_limits(args: argparse.Namespace):
@@ -173,9 +176,13 @@ def register(commands, common) -> None:
     p.add_argument("--max-standing", type=int, default=8, help="standing questions; more are refused until one is "
                    "cancelled (emloc/<stream>/cancel)")
     p.add_argument("--horizon", type=float, default=3600.0, help='how far (s) beyond the stream\'s time "at" may lie')
+    p.add_argument("--answers-per-fold", type=int, default=2, help="while frames wait to be folded, at most this "
+                   "many questions are answered between two folds (folding's guaranteed share; default 2)")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--state", type=Path, help="save the stream state here; resume from it if present")
     p.add_argument("--save-every", type=int, default=1, help="chunks between saves of --state")
+    p.add_argument("--source-moved", action="store_true", help="resume a --state folded from another URL (the "
+                   "camera moved); without it such a state is refused")
     add_task_option(p)
     add_web_options(p)
     p.set_defaults(run=live)

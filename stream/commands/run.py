@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     config, given = config_from(args)
     if not args.ask:
         raise InputError("give at least one question with --ask")
-    from ..state import has_state, load_state, save_state
+    from ..state import StateNotSaved, check_source, has_state, load_state, save_state, source_fingerprint
 
     _check_folder(Path(args.video))
     check_state(args.state)
@@ -54,10 +54,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"starts from {task}: {pack.describe()}", flush=True)
     frames = source.frames(fps=config.model.fps)
     video_id = str(Path(args.video).resolve())
+    fingerprint = source_fingerprint(args.video) if args.state else None
     if args.state and has_state(args.state):
         stream = load_state(args.state, context)
-        if stream.get("video") != video_id:
+        if "source" in stream:  # the video itself decides, wherever it lies now
+            check_source(args.state, stream["source"], fingerprint)
+        elif stream.get("video") != video_id:  # saved before fingerprints: by path, as then
             raise StateError(f"{args.state}: this state belongs to {stream.get('video')!r}, not {video_id!r}")
+        else:
+            print(check_source(args.state, None, fingerprint), flush=True)
         if stream.get("query_aware", False) != args.query_aware:
             raise StateError(f"{args.state}: this state was folded {'with' if not args.query_aware else 'without'} "
                              f"--query-aware; resume it the same way (or use a new --state)")
@@ -66,17 +71,31 @@ def run(args: argparse.Namespace) -> int:
         print(f"resumed from {args.state}: {context.chunks_folded} chunks already folded, up to {done:.1f} s",
               flush=True)
     progress = progress_printer(None, source.duration())
+    unsaved = [""]  # why the last save failed ("" once one succeeds): folding goes on, saves are retried
+
+    def save() -> None:
+        try:
+            save_state(args.state, context, dict(video=video_id, source=fingerprint,
+                                                 last_time=context.records[-1].time_span[1],
+                                                 query_aware=args.query_aware))
+        except StateNotSaved as error:
+            if not unsaved[0]:
+                print(f"emloc-stream run: {error}; folding goes on, saves are retried every chunk", file=sys.stderr,
+                      flush=True)
+            unsaved[0] = str(error)
+            return
+        if unsaved[0]:
+            print(f"emloc-stream run: state saved again in {args.state}", file=sys.stderr, flush=True)
+        unsaved[0] = ""
 
     def on_fold(record) -> None:
-        if args.state and context.chunks_folded % args.save_every == 0:
-            save_state(args.state, context, dict(video=video_id, last_time=record.time_span[1],
-                                                 query_aware=args.query_aware))
+        if args.state and (context.chunks_folded % args.save_every == 0 or unsaved[0]):
+            save()
         progress(record)
 
     def save_last(always: bool = False) -> None:
-        if args.state and context.records and (always or context.chunks_folded % args.save_every):
-            save_state(args.state, context, dict(video=video_id, last_time=context.records[-1].time_span[1],
-                                                 query_aware=args.query_aware))
+        if args.state and context.records and (always or context.chunks_folded % args.save_every or unsaved[0]):
+            save()
 
     try:
         answers = answer_video(context, frames, args.ask, query_aware=args.query_aware,
@@ -89,12 +108,15 @@ def run(args: argparse.Namespace) -> int:
         folded = f"{context.chunks_folded} chunks folded, up to {context.records[-1].time_span[1]:.1f} s" \
             if context.records else "nothing folded yet"
         saved = (f"; state saved in {args.state}, the same command resumes" if args.state and context.records
-                 else "")
+                 and not unsaved[0] else f"; {unsaved[0]}" if unsaved[0] else "")
         print(f"emloc-stream run: interrupted: {folded}{saved}", file=sys.stderr, flush=True)
         return 130
     save_last()
     deliver(context, Path(args.video).name, args.ask, answers)
     print(footer(context))
+    if unsaved[0]:
+        print(f"emloc-stream run: {unsaved[0]}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
