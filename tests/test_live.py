@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,6 +15,7 @@ from stream.live import LiveSource
 
 from .broker import Broker, Client, free_port, needs_mosquitto
 from .test_cli import console_script
+from .test_state import fill, small_disk  # noqa: F401 (a fixture)
 
 # The console script imports the code under test (a worktree on PYTHONPATH), not whatever is installed.
 ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
@@ -232,3 +234,27 @@ def test_live_state_is_saved_on_exit_and_resumed(tmp_path):
         assert other.returncode == 2 and "belongs to stream 'door'" in other.stderr
     finally:
         ffmpeg.kill()
+
+
+def test_live_on_a_full_disk_keeps_folding_says_state_not_saved_and_exits_1(tmp_path, small_disk, capsys):  # noqa: F811
+    from stream.cli import main
+
+    config = tmp_path / "live.yaml"
+    config.write_text("emloc:\n  preset: reference_code\n  chunk_frames: 4\n")
+    port = free_port(socket.SOCK_DGRAM)
+    (small_disk / "state").mkdir()
+    fill(small_disk)
+    ffmpeg = stream_to(port)
+    try:
+        code = main(["live", f"udp://127.0.0.1:{port}", "--model", "builtin:random", "--config", str(config),
+                     "--state", str(small_disk / "state"), "--duration", "6", "--max-new-tokens", "1",
+                     "--status-every", "100"])
+    finally:
+        ffmpeg.kill()
+    out, err = capsys.readouterr()
+    chunks = int(re.search(r"stopped cam: \d+ frames, (\d+) chunks", out).group(1))
+    assert code == 1 and chunks >= 2, (out, err)
+    assert "fold failed" not in err and "Traceback" not in err
+    not_saved = [line for line in err.splitlines() if "state not saved: No space left on device" in line]
+    assert len(not_saved) == 2, err  # once when it first failed (not every chunk), once at exit
+    assert list((small_disk / "state").iterdir()) == []
