@@ -167,7 +167,9 @@ class StreamContext:
         except BaseException:
             self.temporal_halvings, self.max_position, self._video_layout = counters
             raise
-        self._carry_probe_answer(fold["observers"], fold.pop("greedy"))
+        carried = fold.pop("probe_answer")
+        if carried is not None:
+            self.probe_answer = carried
         first = int(positions[0].min())
         self._steps += t
         if timestamps:
@@ -208,7 +210,7 @@ class StreamContext:
         vision_s = time.perf_counter() - clock
         fold = self._fold_segment(embeds, positions, torch.cat(steps),
                                   lambda at: [self._example_run(o, at) for o in prepared])
-        fold.pop("greedy")
+        fold.pop("probe_answer")
         self.video_start = start  # the next picture (or the stream's video) starts here
         self.max_position = max(self.max_position, start - 1)
         self.sink_tokens = self.tokens_seen  # examples are never evicted
@@ -308,24 +310,34 @@ class StreamContext:
             runs.append(ObserverRun(observer, embeds, positions, self.settings.observed_positions))
         return runs
 
-    def _carry_probe_answer(self, observers: list[Observer], greedy: list[torch.Tensor]) -> None:
-        """Keeps of the carried answer what the model still says after this chunk (the tokens its
-        greedy choice confirms, in the probe's own pass) and adds the token it would say next: the
-        answer follows the video one token a chunk at no extra pass."""
+    def _confirm_probe_answer(self, passes: list[ObserverPass], log_probs: list[torch.Tensor]):
+        """The carried answer, checked in the probe's own pass: the tokens the model's greedy choice still
+        confirms after this chunk stay, and the bound covers the probe and those tokens only (the pass is
+        cut after them: what follows is text the model would not say now), which is the observer a fresh
+        decode would give, as long as the video has let it grow; the token the model would say next is
+        added for the next chunk. The answer follows the video a token a chunk at no pass of its own.
+        Returns the passes and the answer to carry (None: nothing carried)."""
         if self.settings.probe_answer_refresh != "carry" or not self.settings.probe_answer_tokens:
-            return
-        for observer, said in zip(observers, greedy):
-            if observer.kind != "probe":
+            return passes, None
+        carried = None
+        for k, (run, rows) in enumerate(zip(passes, log_probs)):
+            if run.observer.kind != "probe":
                 continue
-            answer = list(observer.answer_ids)
-            asked = len(said) - len(answer)  # the probe's own tokens
-            said = said.tolist()
+            answer = list(run.observer.answer_ids)
+            asked = rows.shape[0] - len(answer)  # the probe's own tokens
+            said = rows.argmax(dim=-1).tolist()
             kept = next((j for j, token in enumerate(answer) if said[asked - 1 + j] != token), len(answer))
-            answer = answer[:kept]
-            following = said[asked - 1 + kept]
-            if following not in self.adapter.stop_ids() and kept < self.settings.probe_answer_tokens:
-                answer.append(following)
-            self.probe_answer = tuple(answer)
+            end = asked + kept  # rows the model's own text leads to; the last one says the next token
+            m = min(self.settings.observed_positions, end)
+            cos, sin = run.rotary
+            passes[k] = ObserverPass(Observer(run.observer.kind, run.observer.text, tuple(answer[:kept])),
+                                     [None if x is None else x[:, :end] for x in run.layer_inputs],
+                                     (cos[..., :end, :], sin[..., :end, :]), run.positions[:, :end],
+                                     rows[end - m:end], run.attention)
+            following = said[end - 1]
+            carried = answer[:kept] + ([following] if following not in self.adapter.stop_ids()
+                                       and kept < self.settings.probe_answer_tokens else [])
+        return passes, None if carried is None else tuple(carried)
 
     def _fold_segment(self, embeds: torch.Tensor, positions: torch.Tensor, steps: torch.Tensor, make_runs,
                       frame_text: torch.Tensor | None = None) -> dict:
@@ -343,11 +355,11 @@ class StreamContext:
             clock = time.perf_counter()
             runs = make_runs(max_position + 1) if self.policy.needs_observers and not decode_first else []
             if runs:  # the first observer rides in the chunk's prefill pass: it comes right after the chunk
-                passes, greedy = observe_together(adapter, cache, runs[:1], lead=(embeds, positions))
+                passes, rows = observe_together(adapter, cache, runs[:1], lead=(embeds, positions))
                 runs = runs[1:]
             else:
                 run_layers(adapter, cache, embeds, positions)
-                passes, greedy = [], []
+                passes, rows = [], []
             prefill_s = time.perf_counter() - clock
 
             clock = time.perf_counter()
@@ -355,8 +367,9 @@ class StreamContext:
                 runs = make_runs(max_position + 1)
             together = adapter.attention_implementation in FoldState.BATCHED_ATTENTION
             for batch in ([runs] if together else [[run] for run in runs]) if runs else []:
-                more, more_greedy = observe_together(adapter, cache, batch)
-                passes, greedy = passes + more, greedy + more_greedy
+                more, more_rows = observe_together(adapter, cache, batch)
+                passes, rows = passes + more, rows + more_rows
+            passes, probe_answer = self._confirm_probe_answer(passes, rows)
             observe_s = time.perf_counter() - clock
 
             clock = time.perf_counter()
@@ -388,7 +401,7 @@ class StreamContext:
         return dict(chunk_tokens=n, groups=retention.groups, kept=kept, evicted=evicted, tokens_before=before,
                     observers=[p.observer for p in passes], max_position=max_position, prefill_s=prefill_s,
                     observe_s=observe_s, search_s=search_s, evaluations=state.evaluations, score_s=score_s,
-                    greedy=greedy, work=LayerWork(work.calls, work.token_layers))
+                    probe_answer=probe_answer, work=LayerWork(work.calls, work.token_layers))
 
     def _record(self, fold: dict, **fields) -> FoldRecord:
         record = FoldRecord(index=self.chunks_folded, tokens_after=self.cache.lengths(), time_span=self._time_span,

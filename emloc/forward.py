@@ -47,11 +47,12 @@ def layer_mask(adapter: ModelAdapter, cache: PrunedCache, index: int, hidden: to
     cached = layer.get_seq_length()
     keys = torch.arange(cached + n, device=hidden.device)
     allowed = keys.unsqueeze(0) <= torch.arange(n, device=hidden.device).unsqueeze(1) + cached  # (n, cached + n)
-    additive = torch.zeros(1, bias.shape[1], 1, cached + n, device=hidden.device, dtype=torch.float32)
+    additive = torch.zeros(1, bias.shape[1], 1, cached + n, device=hidden.device, dtype=hidden.dtype)
     additive[..., :cached] = bias.unsqueeze(2)
     additive = additive.repeat_interleave(adapter.num_heads // bias.shape[1], dim=1)
-    additive = additive.masked_fill(~allowed, float("-inf")).expand(1, adapter.num_heads, n, cached + n)
-    return additive.to(hidden.dtype)
+    # the one full-size tensor, built in the model's dtype: a chunk's prefill over merged tokens holds
+    # (heads, chunk, cached + chunk) of it, which in float32 plus a cast was twice the mask on the peak
+    return additive.masked_fill(~allowed, float("-inf"))
 
 
 @dataclass

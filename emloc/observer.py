@@ -129,7 +129,8 @@ def observe_together(adapter: ModelAdapter, cache: PrunedCache, runs: list[Obser
     lead: (embeddings, positions) of a chunk to prefill in the same pass, before the one observer
         (it stays in the tails, as a plain prefill would leave it): the chunk and its observer
         cost one pass instead of two.
-    Returns the passes and, per observer, its greedy next token at every position (n,).
+    Returns the passes and, per observer, the float32 log-probabilities of its next token at every
+    position (n, vocab).
     """
     if lead is not None and len(runs) != 1:
         raise ValueError("a chunk is prefilled together with exactly one observer")
@@ -153,19 +154,18 @@ def observe_together(adapter: ModelAdapter, cache: PrunedCache, runs: list[Obser
     finally:
         for layer, tail in zip(cache.layers, tails):
             layer.drop_tail(tail + keep)
-    passes, greedy = [], []
+    passes, every_row = [], []
     cos, sin = rotary
     for c, (run, (first, end)) in enumerate(zip(runs, copies.spans)):
-        logits = adapter.logits(out[:, first:end])[0]
+        log_probs = F.log_softmax(adapter.logits(out[:, first:end])[0], dim=-1)
         m = min(run.observed, end - first)
         a, b = first - copies.lead, end - copies.lead
         passes.append(ObserverPass(
             run.observer, [None if x is None else x[:, a:b] for x in inputs],
             (cos[..., first:end, :], sin[..., first:end, :]),
-            positions[:, first:end], F.log_softmax(logits[-m:], dim=-1),
-            [captured[i][c] for i in range(adapter.num_layers)]))
-        greedy.append(logits.argmax(dim=-1))
-    return passes, greedy
+            positions[:, first:end], log_probs[-m:], [captured[i][c] for i in range(adapter.num_layers)]))
+        every_row.append(log_probs)
+    return passes, every_row
 
 
 def rerun_together(adapter: ModelAdapter, cache: PrunedCache, runs: list[ObserverPass], start_layer: int,

@@ -31,10 +31,10 @@ def fold_all(model, tokenizer, settings, one_pass, questions=()):
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 @pytest.mark.parametrize("questions", [(), ("what colour was the square ?", "is anyone at the door ?")])
-def test_one_pass_search_chooses_what_the_sequential_search_chooses(model, tokenizer, name, questions):
+def test_one_pass_search_chooses_what_the_sequential_search_chooses(qwen2_vl, tokenizer, name, questions):
     settings = SETTINGS[name]
-    batched, fast = fold_all(model, tokenizer, settings, True, questions)
-    sequential, slow = fold_all(model, tokenizer, settings, False, questions)
+    batched, fast = fold_all(qwen2_vl, tokenizer, settings, True, questions)
+    sequential, slow = fold_all(qwen2_vl, tokenizer, settings, False, questions)
     pruned = 0
     for a, b in zip(fast, slow):
         assert [(g.first, g.ratio, g.kept) for g in a.groups] == [(g.first, g.ratio, g.kept) for g in b.groups]
