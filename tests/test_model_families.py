@@ -261,6 +261,37 @@ def _prefill_keys(model, before, embeds, positions, deepstack, visual) -> list[t
 
 
 
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_observer_queries_give_the_models_own_attention(name):
+    """What ranks a chunk's tokens: the adapter's queries (Qwen3-VL: q_norm before the rotation) and
+    softmax scale give, over the cache, the attention probabilities eager attention itself computes."""
+    _, tok, model = family_model(name)
+    context = StreamContext(with_attention(model, "eager"), tok, EMLoCSettings(**WHOLE))
+    context.fold(random_frames(4, seed=0))
+    adapter, captured = context.adapter, {}
+
+    def hook(index):
+        def record(module, args, kwargs, output):
+            queries = adapter.queries(index, kwargs["hidden_states"], kwargs["position_embeddings"])
+            captured[index] = queries, context.cache.layers[index].all_keys(), output[1]
+        return record
+
+    handles = [adapter.attention_module(i).register_forward_hook(hook(i), with_kwargs=True)
+               for i in range(adapter.num_layers)]
+    try:
+        context.answer(QUESTION, max_new_tokens=1)  # the question's prefill only
+    finally:
+        for handle in handles:
+            handle.remove()
+    for index, (queries, keys, probs) in captured.items():
+        keys = keys.repeat_interleave(adapter.num_heads // adapter.num_kv_heads, dim=1)
+        n, total = queries.shape[2], keys.shape[2]
+        scores = queries @ keys.transpose(-1, -2) * adapter.attention_scale(index)
+        future = torch.arange(total).view(1, -1) > torch.arange(n).view(-1, 1) + total - n
+        ours = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+        torch.testing.assert_close(ours, probs, atol=1e-5, rtol=0)
+
 @pytest.mark.parametrize("name", ["qwen3_vl", "qwen3_vl_moe"])
 def test_a_frames_timestamp_is_kept_with_the_frame(name):
     """Pruned to 30% (a JS bound every candidate passes): in every layer and head a frame's timestamp and
