@@ -145,6 +145,23 @@ def test_lossless_fold_matches_the_plain_model(name, implementation, chunks):
     assert answer.token_ids == greedy and greedy
 
 
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_frames_not_yet_folded_are_answered_over_losslessly(name):
+    """Frames that have not filled a chunk, prefilled for one answer: they continue the folded video
+    (Qwen3-VL: their timestamps and positions follow the folded steps) and leave the cache as it was."""
+    family, tok, model = family_model(name)
+    context = StreamContext(model, tok, EMLoCSettings(**WHOLE))
+    folded, partial = random_frames(4, seed=0), random_frames(2, seed=1)
+    context.fold(folded)
+    lengths = context.cache.lengths()
+    answer = context.answer(QUESTION, max_new_tokens=1, partial_frames=partial, return_logits=True)
+    assert context.cache.lengths() == lengths
+    video = video_text(model, context.adapter, np.concatenate([folded, partial]))
+    expected = plain_logits(model, plain_inputs(model, tok, family.preamble + video[0]
+                                                + family.question.format(q=QUESTION), [video]))
+    torch.testing.assert_close(answer.prompt_logits, expected[-answer.prompt_logits.shape[0]:], atol=1e-4, rtol=0)
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_lossless_task_pack_matches_the_plain_model(name):
     """A pack of every ratio 1.0, then a video: the plain model over preamble + (picture, question, answer)*
