@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", help="YAML config (see configs/); default: the query-agnostic default "
                        "(configs/query_agnostic.yaml), its layer groups scaled to the model's depth")
-        p.add_argument("--model", help=f"checkpoint folder or hub id of a Qwen2-VL / Qwen2.5-VL model "
+        p.add_argument("--model", help=f"checkpoint folder or hub id of a supported model (docs/models.md) "
                        f"(default: the shipped {DEFAULT_MODEL.relative_to(ROOT)}; {RANDOM_MODEL}: random weights)")
         p.add_argument("--ask", action="append", help="a question (repeatable)")
         p.add_argument("--budget", type=int, help="hard cap of tokens per layer")
