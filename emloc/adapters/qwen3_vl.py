@@ -252,12 +252,15 @@ class _Deepstack:
 _WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
 
 
-def _fingerprint(rows: torch.Tensor) -> torch.Tensor:
+def _fingerprint(rows: torch.Tensor, block: int = 1024) -> torch.Tensor:
     """(m,) int64 of rows (m, hidden): a weighted sum of their bits, exact (integer arithmetic) so equal
-    rows always agree, whatever their batch. Weights below 2**18 keep the sum clear of overflow."""
-    bits = rows.contiguous().view(torch.int16 if rows.element_size() == 2 else torch.int32).long()
+    rows always agree, whatever their batch. Weights below 2**18 keep the sum clear of overflow; `block`
+    rows at a time bound the int64 copy (a 9k-token chunk of a 4096-wide model would take 300 MB)."""
+    bits = rows.contiguous().view(torch.int16 if rows.element_size() == 2 else torch.int32)
     key = (bits.shape[-1], str(rows.device))
     if key not in _WEIGHTS:
         generator = torch.Generator().manual_seed(bits.shape[-1])
         _WEIGHTS[key] = torch.randint(1, 2 ** 18, (bits.shape[-1],), generator=generator).to(rows.device)
-    return (bits * _WEIGHTS[key]).sum(-1)
+    weights = _WEIGHTS[key]
+    return torch.cat([(bits[i:i + block].long() * weights).sum(-1) for i in range(0, bits.shape[0], block)]
+                     or [weights.new_zeros(0)])
