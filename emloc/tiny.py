@@ -1,4 +1,5 @@
-"""Tiny Qwen2-VL / Qwen2.5-VL models and a word-level tokenizer, built in code.
+"""Tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense, MoE) / LLaVA-OneVision models and a word-level
+tokenizer, built in code.
 
 They use the same classes as real checkpoints, so every code path (vision tower,
 M-RoPE, GQA attention, chat format) runs offline in seconds. Weights are random

@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
 from emloc import EMLoCSettings, SettingsError, StreamContext, TaskExample, TaskPack, many_shot
-from emloc.adapters import InputError
+from emloc.adapters import InputError, adapter_for
 from emloc.tiny import tiny_llava_onevision, tiny_qwen3_vl, tiny_tokenizer
 from stream.state import load_state, save_state
 
@@ -360,6 +360,25 @@ def test_timestamps_of_any_length_keep_the_stream_lossless():
                                                 + family.question.format(q=QUESTION), [video]))
     torch.testing.assert_close(answer.prompt_logits, expected[-answer.prompt_logits.shape[0]:], atol=1e-4, rtol=0)
 
+
+
+def test_a_chunk_a_million_seconds_in_is_laid_out_as_the_library_does():
+    """Steps 999,999 and 1,000,000 of a stream (<999999.2 seconds>, <1000000.2 seconds> at 2 fps): the
+    chunk's tokens, their steps and positions are the processor's text and the library's get_rope_index."""
+    _, tok, model = family_model("qwen3_vl")
+    adapter = adapter_for(model, tok, fps=2.0)
+    pixels = adapter.preprocess(random_frames(4, seed=0))
+    pixels.first_step = 999_999
+    stamps = Qwen3VLProcessor._calculate_timestamps(None, list(range(2 * 999_999, 2 * 999_999 + 4)), 2.0, 2)
+    per = (pixels.grid_thw[1] // 2) * (pixels.grid_thw[2] // 2)
+    text = "".join(f"<{s:.1f} seconds><|vision_start|>" + "<|video_pad|>" * per + "<|vision_end|>" for s in stamps)
+    assert "<999999.2 seconds>" in text and "<1000000.2 seconds>" in text
+    ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
+    types = (ids == model.config.video_token_id).long() * 2
+    library = model.model.get_rope_index(ids, types, video_grid_thw=torch.tensor([list(pixels.grid_thw)]))[0][:, 0]
+    assert torch.equal(torch.cat(adapter._step_ids(pixels.first_step, pixels)), ids[0])
+    assert torch.equal(adapter.video_positions(0, pixels.first_step, pixels), library)
+    assert torch.bincount(adapter.token_steps(pixels, 0)).tolist() == [11 + 2 + per, 12 + 2 + per]
 
 @pytest.mark.parametrize("name", ["qwen3_vl", "llava_onevision"])
 def test_positions_past_the_model_are_refused_and_the_cache_kept(name):
