@@ -318,7 +318,7 @@ def test_cli_runs_a_saved_checkpoint(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path / "model")
     Qwen2VLImageProcessorPil(patch_size=14, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
         tmp_path / "model")
-    video = make_video(3_326_001, frames=24)
+    video = make_video(3_326_001, frames=16)
     path = write_video(tmp_path / "clip.mp4", video.frames, video.fps)
     config = tmp_path / "c.yaml"
     config.write_text("emloc:\n  layer_group_size: 1\n  chunk_frames: 8\n")
@@ -326,7 +326,7 @@ def test_cli_runs_a_saved_checkpoint(tokenizer, tmp_path):
                              str(config), "--ask", QUESTION, "--max-new-tokens", "3", "--state", str(tmp_path / "st")],
                             capture_output=True, text=True, env=cli_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("chunk ") >= 3 and "  A: " in result.stdout
+    assert result.stdout.count("chunk ") >= 2 and "  A: " in result.stdout
     manifest = (tmp_path / "st" / "manifest.json").read_text()
     assert "Qwen3_5Adapter" in manifest
 
