@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         if quiet["chunks_per_s"] else None,
         flood=counts, model_answer_s_median=answer_s,
         other_client=dict(asked=len(other), answered=len(waits), refused=sum("refused" in o for o in other),
-                          ask_to_answer_s_median=statistics.median(waits) if waits else None,
+                          ask_to_answer_s_median=round(statistics.median(waits), 3) if waits else None,
                           ask_to_answer_s_max=max(waits) if waits else None,
                           in_answer_times_median=round(statistics.median(waits) / answer_s, 1)
                           if waits and answer_s else None,
