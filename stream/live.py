@@ -49,6 +49,7 @@ class LiveSource:
         self.dropped = 0
         self.last_error = ""
         self.skipped_packets = 0  # packets the decoder could not use (no keyframe yet, or damaged), skipped
+        self.awaiting_keyframe = False  # connected, no frame decoded yet on this connection
         self.newest_time: float | None = None  # newest frame the source produced (kept or not)
 
     def start(self) -> LiveSource:
@@ -119,8 +120,10 @@ class LiveSource:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             self.state, self.connects = "connected", self.connects + 1
+            self.awaiting_keyframe = True
             sampler, first, t = RateSampler(self.fps), None, None
             for frame in self._decoded(container, stream):
+                self.awaiting_keyframe = False
                 if self._stop.is_set():
                     return
                 pts = float(frame.time) if frame.time is not None else time.monotonic()

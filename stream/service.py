@@ -179,6 +179,9 @@ class LiveStream:
             status.detail = self.unsaved
         elif self.source.state == "connected" and status.state == "starting":
             status.state = "running"
+        if not status.detail and self.source.state == "connected" and self.source.awaiting_keyframe \
+                and self.source.skipped_packets:  # a camera with a long keyframe interval, joined mid-GOP
+            status.detail = f"waiting for a keyframe ({self.source.skipped_packets} undecodable packets skipped)"
         return status.to_dict()
 
     def publish_status(self) -> dict:

@@ -86,8 +86,11 @@ def test_joined_mid_gop_and_restarted_the_first_frame_comes_with_the_next_keyfra
     try:
         time.sleep(0.5)
         source = LiveSource(f"udp://127.0.0.1:{port}", fps=2, read_timeout=1.5).start()
+        assert until(lambda: source.awaiting_keyframe and source.skipped_packets > 0, timeout=gop_s), \
+            "connected mid-GOP, it skips what it cannot decode (the status says so)"
         waited = first_frame_within(source, gop_s + 5)
         assert waited is not None, f"no frame within {gop_s + 5} s of joining ({source.last_error})"
+        assert not source.awaiting_keyframe
         assert source.connects == 1, f"reconnected {source.connects - 1} times before the first frame"
         ffmpeg.kill()
         ffmpeg.wait()
