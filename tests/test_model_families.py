@@ -122,8 +122,11 @@ def plain_greedy(model, inputs: dict, steps: int, stop: set[int]) -> list[int]:
 
 
 # --- the lossless oracle ----------------------------------------------------------------------------
-@pytest.mark.parametrize("implementation, chunks", [("sdpa", 1), ("sdpa", 3), ("eager", 3)])
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+# MoE shares every line of the adapter with the dense model: its experts, through sdpa, are what it adds
+@pytest.mark.parametrize("name, implementation, chunks", [
+    (name, implementation, chunks) for name in sorted(FAMILIES)
+    for implementation, chunks in [("sdpa", 1), ("sdpa", 3), ("eager", 3)]
+    if name != "qwen3_vl_moe" or (implementation, chunks) == ("sdpa", 3)])
 def test_lossless_fold_matches_the_plain_model(name, implementation, chunks):
     """Every ratio 1.0: folding chunks then answering gives the plain model's logits and greedy tokens over
     preamble + the whole video + question (for Qwen3-VL: every chunk's timestamps, positions chained
