@@ -92,6 +92,8 @@ METHODS = [
     Method("default", "default: TaR + KeyDiff + merging (EMLoCSettings())", default=True),
     Method("default_decode", "default with a fresh 16-token probe answer every chunk (the default until "
            "issue 25; now the answer is carried)", (("probe_answer_refresh", "decode"),), default=True),
+    Method("default_carry_start", "default, the answer decoded on the first chunk, then carried",
+           (("probe_answer_refresh", "carry_start"),), default=True),
     Method("uniform", "uniform frames at the default's share", baseline="uniform_frames"),
 ]
 NEEDLE_METHODS = ["full", "default", "observer", "paper", "tar", "uniform"]

@@ -11,7 +11,8 @@ on the decoder layers, so the code of an older commit (`--before`, run from a gi
 a subprocess) is counted the same way. Two models: the shipped `emloc-tiny-qwen2vl` on a synthetic
 video (4 layers, groups of 2), and the Qwen2-VL-7B layout (28 layers, groups of 14, 144 tokens a
 frame pair) with narrow random layers, whose counts are the 7B's (they depend on the layer count and
-the search's choices, not on the width). CPU seconds are printed too, for the record only.
+the search's choices, not on the width). CPU seconds are printed too, for the record only, and each
+variant runs in a process of its own, whose kernel high-water mark (ru_maxrss) is its peak memory.
 
 Writes search_cost.json/.md to --out (docs/benchmarks by default).
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CODE = Path(os.environ.get("SEARCH_COST_CODE", ROOT))  # whose emloc/ to measure (a worktree for --before)
 sys.path.insert(0, str(CODE))
+if CODE != ROOT:  # an editable install's finder would import this tree's emloc whatever the path says
+    sys.meta_path = [f for f in sys.meta_path if "editable" not in (getattr(f, "__module__", "") or "").lower()]
 
 from emloc import EMLoCSettings, StreamContext, load_adapter  # noqa: E402
 from emloc.policies import KeepAll  # noqa: E402
@@ -80,17 +84,22 @@ def video_frames(kind: str, frames: int):
 def model(kind: str):
     if kind == "tiny":
         return load_adapter(str(ROOT / "models" / "emloc-tiny-qwen2vl"))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(CODE / "benchmarks"))
     from gpu_scale import REDUCED, build  # the 7B layout with narrow layers
 
     return build(REDUCED, torch.device("cpu"), torch.float32)
 
 
-def measure(kind: str, frames: int) -> list[dict]:
+def measure(kind: str, frames: int, index: int) -> dict | None:
+    """The `index`-th variant on `kind`, alone in this process (its peak memory is the process's);
+    None when this code has fewer variants."""
     adapter = model(kind)
+    named = list(variants(adapter.num_layers).items())
+    if index >= len(named):
+        return None
     video = video_frames(kind, frames)
     rows = []
-    for name, (settings, policy) in variants(adapter.num_layers).items():
+    for name, (settings, policy) in named[index:index + 1]:
         context = StreamContext(adapter, settings=settings, policy=policy)
         work, handles = counted(adapter)
         per_chunk, clock = [], time.perf_counter()
@@ -119,24 +128,38 @@ def measure(kind: str, frames: int) -> list[dict]:
             cpu_fold_s=fold_s, cpu_search_over_prefill=sum(c["search_s"] for c in per_chunk)
             / max(sum(c["prefill_s"] for c in per_chunk), 1e-9),
             answer_calls=answer_calls, answer_tokens=len(answer.token_ids),
-            first_token_s=getattr(answer, "first_token_s", None), decode_s=getattr(answer, "decode_s", None)))
-        print(f"{kind:5s} {name:70s} calls/chunk {rows[-1]['calls_per_chunk']:6.1f} token-layers/chunk "
-              f"{rows[-1]['token_layers_per_chunk']:9.0f} kept {rows[-1]['kept_percent']:5.1f}%", flush=True)
+            first_token_s=getattr(answer, "first_token_s", None), decode_s=getattr(answer, "decode_s", None),
+            peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            cache_mib=context.cache.nbytes() / 2**20))
+    return rows[0]
+
+
+def measure_all(code: Path, args) -> list[dict]:
+    """Every variant of `code`'s tree on both models, one process each (peak memory is per process)."""
+    rows = []
+    for kind, frames in (("tiny", args.tiny_frames), ("7b", args.seven_b_frames)):
+        for index in range(16):
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                subprocess.run([sys.executable, __file__, "--one", kind, str(index), str(frames), out.name],
+                               check=True, env=dict(os.environ, SEARCH_COST_CODE=str(code)))
+                row = json.loads(Path(out.name).read_text())
+            if row is None:
+                break
+            rows.append(row)
+            print(f"{kind:5s} {row['variant']:70s} calls/chunk {row['calls_per_chunk']:6.1f} token-layers/chunk "
+                  f"{row['token_layers_per_chunk']:9.0f} kept {row['kept_percent']:5.1f}% peak RSS "
+                  f"{row['peak_rss_mib']:.0f} MiB", flush=True)
     return rows
 
 
 def run_before(rev: str, args) -> list[dict]:
-    """This script, run against the code of `rev` (a git worktree of it), in a subprocess."""
+    """Every variant, run against the code of `rev` (a git worktree of it)."""
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "tree"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True,
                        capture_output=True)
         try:
-            out = Path(tmp) / "before.json"
-            env = dict(os.environ, SEARCH_COST_CODE=str(tree))
-            subprocess.run([sys.executable, __file__, "--raw", str(out), "--tiny-frames", str(args.tiny_frames),
-                            "--seven-b-frames", str(args.seven_b_frames)], check=True, env=env)
-            rows = json.loads(out.read_text())
+            rows = measure_all(tree, args)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     for row in rows:
@@ -150,8 +173,8 @@ def markdown(rows: list[dict], command: str) -> str:
              "(mean over the video's chunks; 'steady' leaves out the first chunk), the kept share, and an "
              "8-token answer's layer calls. CPU seconds only for the record: a GPU pays per sequential call.", "",
              "| code | model | variant | layer calls / chunk | vs full | steady | token-layers / chunk | vs full "
-             "| kept % | answer calls | CPU search / prefill |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| kept % | answer calls | CPU search / prefill | peak RSS MiB | cache MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     full = {(r["code"], r["model"]): r for r in rows if r["variant"] == "full context"}
     for r in rows:
         f = full[(r["code"], r["model"])]
@@ -161,7 +184,8 @@ def markdown(rows: list[dict], command: str) -> str:
                      f"| {r['calls_per_chunk'] / f['calls_per_chunk']:.2f}x "
                      f"| {steady} | {r['token_layers_per_chunk']:.0f} "
                      f"| {r['token_layers_per_chunk'] / f['token_layers_per_chunk']:.2f}x | {r['kept_percent']:.1f} "
-                     f"| {r['answer_calls']} | {r['cpu_search_over_prefill']:.2f} |")
+                     f"| {r['answer_calls']} | {r['cpu_search_over_prefill']:.2f} | {r['peak_rss_mib']:.0f} "
+                     f"| {r['cache_mib']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -171,14 +195,15 @@ def main() -> None:
     parser.add_argument("--tiny-frames", type=int, default=256)
     parser.add_argument("--seven-b-frames", type=int, default=256)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
-    parser.add_argument("--raw", type=Path, help=argparse.SUPPRESS)  # a --before subprocess writes its rows here
+    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # KIND INDEX FRAMES OUT: one variant, one process
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    with torch.no_grad():
-        rows = measure("tiny", args.tiny_frames) + measure("7b", args.seven_b_frames)
-    if args.raw:
-        args.raw.write_text(json.dumps(rows))
+    if args.one:
+        kind, index, frames, out = args.one
+        with torch.no_grad():
+            Path(out).write_text(json.dumps(measure(kind, int(frames), int(index))))
         return
+    rows = measure_all(ROOT, args)
     for row in rows:
         row["code"] = "this tree"
     if args.before:

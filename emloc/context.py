@@ -301,7 +301,7 @@ class StreamContext:
         for observer in observers:
             ids = self.adapter.question_ids(observer.text)
             if observer.kind == "probe" and self.settings.probe_answer_tokens:
-                if self.settings.probe_answer_refresh == "decode":
+                if self._decodes_probe_answer():
                     observer = self._with_own_answer(observer, ids, start, chunk_len)
                 else:
                     observer = Observer(observer.kind, observer.text, self.probe_answer)
@@ -310,6 +310,12 @@ class StreamContext:
             runs.append(ObserverRun(observer, embeds, positions, self.settings.observed_positions))
         return runs
 
+    def _decodes_probe_answer(self) -> bool:
+        """Whether this fold decodes the probe's answer afresh: always with 'decode'; with 'carry_start' when
+        there is none to carry (the stream's first chunk, or the answer's first token was a stop)."""
+        refresh, tokens = self.settings.probe_answer_refresh, self.settings.probe_answer_tokens
+        return tokens > 0 and (refresh == "decode" or (refresh == "carry_start" and not self.probe_answer))
+
     def _confirm_probe_answer(self, passes: list[ObserverPass], log_probs: list[torch.Tensor]):
         """The carried answer, checked in the probe's own pass: the tokens the model's greedy choice still
         confirms after this chunk stay, and the bound covers the probe and those tokens only (the pass is
@@ -317,7 +323,7 @@ class StreamContext:
         decode would give, as long as the video has let it grow; the token the model would say next is
         added for the next chunk. The answer follows the video a token a chunk at no pass of its own.
         Returns the passes and the answer to carry (None: nothing carried)."""
-        if self.settings.probe_answer_refresh != "carry" or not self.settings.probe_answer_tokens:
+        if self.settings.probe_answer_refresh == "decode" or not self.settings.probe_answer_tokens:
             return passes, None
         carried = None
         for k, (run, rows) in enumerate(zip(passes, log_probs)):
@@ -351,7 +357,7 @@ class StreamContext:
         with cache.saved(), counting_layers() as work:  # all or nothing: a failure puts every layer back
             max_position = max(self.max_position, int(positions.max()))
             # a fresh decode of the probe's answer needs the chunk in the cache before the runs exist
-            decode_first = settings.probe_answer_refresh == "decode" and settings.probe_answer_tokens > 0
+            decode_first = self._decodes_probe_answer()
             clock = time.perf_counter()
             runs = make_runs(max_position + 1) if self.policy.needs_observers and not decode_first else []
             if runs:  # the first observer rides in the chunk's prefill pass: it comes right after the chunk

@@ -52,9 +52,12 @@ class EMLoCSettings:
         (0 = the paper's observer, the prompt alone).
     probe_answer_refresh: how that answer follows the video. 'carry' (default): the answer the
         model gave over the previous chunk rides in this chunk's prefill pass, which checks it
-        token by token and adds the next token, so it costs no pass of its own (a GPU pays per
-        sequential pass, and a fresh decode is one pass per token). 'decode': a fresh greedy
-        answer over every chunk, `probe_answer_tokens` sequential passes.
+        token by token (the bound covers the tokens the model still says) and adds the next token,
+        so it costs no pass of its own (a GPU pays per sequential pass, and a fresh decode is one
+        pass per token); the answer grows a token a chunk. 'carry_start': the same, the first
+        answer decoded in full (once per stream, `probe_answer_tokens` passes). 'decode': a fresh
+        greedy answer over every chunk, `probe_answer_tokens` sequential passes each.
+        docs/benchmarks/search.md has what each costs and keeps.
     scorer: how a chunk's tokens are ranked before the search decides how many each layer
         group keeps: one of `emloc.scorers.SCORERS` ('observer' = EMLoC's observer attention,
         'tar' temporal novelty, 'van' value norm, 'keydiff' key diversity, 'template' the
@@ -118,7 +121,7 @@ class EMLoCSettings:
                  "probe_prompt must be a non-empty string")
         _require(isinstance(self.probe_answer_tokens, int) and self.probe_answer_tokens >= 0,
                  f"probe_answer_tokens must be an integer >= 0, got {self.probe_answer_tokens!r}")
-        _require(self.probe_answer_refresh in ("carry", "decode"),
+        _require(self.probe_answer_refresh in ("carry", "carry_start", "decode"),
                  f"probe_answer_refresh must be 'carry' or 'decode', got {self.probe_answer_refresh!r}")
         try:
             scorer_names(self.scorer)

@@ -106,3 +106,19 @@ def test_a_saved_carried_answer_is_checked(qwen2_vl, tokenizer):
     for bad in ([10 ** 9], [1, 2, 3, 4, 5], "12", [True], [1.0]):
         with pytest.raises(ValueError, match="probe_answer"):
             StreamContext(qwen2_vl, tokenizer, settings).restore(tensors, {**meta, "probe_answer": bad})
+
+
+def test_carry_start_decodes_the_first_answer_then_carries_it(qwen2_vl, tokenizer):
+    """probe_answer_refresh 'carry_start': the first chunk's observer is the full greedy answer over it (as a
+    fresh decode gives it, computed apart); the next chunk's is the part of it the model still says."""
+    settings = EMLoCSettings(layer_group_size=2, chunk_frames=8, probe_answer_tokens=6,
+                             probe_answer_refresh="carry_start")
+    context = StreamContext(qwen2_vl, tokenizer, settings)
+    first, second = random_frames(8, seed=0), random_frames(8, seed=1)
+    fresh = context.answer(settings.probe_prompt, max_new_tokens=6, partial_frames=first).token_ids
+    record = context.fold(first)
+    assert list(record.observers[0].answer_ids) == fresh and len(fresh) > 1
+    again = context.answer(settings.probe_prompt, max_new_tokens=6, partial_frames=second).token_ids
+    record = context.fold(second)
+    shared = next((j for j, (a, b) in enumerate(zip(fresh, again)) if a != b), min(len(fresh), len(again)))
+    assert list(record.observers[0].answer_ids) == fresh[:shared]
