@@ -235,6 +235,18 @@ class QuestionQueue:
                 due += [q for q in self._standing if chunks_folded % q.every == 0]
             return due
 
+    def take_on_time(self, after: float | None, stream_time: float) -> list[Question]:
+        """Removes and returns the scheduled questions that came due as the stream went from `after` (None: its
+        start) to `stream_time`: at in (after, stream_time]. They are answered there, whatever else waits (one
+        asked with an `at` already past is due at once, like a one-off, and waits its turn like one)."""
+        with self._lock:
+            self.now = max(self.now, stream_time)
+            first = 0 if after is None else bisect.bisect_right(self._keys, (after, math.inf))
+            last = bisect.bisect_right(self._keys, (stream_time, math.inf))
+            due = self._scheduled[first:last]
+            del self._scheduled[first:last], self._keys[first:last]
+            return due
+
     def take_all(self) -> list[Question]:
         """Every waiting question, due or not: the end of a finite stream answers them all."""
         with self._lock:

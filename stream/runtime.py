@@ -13,7 +13,10 @@ frames wait to be folded (`behind()`, e.g. a live source's buffer holds frames) 
 `answers_per_fold` one-off or scheduled questions are answered between two folds; the others
 stay in the queue (cancellable) until the next fold. So however many questions wait, each
 chunk costs at most its fold plus `answers_per_fold` answers, and a live stream's lag stays
-bounded. Standing questions are answered after their fold as before (at most `max_standing`).
+bounded. Standing questions are answered after their fold as before (at most `max_standing`),
+and so are scheduled questions whose time the frame just fed reached (they are answered over
+the video up to that time, or not at all; how many may wait is `max_scheduled`'s to bound); one
+asked with a time already past is due at once and waits its turn like a one-off.
 Caught up (nothing behind), questions are answered as they come, the source checked between two.
 """
 
@@ -70,6 +73,7 @@ class StreamRunner:
         self.behind = behind or (lambda: False)
         self.answers_per_fold = answers_per_fold
         self.answers_since_fold = 0  # one-off and scheduled answers since the last fold
+        self.previous_time: float | None = None  # timestamp of the frame fed before the newest
         self.at_end = list(at_end)
         self.observe_questions = observe_questions
         self.max_new_tokens = max_new_tokens
@@ -82,7 +86,7 @@ class StreamRunner:
 
     def feed(self, frame: Frame) -> None:
         self.status.frames_seen += 1
-        self.status.stream_time = frame.time
+        self.previous_time, self.status.stream_time = self.status.stream_time, frame.time
         self.status.state = "running"
         chunk = self.chunker.push(frame)
         if chunk is not None:
@@ -99,7 +103,11 @@ class StreamRunner:
         """Answers the questions due now (one-off, or scheduled at a time the stream has reached), one at a
         time, until folding's share stops it (see the module's docstring). Before the first frame, a question
         that asked to wait stays; the others get an error."""
-        while not (self.answers_since_fold >= self.answers_per_fold and self.behind()):
+        while True:
+            if self.answers_since_fold >= self.answers_per_fold and self.behind():  # folding's turn
+                if self.status.stream_time is not None:  # but a scheduled question is answered at its time
+                    self._answer(self.queue.take_on_time(self.previous_time, self.status.stream_time))
+                return
             due = self.queue.take_due(self.status.stream_time, self.context.chunks_folded, chunk_just_folded=False,
                                       video=self.has_video(), limit=1)
             if not due:

@@ -94,6 +94,7 @@ class Timeline(Sink):
 
     def deliver(self, event):
         self.events.append(event.question_id)
+        self.spans = {**getattr(self, "spans", {}), event.question_id: event.time_span}
 
 
 def test_folding_keeps_its_share_under_a_full_queue(qwen2_vl, tokenizer):
@@ -101,13 +102,16 @@ def test_folding_keeps_its_share_under_a_full_queue(qwen2_vl, tokenizer):
     # in the queue (still cancellable); caught up, the queue is emptied one question at a time
     context = StreamContext(qwen2_vl, tokenizer, SETTINGS)
     queue, timeline, behind = QuestionQueue(max_waiting=64), [], [True]
-    runner = StreamRunner("cam", context, queue, [Timeline(timeline)], max_new_tokens=1,
+    sink = Timeline(timeline)
+    runner = StreamRunner("cam", context, queue, [sink], max_new_tokens=1,
                           on_fold=lambda r: timeline.append("fold"), behind=lambda: behind[0], answers_per_fold=2)
     for i in range(30):
         queue.submit(Question(f"q{i}", "what digit is on screen now ?"))
     queue.submit(Question("door", "is anyone at the door ?", every=1))
+    queue.submit(Question("at5", "what colour was the square ?", at=5.0))  # answered at 5.0 s, share or not
     for frame in frames(24):
         runner.feed(frame)
+    assert sink.spans["at5"] == (0.0, 5.0), "a scheduled question is answered over the video up to its time"
     assert timeline.count("fold") == 3, timeline
     between = [[e for e in part if e.startswith("q")] for part in " ".join(timeline).split("fold")]
     assert [len(part) for part in between] == [2, 2, 2, 2], timeline  # 2 before the 1st fold, 2 after each
