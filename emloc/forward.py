@@ -70,6 +70,12 @@ class LayerWork:
 
 _counters = threading.local()
 
+# Rows of a prefill run through a layer at a time where that layer holds merged tokens: its additive mask
+# carries a log-mass per KV head, so it is (heads, rows, cached + rows) in the model's dtype; for a 7B
+# chunk of 4,608 tokens that was 1.6 GB in one piece, more than the whole cache full context keeps.
+# Only the lead rows are cut: an observer run after the chunk stays whole in the last block.
+QUERY_BLOCK = 1024
+
 
 @contextmanager
 def counting_layers() -> Iterator[LayerWork]:
@@ -103,12 +109,34 @@ def run_layers(adapter: ModelAdapter, cache: PrunedCache, hidden: torch.Tensor, 
     for index in range(start_layer, adapter.num_layers):
         if record_inputs is not None:
             record_inputs[index] = hidden[:, record_from:] if record_from else hidden
-        mask = mask_for(index, hidden) if mask_for is not None else layer_mask(adapter, cache, index, hidden)
-        hidden = adapter.run_layer(index, hidden, mask, rotary, cache)
+        if mask_for is not None:
+            hidden = adapter.run_layer(index, hidden, mask_for(index, hidden), rotary, cache)
+        else:
+            hidden = _run_layer_in_blocks(adapter, cache, index, hidden, rotary, record_from or hidden.shape[1])
         if work is not None:
             work.calls += 1
             work.token_layers += hidden.shape[1]
     return hidden
+
+
+def _run_layer_in_blocks(adapter: ModelAdapter, cache: PrunedCache, index: int, hidden: torch.Tensor,
+                         rotary: tuple[torch.Tensor, torch.Tensor], lead: int) -> torch.Tensor:
+    """One layer over `hidden` (1, n, d), its first `lead` rows cut in blocks of QUERY_BLOCK when the layer
+    holds merged tokens (a block sees the ones before it in the tail, so the result is the causal pass's;
+    the rows after `lead` go whole with the last block). Counted as one call: each block is a full-width
+    pass, not a launch-bound sliver. Not for a hybrid model, whose recurrent state is recorded per run."""
+    n, layer = hidden.shape[1], cache.layers[index]
+    cuts = list(range(QUERY_BLOCK, lead, QUERY_BLOCK))
+    if not cuts or not layer.is_initialized or layer.attention_bias() is None or adapter.recurrent_state_shapes(index):
+        return adapter.run_layer(index, hidden, layer_mask(adapter, cache, index, hidden), rotary, cache)
+    cos, sin = rotary
+    bounds = [0, *cuts]
+    outs = []
+    for start, end in zip(bounds, bounds[1:] + [n]):
+        part = hidden[:, start:end]
+        outs.append(adapter.run_layer(index, part, layer_mask(adapter, cache, index, part),
+                                      (cos[..., start:end, :], sin[..., start:end, :]), cache))
+    return torch.cat(outs, dim=1)
 
 
 @torch.no_grad()

@@ -60,12 +60,20 @@ def attention_capture(adapter: ModelAdapter, cache: PrunedCache, copies: Copies)
     handles = []
     lead = copies.lead
 
+    start = [layer.get_seq_length() for layer in cache.layers]  # keys before the pass
+
     def hook_for(index: int):
         def hook(module, args, kwargs, output):
-            hidden = kwargs["hidden_states"][:, lead:]
-            cos, sin = kwargs["position_embeddings"]
-            queries = adapter.queries(index, hidden, (cos[..., lead:, :], sin[..., lead:, :]))
+            # the rows of this call: the whole pass, or its last block (`forward.QUERY_BLOCK`)
             layer = cache.layers[index]
+            block = kwargs["hidden_states"].shape[1]
+            first = layer.get_seq_length() - start[index] - block  # the block's first row in the pass
+            if first + block <= lead:
+                return  # a block of the lead's rows only
+            skip = lead - first
+            hidden = kwargs["hidden_states"][:, skip:]
+            cos, sin = kwargs["position_embeddings"]
+            queries = adapter.queries(index, hidden, (cos[..., skip:, :], sin[..., skip:, :]))
             keys = layer.all_keys()
             captured[index] = copy_attention(queries, keys, adapter.attention_scale(index), copies,
                                              keys.shape[2] - hidden.shape[1], layer.attention_bias())

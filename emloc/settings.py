@@ -145,7 +145,8 @@ class EMLoCSettings:
         if g > num_layers or num_layers % g:
             divisors = [d for d in range(1, num_layers + 1) if num_layers % d == 0]
             raise SettingsError(
-                f"layer_group_size={g} does not divide the model's {num_layers} decoder layers into equal groups; "
+                f"layer_group_size={g} does not divide the model's {num_layers} decoder layers into equal groups "
+                f"(a hybrid model counts its full-attention layers, the ones that hold keys and values); "
                 f"use one of {divisors}"
             )
         if self.chunk_frames % temporal_patch:

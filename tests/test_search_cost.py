@@ -106,3 +106,29 @@ def test_default_fold_costs_at_most_three_prefills_in_sequential_layer_calls(qwe
     with counting_layers() as work:
         fast.answer("what colour was the square ?", max_new_tokens=4)
     assert work.calls >= layers  # the answer's prompt pass, then a pass per new token
+
+
+def test_a_prefill_over_merged_tokens_in_query_blocks_is_the_whole_pass(qwen2_vl, tokenizer, monkeypatch):
+    """Where a layer holds merged tokens a long prefill runs its rows in blocks (its per-head mask would be
+    (heads, rows, cached + rows) at once): the same choices, cache, observer attention and answers as one
+    block, for a block smaller than a chunk and an observer longer than a block."""
+    from emloc import forward
+
+    settings = SETTINGS["default"]
+    whole, whole_records = fold_all(qwen2_vl, tokenizer, settings, True, ("what colour was the square ?",))
+    calls = []
+    run_layer = type(whole.adapter).run_layer
+    monkeypatch.setattr(type(whole.adapter), "run_layer",
+                        lambda self, i, hidden, *a: calls.append(hidden.shape[1]) or run_layer(self, i, hidden, *a))
+    monkeypatch.setattr(forward, "QUERY_BLOCK", 5)
+    blocked, blocked_records = fold_all(qwen2_vl, tokenizer, settings, True, ("what colour was the square ?",))
+    assert 5 in calls, "the test must see blocks"
+    for a, b in zip(whole_records, blocked_records):
+        assert [(g.ratio, g.kept) for g in a.groups] == [(g.ratio, g.kept) for g in b.groups] and a.kept == b.kept
+        assert a.work.calls == b.work.calls
+    for la, lb in zip(whole.cache.layers, blocked.cache.layers):
+        assert torch.equal(la.committed_origins(), lb.committed_origins())
+        torch.testing.assert_close(la.keys, lb.keys, rtol=0, atol=1e-5)
+        torch.testing.assert_close(la.committed_importance(), lb.committed_importance(), rtol=0, atol=1e-5)
+    question = "what colour was the square ?"
+    assert whole.answer(question).token_ids == blocked.answer(question).token_ids
