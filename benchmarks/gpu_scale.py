@@ -60,12 +60,19 @@ QWEN3_5_REDUCED = dict(hidden_size=256, intermediate_size=512, num_hidden_layers
                        vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4))
 
 
-def build(shape: dict, device: torch.device, dtype: torch.dtype):
-    tokenizer = tiny_tokenizer()  # word-level, Qwen's special tokens: the token ids do not matter here
+def tokenizer_and_ids():
+    """A word-level tokenizer with Qwen's special tokens (the token ids do not matter here) and the config's
+    special token ids."""
+    tokenizer = tiny_tokenizer()
     get = tokenizer.convert_tokens_to_ids
-    ids = dict(image_token_id=get("<|image_pad|>"), video_token_id=get("<|video_pad|>"),
-               vision_start_token_id=get("<|vision_start|>"), vision_end_token_id=get("<|vision_end|>"),
-               eos_token_id=get("<|im_end|>"), bos_token_id=get("<|endoftext|>"), pad_token_id=get("<|endoftext|>"))
+    return tokenizer, dict(image_token_id=get("<|image_pad|>"), video_token_id=get("<|video_pad|>"),
+                           vision_start_token_id=get("<|vision_start|>"), vision_end_token_id=get("<|vision_end|>"),
+                           eos_token_id=get("<|im_end|>"), bos_token_id=get("<|endoftext|>"),
+                           pad_token_id=get("<|endoftext|>"))
+
+
+def build(shape: dict, device: torch.device, dtype: torch.dtype):
+    tokenizer, ids = tokenizer_and_ids()
     head_dim = shape["hidden_size"] // shape["num_attention_heads"]
     half = head_dim // 2
     section = [16, 24, 24] if half == 64 else [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
@@ -88,11 +95,7 @@ def build_qwen3_5(shape: dict, device: torch.device, dtype: torch.dtype):
     Gated DeltaNet layers before it, so the search's layer groups count the 8 full-attention layers."""
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
-    tokenizer = tiny_tokenizer()
-    get = tokenizer.convert_tokens_to_ids
-    ids = dict(image_token_id=get("<|image_pad|>"), video_token_id=get("<|video_pad|>"),
-               vision_start_token_id=get("<|vision_start|>"), vision_end_token_id=get("<|vision_end|>"),
-               eos_token_id=get("<|im_end|>"), bos_token_id=get("<|endoftext|>"), pad_token_id=get("<|endoftext|>"))
+    tokenizer, ids = tokenizer_and_ids()
     rotary = shape["head_dim"] // 4 // 2  # frequencies of the rotated quarter, interleaved over t/h/w
     section = [11, 11, 10] if rotary == 32 else [rotary - 2 * (rotary * 3 // 8), rotary * 3 // 8, rotary * 3 // 8]
     text = {k: v for k, v in shape.items() if k != "vision"}

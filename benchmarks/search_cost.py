@@ -11,7 +11,8 @@ on the decoder layers, so the code of an older commit (`--before`, run from a gi
 a subprocess) is counted the same way. Two models: the shipped `emloc-tiny-qwen2vl` on a synthetic
 video (4 layers, groups of 2), and the Qwen2-VL-7B layout (28 layers, groups of 14, 144 tokens a
 frame pair) with narrow random layers, whose counts are the 7B's (they depend on the layer count and
-the search's choices, not on the width). CPU seconds are printed too, for the record only, and each
+the search's choices, not on the width; no variant here has a group of one layer, whose one-layer
+passes the step count below would join to the pass before). CPU seconds are printed too, for the record only, and each
 variant runs in a process of its own, whose kernel high-water mark (ru_maxrss) is its peak memory.
 
 Writes search_cost.json/.md to --out (docs/benchmarks by default).
@@ -44,16 +45,23 @@ from emloc.settings import videomme_online  # noqa: E402
 
 
 def counted(adapter):
-    """Forward hooks on every decoder layer: a dict with `calls` and `token_layers` so far."""
-    work = {"calls": 0, "token_layers": 0}
+    """Forward hooks on every decoder layer: a dict with `calls` (sequential layer steps), `forwards` (the
+    layers' forward calls) and `token_layers` so far. A long prefill over merged tokens runs a layer's rows
+    in blocks of 1,024 one after another (`emloc.forward.QUERY_BLOCK`, for the mask's memory): those
+    consecutive forwards of one layer are one step, each block a full-width pass, not a launch-bound one."""
+    work = {"calls": 0, "forwards": 0, "token_layers": 0, "last": None}
 
-    def hook(module, args, kwargs, output):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        work["calls"] += 1
-        work["token_layers"] += hidden.shape[1]
+    def hook_for(index):
+        def hook(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            work["calls"] += work["last"] != index
+            work["forwards"] += 1
+            work["token_layers"] += hidden.shape[1]
+            work["last"] = index
+        return hook
 
     layers = adapter._decoder.layers
-    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in layers]
+    handles = [layer.register_forward_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
     return work, handles
 
 
@@ -107,7 +115,9 @@ def measure(kind: str, frames: int, index: int) -> dict | None:
             for start in range(0, len(video), settings.chunk_frames):
                 before = dict(work)
                 record = context.fold(video[start:start + settings.chunk_frames])
+                work["last"] = None  # the next fold starts a new step
                 per_chunk.append(dict(calls=work["calls"] - before["calls"],
+                                      forwards=work["forwards"] - before["forwards"],
                                       token_layers=work["token_layers"] - before["token_layers"],
                                       kept=record.kept_fraction, chunk_tokens=record.chunk_tokens,
                                       prefill_s=record.vision_s + record.prefill_s,
@@ -122,6 +132,7 @@ def measure(kind: str, frames: int, index: int) -> dict | None:
         rows.append(dict(
             model=kind, variant=name, layers=adapter.num_layers, chunks=len(per_chunk),
             calls_per_chunk=statistics.mean(c["calls"] for c in per_chunk),
+            forwards_per_chunk=statistics.mean(c["forwards"] for c in per_chunk),
             calls_steady=statistics.mean(c["calls"] for c in per_chunk[1:]) if len(per_chunk) > 1 else None,
             token_layers_per_chunk=statistics.mean(c["token_layers"] for c in per_chunk),
             chunk_tokens=per_chunk[0]["chunk_tokens"], kept_percent=100 * statistics.mean(c["kept"] for c in per_chunk),
@@ -172,9 +183,10 @@ def markdown(rows: list[dict], command: str) -> str:
              f"Command: `{command}`. Sequential decoder-layer calls and tokens x layers per chunk of 64 frames "
              "(mean over the video's chunks; 'steady' leaves out the first chunk), the kept share, and an "
              "8-token answer's layer calls. CPU seconds only for the record: a GPU pays per sequential call.", "",
-             "| code | model | variant | layer calls / chunk | vs full | steady | token-layers / chunk | vs full "
-             "| kept % | answer calls | CPU search / prefill | peak RSS MiB | cache MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| code | model | variant | layer calls / chunk | vs full | steady | layer forwards / chunk "
+             "| token-layers / chunk | vs full | kept % | answer calls | CPU search / prefill | peak RSS MiB "
+             "| cache MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     full = {(r["code"], r["model"]): r for r in rows if r["variant"] == "full context"}
     for r in rows:
         f = full[(r["code"], r["model"])]
@@ -182,7 +194,8 @@ def markdown(rows: list[dict], command: str) -> str:
         lines.append(f"| {r['code']} | {r['model']} ({r['layers']} layers, {r['chunk_tokens']} tokens a chunk) "
                      f"| {r['variant']} | {r['calls_per_chunk']:.1f} "
                      f"| {r['calls_per_chunk'] / f['calls_per_chunk']:.2f}x "
-                     f"| {steady} | {r['token_layers_per_chunk']:.0f} "
+                     f"| {steady} | {r.get('forwards_per_chunk', r['calls_per_chunk']):.1f} "
+                     f"| {r['token_layers_per_chunk']:.0f} "
                      f"| {r['token_layers_per_chunk'] / f['token_layers_per_chunk']:.2f}x | {r['kept_percent']:.1f} "
                      f"| {r['answer_calls']} | {r['cpu_search_over_prefill']:.2f} | {r['peak_rss_mib']:.0f} "
                      f"| {r['cache_mib']:.2f} |")
