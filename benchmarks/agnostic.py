@@ -46,8 +46,8 @@ from stream.offline import answer_video  # noqa: E402
 from stream.sources import VideoFile, write_video  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITES = {"synthetic": ("stream.synthetic", "emloc-tiny-qwen2vl", 3_000_000),
-          "camera": ("stream.synthetic_camera", "emloc-tiny-camera", 3_000_000)}
+SUITES = {"synthetic": ("stream.suites.synthetic", "emloc-tiny-qwen2vl", 3_000_000),
+          "camera": ("stream.suites.camera", "emloc-tiny-camera", 3_000_000)}
 ANSWER = 16  # probe_answer_tokens of the observer rows that carry the model's own answer
 FINE = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)  # a finer ratio ladder than the paper's 0.02/0.1/0.5/1
 

@@ -3,7 +3,7 @@
     python benchmarks/examples.py                               # 0/10/50/200 examples, every method
     python benchmarks/examples.py --episodes 8 --counts 0 10 --out /tmp/ex
 
-Held-out few-shot episodes (stream/synthetic_examples.py, seeds 2_000_000 + i: never trained on,
+Held-out few-shot episodes (stream/suites/examples.py, seeds 2_000_000 + i: never trained on,
 never used to pick the checkpoint): 8 object classes named with fresh nonsense words, so the
 answer is only in the examples (zero examples: chance). For each episode and example count the
 first `count` examples become a task pack, built with each method; then each of the episode's
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from emloc import StreamContext, TaskExample, TaskPack, load_adapter, many_shot  # noqa: E402
 from emloc.policies import RandomTokens, UniformFrames  # noqa: E402
-from stream import synthetic_examples  # noqa: E402
+from stream.suites import examples as synthetic_examples  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = 2_000_000

@@ -58,7 +58,7 @@ from emloc.policies import (  # noqa: E402
 from emloc.settings import EMLoCSettings, reference_code, videomme_online  # noqa: E402
 from stream.offline import answer_video  # noqa: E402
 from stream.sources import VideoFile, write_video  # noqa: E402
-from stream.synthetic import QUESTION_TYPES, make_video  # noqa: E402
+from stream.suites.synthetic import QUESTION_TYPES, make_video  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = 2_000_000

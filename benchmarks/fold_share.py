@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from stream.sources import write_video  # noqa: E402
-from stream.synthetic import make_video  # noqa: E402
+from stream.suites.synthetic import make_video  # noqa: E402
 
 QUESTION = "what colour was the triangle ?"
 

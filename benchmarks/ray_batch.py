@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stream.sources import write_video  # noqa: E402
-from stream.synthetic import make_video  # noqa: E402
+from stream.suites.synthetic import make_video  # noqa: E402
 from tests.raycluster import HEALTH_CHECK, Cluster  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))

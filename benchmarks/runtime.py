@@ -32,7 +32,7 @@ from emloc.settings import videomme_online  # noqa: E402
 from stream.questions import QuestionQueue  # noqa: E402
 from stream.runtime import StreamRunner  # noqa: E402
 from stream.sources import Frame  # noqa: E402
-from stream.synthetic import QUESTION_TYPES, make_video  # noqa: E402
+from stream.suites.synthetic import QUESTION_TYPES, make_video  # noqa: E402
 
 
 def frames(seed: int, count: int, start: float = 0.0):

@@ -82,7 +82,7 @@ def variants(layers: int) -> dict:
 
 def video_frames(kind: str, frames: int):
     if kind == "tiny":
-        from stream.synthetic import make_video
+        from stream.suites.synthetic import make_video
 
         return make_video(3_000_000, frames=frames).frames
     generator = torch.Generator().manual_seed(0)  # 336x336: 144 tokens a frame pair, as the 7B reads video

@@ -47,7 +47,7 @@ from emloc.settings import videomme_online  # noqa: E402
 from stream.questions import Question, QuestionQueue  # noqa: E402
 from stream.runtime import StreamRunner  # noqa: E402
 from stream.sources import Frame  # noqa: E402
-from stream.synthetic import make_video  # noqa: E402
+from stream.suites.synthetic import make_video  # noqa: E402
 
 
 def max_rss_mib(who: int) -> float:

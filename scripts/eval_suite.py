@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from emloc import StreamContext, load_adapter  # noqa: E402
 from emloc.policies import KeepAll  # noqa: E402
 from emloc.settings import videomme_online  # noqa: E402
-from stream import synthetic, synthetic_camera  # noqa: E402
 from stream.offline import answer_video  # noqa: E402
 from stream.sources import VideoFile, write_video  # noqa: E402
+from stream.suites import camera as synthetic_camera  # noqa: E402
+from stream.suites import synthetic
 
 SUITES = {"synthetic": synthetic, "camera": synthetic_camera}
 SEEDS = 2_000_000

@@ -3,8 +3,8 @@
     python scripts/train_tiny.py --out models/emloc-tiny-qwen2vl        # about 60 minutes on 2 CPU cores
     python scripts/train_tiny.py --task camera --init models/emloc-tiny-qwen2vl --out models/emloc-tiny-camera ...
 
---task synthetic (the default) is the task of stream/synthetic.py, the recipe of
-models/emloc-tiny-qwen2vl; --task camera the camera-like suite of stream/synthetic_camera.py
+--task synthetic (the default) is the task of stream/suites/synthetic.py, the recipe of
+models/emloc-tiny-qwen2vl; --task camera the camera-like suite of stream/suites/camera.py
 (112x112 frames over real footage, five question types), the recipe of models/emloc-tiny-camera
 (see its model card for the exact command).
 
@@ -35,8 +35,10 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration  # noqa:
 
 from emloc.adapters.qwen_vl import QwenVLAdapter  # noqa: E402
 from emloc.tiny import WORDS, tiny_tokenizer  # noqa: E402
-from stream import synthetic, synthetic_camera, synthetic_examples  # noqa: E402
-from stream.synthetic import COLOURS, COUNT_WORDS, PROBE  # noqa: E402
+from stream.suites import camera as synthetic_camera  # noqa: E402
+from stream.suites import examples as synthetic_examples
+from stream.suites import synthetic
+from stream.suites.synthetic import COLOURS, COUNT_WORDS, PROBE  # noqa: E402
 
 SYSTEM = "You are a helpful assistant."
 TRAIN_SEEDS = 10_000_000  # training videos use seeds from here upwards; evaluation uses 1_000_000+
@@ -165,7 +167,7 @@ class Batcher:
 
 
 class ExampleBatcher:
-    """Few-shot episodes (stream/synthetic_examples.py) laid out as a task pack lays them out: the
+    """Few-shot episodes (stream/suites/examples.py) laid out as a task pack lays them out: the
     preamble, then each example as a picture followed by `adapter.example_ids` (question, answer,
     next user turn), then query branches (a clip and the question) that each see the examples but
     not each other. Targets: every query's answer and the stop after it (read first), and the answer
@@ -826,8 +828,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--task", choices=sorted(TASKS), default="synthetic",
-                        help="synthetic: stream/synthetic.py (56x56, four questions); "
-                        "camera: stream/synthetic_camera.py")
+                        help="synthetic: stream/suites/synthetic.py (56x56, four questions); "
+                        "camera: stream/suites/camera.py")
     parser.add_argument("--minutes", type=float, default=58.0, help="wall-clock budget for training")
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128, 256],
                         help="curriculum of video lengths (frames); with --task examples, of the most examples "

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stream.synthetic import COLOURS, COUNT_WORDS, SEGMENTS
-from stream.synthetic_camera import CLIPS, DISPLAY, PROBE, QUESTION_TYPES, WHEN_WORDS, make_video
+from stream.suites.camera import CLIPS, DISPLAY, PROBE, QUESTION_TYPES, WHEN_WORDS, make_video
+from stream.suites.synthetic import COLOURS, COUNT_WORDS, SEGMENTS
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "emloc-tiny-camera"
 SEEDS = [5, 17, 2024]

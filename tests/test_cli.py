@@ -58,7 +58,7 @@ def test_default_demo_prints_answers_next_to_ground_truth(tmp_path):
 
 def test_run_answers_about_a_video_file(tmp_path):
     from stream.sources import write_video
-    from stream.synthetic import make_video
+    from stream.suites.synthetic import make_video
 
     video = make_video(3_100_000, frames=96)
     path = write_video(tmp_path / "clip.mp4", video.frames, video.fps)
@@ -195,7 +195,7 @@ def test_ctrl_c_during_run_saves_state_and_says_so_in_one_line(tmp_path):
     import signal
 
     from stream.sources import write_video
-    from stream.synthetic import make_video
+    from stream.suites.synthetic import make_video
 
     video = make_video(3_100_002, frames=256)
     clip = write_video(tmp_path / "clip.mp4", video.frames, video.fps)
@@ -243,7 +243,7 @@ def test_batch_ask_goes_to_every_video_and_unknown_videos_are_reported(tmp_path)
     import json
 
     from stream.sources import write_video
-    from stream.synthetic import make_video
+    from stream.suites.synthetic import make_video
 
     folder = tmp_path / "videos"
     for seed in (3_100_004, 3_100_005):

@@ -45,7 +45,7 @@ import pytest
 import yaml
 
 from stream.sources import write_video
-from stream.synthetic import QUESTION_TYPES, make_video
+from stream.suites.synthetic import QUESTION_TYPES, make_video
 
 from .broker import Broker, Client, free_port, needs_mosquitto
 
@@ -73,7 +73,7 @@ def popen(*args: str, **kwargs) -> subprocess.Popen:
 
 def digit_at(video, t: float) -> str:
     """The ground truth of "what digit is on screen now ?" asked at stream time t."""
-    from stream.synthetic import COUNT_WORDS
+    from stream.suites.synthetic import COUNT_WORDS
 
     step = int(round(t * video.fps)) // 2
     return COUNT_WORDS[[d for start, d in video.digits if start <= step][-1]]

@@ -28,7 +28,7 @@ pytest.importorskip("fastapi", reason="the http extra is not installed (pip inst
 httpx = pytest.importorskip("httpx", reason="httpx is not installed (pip install -e '.[test]')")
 
 from stream.sources import write_video  # noqa: E402
-from stream.synthetic import COUNT_WORDS, make_video  # noqa: E402
+from stream.suites.synthetic import COUNT_WORDS, make_video  # noqa: E402
 
 from .broker import free_port  # noqa: E402
 

@@ -309,7 +309,7 @@ def test_cli_runs_a_saved_checkpoint(tokenizer, tmp_path):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from stream.sources import write_video
-    from stream.synthetic import make_video
+    from stream.suites.synthetic import make_video
 
     from .test_cli import cli_env, console_script
 

@@ -33,7 +33,7 @@ from stream.commands.common import build_model  # noqa: E402
 from stream.config import Config  # noqa: E402
 from stream.questions import Question  # noqa: E402
 from stream.sources import write_video  # noqa: E402
-from stream.synthetic import make_video  # noqa: E402
+from stream.suites.synthetic import make_video  # noqa: E402
 
 from .broker import MOSQUITTO, Broker, Client, free_port  # noqa: E402
 from .raycluster import Cluster  # noqa: E402

@@ -13,7 +13,7 @@ from sinks import AnswerEvent, JsonLinesSink, Sink, read_answers
 from stream.questions import BadQuestion, Question, QuestionQueue, QueueFull
 from stream.runtime import StreamRunner
 from stream.sources import Frame, write_video
-from stream.synthetic import make_video
+from stream.suites.synthetic import make_video
 
 from .reference import random_frames
 from .test_cli import console_script

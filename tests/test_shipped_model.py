@@ -13,7 +13,7 @@ from emloc.policies import KeepAll
 from emloc.settings import videomme_online
 from stream.offline import answer_video
 from stream.sources import VideoFile, write_video
-from stream.synthetic import PROBE, QUESTION_TYPES, make_video
+from stream.suites.synthetic import PROBE, QUESTION_TYPES, make_video
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "emloc-tiny-qwen2vl"
 VIDEOS = 8

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stream.sources import VideoError, VideoFile, sample, write_video
-from stream.synthetic import make_video
+from stream.suites.synthetic import make_video
 
 ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
 

@@ -18,7 +18,7 @@ from stream.config import StreamConfig
 from stream.service import LiveStream
 from stream.sources import write_video
 from stream.state import StateError, _digest, load_state, save_state
-from stream.synthetic import make_video
+from stream.suites.synthetic import make_video
 
 from .reference import random_frames
 from .test_cli import console_script

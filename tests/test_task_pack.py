@@ -24,10 +24,10 @@ from safetensors.torch import save_file
 from emloc import EMLoCSettings, InputError, PackError, SettingsError, StreamContext, TaskExample, TaskPack, many_shot
 from emloc.task_pack import _checksum
 from emloc.tiny import WORDS, tiny_qwen2_vl, tiny_tokenizer
-from stream import synthetic_examples
 from stream.cli import main
 from stream.sources import write_video
 from stream.state import StateError, load_state, save_state
+from stream.suites import examples as synthetic_examples
 
 from .reference import chat_preamble, chat_question, published_rope_index, random_frames, video_rope_kwargs
 from .test_cli import cli_env, console_script

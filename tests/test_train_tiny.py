@@ -16,7 +16,7 @@ import train_tiny as T  # noqa: E402
 from transformers import Qwen2VLForConditionalGeneration  # noqa: E402
 
 from emloc.tiny import WORDS, tiny_tokenizer  # noqa: E402
-from stream import synthetic_camera  # noqa: E402
+from stream.suites import camera as synthetic_camera  # noqa: E402
 
 MODEL = ROOT / "models" / "emloc-tiny-camera"
 SEEDS = [10_000_001, 10_000_002]
@@ -119,7 +119,7 @@ def test_the_benchmarks_needle_tokens_are_the_training_labels_triangle():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import agnostic
 
-    from stream import synthetic
+    from stream.suites import synthetic
 
     for seed in (3, 8):
         video = synthetic_camera.make_video(seed, frames=64, needle_before=0.1)

@@ -17,7 +17,7 @@ import train_tiny as T  # noqa: E402
 from transformers import Qwen2VLForConditionalGeneration  # noqa: E402
 
 from emloc.tiny import WORDS, tiny_tokenizer  # noqa: E402
-from stream import synthetic_camera  # noqa: E402
+from stream.suites import camera as synthetic_camera  # noqa: E402
 
 torch.set_num_threads(1)
 path, frames = sys.argv[1], int(sys.argv[2])

@@ -21,7 +21,7 @@ from transformers import Qwen2VLForConditionalGeneration  # noqa: E402
 
 from emloc.adapters.qwen_vl import QwenVLAdapter  # noqa: E402
 from emloc.tiny import WORDS, tiny_tokenizer  # noqa: E402
-from stream import synthetic_camera  # noqa: E402
+from stream.suites import camera as synthetic_camera  # noqa: E402
 
 torch.manual_seed(0)
 path, minutes = sys.argv[1], float(sys.argv[2])

@@ -19,7 +19,7 @@ import train_tiny as T  # noqa: E402
 from transformers import Qwen2VLForConditionalGeneration  # noqa: E402
 
 from emloc.tiny import WORDS, tiny_tokenizer  # noqa: E402
-from stream import synthetic_camera  # noqa: E402
+from stream.suites import camera as synthetic_camera  # noqa: E402
 
 path = sys.argv[1]
 frames = int(sys.argv[2]) if len(sys.argv) > 2 else 256

