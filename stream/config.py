@@ -161,6 +161,7 @@ class Config:
     mqtt: MqttConfig | None = None
     streams: tuple[StreamConfig, ...] = ()
     task: str | None = None  # the task pack every stream starts from unless it names its own (--task overrides)
+    frigate: dict | None = None  # the Frigate bridge's section, read and checked by stream/frigate.py
 
     def __post_init__(self) -> None:
         if self.task is not None and (not isinstance(self.task, str) or not self.task.strip()):
@@ -211,7 +212,8 @@ def config_from_dict(data: dict) -> Config:
     ids = [s.id for s in parsed]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"stream ids must be unique, got {ids}")
-    return Config(emloc=settings, model=ModelConfig(**model), mqtt=mqtt, streams=tuple(parsed), task=data.get("task"))
+    return Config(emloc=settings, model=ModelConfig(**model), mqtt=mqtt, streams=tuple(parsed), task=data.get("task"),
+                  frigate=data.get("frigate"))
 
 
 def _check_keys(section: str, data: dict, known: set[str]) -> None:

@@ -15,6 +15,7 @@ across reconnects.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -51,6 +52,9 @@ class LiveSource:
         self.skipped_packets = 0  # packets the decoder could not use (no keyframe yet, or damaged), skipped
         self.awaiting_keyframe = False  # connected, no frame decoded yet on this connection
         self.newest_time: float | None = None  # newest frame the source produced (kept or not)
+        # the wall-clock (Unix) time of stream time 0 on this connection, from its least-delayed frame so far (a
+        # frame read late, while the process was busy, only seems older); events timed by the wall clock map here
+        self.clock_origin: float | None = None
 
     def start(self) -> LiveSource:
         self._thread = threading.Thread(target=self._run, name=f"live:{self.url}", daemon=True)
@@ -121,7 +125,7 @@ class LiveSource:
             stream.thread_type = "AUTO"
             self.state, self.connects = "connected", self.connects + 1
             self.awaiting_keyframe = True
-            sampler, first, t = RateSampler(self.fps), None, None
+            sampler, first, t, origin = RateSampler(self.fps), None, None, None
             for frame in self._decoded(container, stream):
                 self.awaiting_keyframe = False
                 if self._stop.is_set():
@@ -131,8 +135,11 @@ class LiveSource:
                     # the first frame, or timestamps that went back: a source restarted within the read timeout
                     # (or whose clock wrapped) goes on from where it was, not from its old timestamps
                     offset, first = (offset if t is None else t + 1.0 / self.fps), pts
+                    origin = None
                 t = offset + pts - first
                 self.newest_time = t
+                origin = min(origin or math.inf, time.time() - t)
+                self.clock_origin = origin
                 if not sampler.keep(t):
                     continue
                 image = upright(frame)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .. import distributed
 from ..config import Config, ConfigError, load_config
+from ..frigate import add_options as add_frigate_options
 from .common import add_task_option, build_model, check_state, check_task, config_from, load_questions, load_task
 
 
@@ -41,6 +42,8 @@ def serve_config(args: argparse.Namespace) -> int:
     if args.ray is not None:  # every stream a Ray actor on some node of the cluster
         from ..distributed.serve import serve_ray
 
+        if config.frigate is not None:
+            raise ConfigError("frigate: not with --ray (the bridge runs beside the streams it asks): serve without it")
         return serve_ray(args, replace(config, streams=tuple(specs)))
     return _serve(config, given, args, specs, config.mqtt)
 
@@ -60,6 +63,9 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
         limits = _http_limits(args)
     if getattr(args, "ha_discovery", False) and mqtt is None:
         raise ConfigError("--ha-discovery publishes to MQTT: give --mqtt HOST:PORT (or mqtt: in the config)")
+    from ..frigate import FrigateBridge, config_from
+
+    frigate = config_from(args, config.frigate, [spec.id for spec in specs])  # checked before the model loads
     for spec in specs:
         check_state(spec.state, f"stream {spec.id}: state" if len(specs) > 1 else "--state")
     packs = {spec.id: load_task(spec.task) for spec in specs}  # one TaskPack per file, shared by its streams
@@ -86,6 +92,9 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
                         print(f"question refused: {error}", file=sys.stderr, flush=True)
         threading.Thread(target=read_stdin, daemon=True).start()
     http = _start_http(args, streams, limits)
+    if frigate is not None:  # its settings become the bridge that asks the streams
+        frigate = FrigateBridge(frigate, streams, answer_prefix=mqtt.prefix if mqtt else "emloc",
+                                ha_discovery=getattr(args, "ha_discovery", False)).start()
     if getattr(args, "ha_discovery", False):
         from ..ha import HaDiscovery
 
@@ -99,6 +108,8 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
     finally:
         if http is not None:
             http.stop()
+        if frigate is not None:
+            frigate.stop()
     for stream in streams:
         status = stream.runner.status
         print(f"stopped {stream.spec.id}: {status.frames_seen} frames, {status.chunks_folded} chunks, "
@@ -185,6 +196,7 @@ def register(commands, common) -> None:
                    "camera moved); without it such a state is refused")
     add_task_option(p)
     add_web_options(p)
+    add_frigate_options(p)
     p.set_defaults(run=live)
 
     p = commands.add_parser(
