@@ -22,7 +22,7 @@ from stream.config import ConfigError
 from stream.frigate import BadEvent, FrigateConfig, config_from, parse_event
 from stream.ha import object_id
 from stream.sources import write_video
-from stream.synthetic import make_video
+from stream.suites.synthetic import make_video
 
 from .broker import Broker, Client, free_port, needs_mosquitto
 from .test_end_to_end import digit_at, padded, popen, udp_bound, until
