@@ -92,7 +92,7 @@ class HaDiscovery(Sink):
 
     def sync(self) -> None:
         """Announces new standing questions and removes withdrawn ones."""
-        standing = {object_id(q["text"]): q["text"] for q in self.queue.snapshot() if q["every"]}
+        standing = {object_id(q["question"]): q["question"] for q in self.queue.snapshot() if q["every"]}
         with self._lock:
             for obj, text in standing.items():
                 if obj not in self.announced:

@@ -32,129 +32,16 @@ from collections import deque
 from sinks import AnswerEvent, Sink
 
 from .config import ConfigError, MqttConfig, check_stream_id
-from .questions import MAX_QUESTION_CHARS, BadQuestion, DuplicateId, Question, QuestionQueue, QueueFull, check_id
+from .payload import read_json
+from .questions import BadQuestion, DuplicateId, Question, QuestionQueue, QueueFull, check_id
 
 log = logging.getLogger("emloc_stream")
-ASK_FIELDS = {"id", "question", "at", "every", "wait"}
 MAX_OUTBOX = 10_000  # messages held while the broker is away; beyond that the oldest go, loudly
-MAX_DEPTH = 8  # nesting of arrays/objects in a payload (an ask needs 1)
-MAX_NUMBER_CHARS = 32  # digits of one JSON number
-MAX_SAFE_INT = 2**53  # integer ids beyond this are refused (they would not survive a JSON client)
 REFUSED_CONNECT = {4: "bad user name or password", 5: "not authorized", 134: "bad user name or password",
                    135: "not authorized"}
 REFUSED_VERSION = {1, 132}  # "unacceptable protocol version" (3.1.1) / "unsupported protocol version" (5)
 HEADER_ROOM = 1024  # bytes of a PUBLISH beyond payload and topic: fixed header, packet id, properties
 NEVER_EXPIRES = 0xFFFFFFFF  # MQTT 5 session expiry: the broker keeps the session as 3.1.1's clean_session=False
-
-
-def read_json(payload: bytes, max_payload: int) -> dict:
-    """A JSON object from an untrusted payload, parsed with limits; BadQuestion naming what is wrong."""
-    if len(payload) > max_payload:
-        raise BadQuestion(f"payload of {len(payload)} bytes exceeds the limit of {max_payload}")
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise BadQuestion(f"payload is not JSON: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    depth = _depth(text)
-    if depth > MAX_DEPTH:
-        raise BadQuestion(f"payload nests {depth} levels deep; the limit is {MAX_DEPTH}")
-    try:
-        data = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant,
-                          object_pairs_hook=_object)
-    except json.JSONDecodeError as error:
-        raise BadQuestion(f"payload is not JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise BadQuestion(f"payload must be a JSON object, got {type(data).__name__}")
-    return data
-
-
-def parse_ask(payload: bytes, queue: QuestionQueue, max_payload: int) -> Question:
-    """The question in an ask payload, or BadQuestion saying what is wrong with it."""
-    return question_from(read_json(payload, max_payload), queue)
-
-
-def question_from(data: dict, queue: QuestionQueue) -> Question:
-    unknown = sorted(set(data) - ASK_FIELDS)
-    if unknown:
-        raise BadQuestion(f"unknown field(s) {unknown}; known fields are {sorted(ASK_FIELDS)}")
-    if "question" not in data:
-        raise BadQuestion("missing field 'question'")
-    if not isinstance(data["question"], str):
-        raise BadQuestion(f"'question' must be a string, got {type(data['question']).__name__}")
-    qid = _id(data["id"]) if "id" in data else queue.new_id()
-    for name in ("at", "every"):
-        value = data.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise BadQuestion(f"'{name}' must be a number, got {type(value).__name__}")
-    return Question(qid, data["question"], at=data.get("at"), every=data.get("every"), origin="mqtt",
-                    wait=data.get("wait", False))
-
-
-def _id(value) -> str:
-    """Ids are strings, or integers a JSON client can hold exactly (sent back as strings)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if abs(value) > MAX_SAFE_INT:
-            raise BadQuestion("an integer 'id' must lie within +-2**53; use a string id")
-        return str(value)
-    return check_id(value)
-
-
-def _depth(text: str) -> int:
-    """The deepest nesting of [ and { outside strings (counted before parsing, so no recursion)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for c in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif c == "\\":
-                escaped = True
-            elif c == '"':
-                in_string = False
-        elif c == '"':
-            in_string = True
-        elif c in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif c in "]}":
-            depth -= 1
-    return deepest
-
-
-def _int(digits: str) -> int:
-    if len(digits) > MAX_NUMBER_CHARS:
-        raise BadQuestion(f"a number of {len(digits)} digits; the limit is {MAX_NUMBER_CHARS}")
-    return int(digits)
-
-
-def _float(text: str) -> float:
-    if len(text) > MAX_NUMBER_CHARS:
-        raise BadQuestion(f"a number of {len(text)} characters; the limit is {MAX_NUMBER_CHARS}")
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise BadQuestion(f"the number {text} is out of range")
-    return value
-
-
-def _constant(name: str):
-    raise BadQuestion(f"{name} is not a number JSON allows")
-
-
-def _object(pairs: list) -> dict:
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise BadQuestion(f"field {key!r} appears twice")
-        for text in (key, value):
-            if isinstance(text, str):
-                if len(text) > MAX_QUESTION_CHARS:
-                    raise BadQuestion(f"a string of {len(text)} characters; the limit is {MAX_QUESTION_CHARS}")
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise BadQuestion("a string holds an unpaired surrogate (\\ud800-\\udfff)") from None
-        out[key] = value
-    return out
 
 
 class MqttBridge(Sink):
@@ -255,18 +142,18 @@ class MqttBridge(Sink):
         try:
             data = read_json(payload, self.broker.max_payload)
             try:
-                qid = _id(data["id"]) if "id" in data else None
+                qid = check_id(data["id"]) if "id" in data else None
             except BadQuestion:
                 pass
             if topic == self.topics["cancel"]:
                 if set(data) != {"id"}:
                     raise BadQuestion("a cancel payload is {\"id\": <id of a waiting or standing question>}")
-                question = self.queue.cancel(_id(data["id"]))
+                question = self.queue.cancel(check_id(data["id"]))
                 self.counts["cancelled"] += 1
                 self._send(self.topics["cancelled"], {"stream_id": self.stream_id, "id": question.id,
                                                       "question": question.text, "kind": question.kind}, qos=1)
                 return
-            self.queue.submit(question_from(data, self.queue))
+            self.queue.submit(Question.from_dict(data, "mqtt", new_id=self.queue.new_id))
             self.counts["accepted"] += 1
         except DuplicateId as error:
             if error.same:  # QoS 1 delivered it again: the first copy is (or was) answered

@@ -12,11 +12,17 @@ of the stream's time. Ids are unique for the queue's life (a redelivered questio
 recognised by its id), and any waiting or standing question can be cancelled by id.
 Waiting and standing questions are also the observers that guide pruning.
 
-`Question` is the one check every transport's questions pass (HTTP, OpenAI chat, MQTT,
-questions files, saved state). Its text is text: the chat template's control tokens written
-in it (`<|im_end|>`, ...) are accepted and read as the plain characters they are written with
-(the model adapter tokenizes questions with `split_special_tokens`), so a question cannot
-open or close a turn, and no transport refuses or rewrites them.
+One schema for every transport: a question from outside is a JSON object of the fields
+`id`, `question`, `at`, `every`, `wait` (`QUESTION_FIELDS`), read by `Question.from_dict`
+whether it came over MQTT, the REST API, the OpenAI chat endpoint (its last user message's
+text), a questions file (which may add `video` and `expected`) or a saved state (which adds
+`origin` and `meta`), so each field, limit and error message is the same everywhere.
+
+Control tokens: `question_text` is the one rule every transport's text passes. Text is
+text: the chat template's control tokens written in it (`<|im_end|>`, ...) are accepted and
+read as the plain characters they are written with (the model adapter tokenizes questions
+with `split_special_tokens`), so a question cannot open or close a turn, and no transport
+refuses or rewrites them.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import math
 import threading
 import unicodedata
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MAX_QUESTION_CHARS = 2000
@@ -34,6 +41,12 @@ MAX_ID_CHARS = 128
 MAX_EVERY = 1_000_000  # chunks between a standing question's answers
 MAX_AT = 1e15  # seconds of stream time: a bound on the number itself; the queue's horizon is the practical one
 REMEMBERED_IDS = 100_000  # ids of answered questions kept to recognise a redelivery
+MAX_SAFE_INT = 2**53  # integer ids beyond this are refused (they would not survive a JSON client)
+QUESTION_FIELDS = ("id", "question", "at", "every", "wait")  # what a client may send, on any transport
+EXTRA_FIELDS = {  # what a reader adds to the schema, by where the dict was read
+    "file": ("video", "expected"),  # a questions file: which recorded video, the answer a benchmark expects
+    "state": ("origin", "meta"),  # a saved state: where the question first came from, its transport's notes
+}
 
 
 class QueueFull(RuntimeError):
@@ -54,9 +67,14 @@ class DuplicateId(BadQuestion):
 
 
 def check_id(qid) -> str:
-    """A question id: a non-empty string of at most MAX_ID_CHARS printable characters."""
+    """A question id: a non-empty string of at most MAX_ID_CHARS printable characters, or an integer
+    a JSON client holds exactly (within +-2**53), which is read as its decimal string."""
+    if isinstance(qid, int) and not isinstance(qid, bool):
+        if abs(qid) > MAX_SAFE_INT:
+            raise BadQuestion("an integer 'id' must lie within +-2**53; use a string id")
+        return str(qid)
     if not isinstance(qid, str):
-        raise BadQuestion(f"'id' must be a string, got {type(qid).__name__}")
+        raise BadQuestion(f"'id' must be a string or an integer, got {type(qid).__name__}")
     if not qid or len(qid) > MAX_ID_CHARS:
         raise BadQuestion(f"'id' must be 1 to {MAX_ID_CHARS} characters, got {len(qid)}")
     if not qid.isprintable():
@@ -75,13 +93,10 @@ class Question:
     wait: bool = False  # asked before the stream has video: wait for its first frames instead of an error
 
     def __post_init__(self) -> None:
+        if not isinstance(self.id, str):
+            raise BadQuestion(f"'id' must be a string, got {type(self.id).__name__}")
         check_id(self.id)
-        if not isinstance(self.text, str) or not self.text.strip():
-            raise BadQuestion("question text must be a non-empty string")
-        if len(self.text) > MAX_QUESTION_CHARS:
-            raise BadQuestion(f"question text is {len(self.text)} characters; the limit is {MAX_QUESTION_CHARS}")
-        if any(unicodedata.category(c) in ("Cc", "Cs") and c not in "\t\n\r" for c in self.text):
-            raise BadQuestion("question text holds control characters or unpaired surrogates; questions are text")
+        question_text(self.text)
         if self.at is not None and (not isinstance(self.at, (int, float)) or isinstance(self.at, bool)
                                     or not (isinstance(self.at, int) or math.isfinite(self.at))
                                     or not 0 <= self.at <= MAX_AT):
@@ -98,6 +113,70 @@ class Question:
     @property
     def kind(self) -> str:
         return "standing" if self.every is not None else "scheduled" if self.at is not None else "one-off"
+
+    @classmethod
+    def from_dict(cls, data, origin: str, *, new_id: Callable[[], str] | None = None) -> Question:
+        """The question in `data`, a dict from outside (parsed JSON), or BadQuestion saying what is wrong.
+
+        origin: where it was read: "mqtt", "http", "file" (a questions file: `video` and `expected`
+        go to `meta`), or "state" (a saved state: its own `origin` and `meta` are kept, and the field
+        `text` of states saved before the schema is read as `question`). new_id: the id of a question
+        sent without one (the queue's next id, or a file's line number); None: `id` is required."""
+        if not isinstance(data, dict):
+            raise BadQuestion(f"a question must be a JSON object, got {type(data).__name__}")
+        if origin == "state" and "text" in data and "question" not in data:
+            data = {("question" if k == "text" else k): v for k, v in data.items()}  # saved before the schema
+        known = QUESTION_FIELDS + EXTRA_FIELDS.get(origin, ())
+        unknown = sorted(str(k)[:40] for k in set(data) - set(known))
+        if unknown:
+            raise BadQuestion(f"unknown field(s) {unknown}; known fields are {list(known)}")
+        if "question" not in data:
+            raise BadQuestion("missing field 'question'")
+        if not isinstance(data["question"], str):
+            raise BadQuestion(f"'question' must be a string, got {type(data['question']).__name__}")
+        if "id" in data:
+            qid = check_id(data["id"])
+        elif new_id is not None:
+            qid = new_id()
+        else:
+            raise BadQuestion("missing field 'id'")
+        for name in ("at", "every"):
+            value = data.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise BadQuestion(f"'{name}' must be a number, got {type(value).__name__}")
+        meta = {}
+        if origin == "file":
+            if "video" in data and (not isinstance(data["video"], str) or not data["video"]):
+                raise BadQuestion("'video' must be a file name or path")
+            meta = {k: data[k] for k in ("video", "expected") if k in data}
+        elif origin == "state":
+            meta = data.get("meta", {})
+            if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
+                raise BadQuestion(f"'meta' must be an object, got {str(meta)[:40]}")
+            origin = data.get("origin", "state")
+            if not isinstance(origin, str) or not origin.isidentifier() or len(origin) > 32:
+                raise BadQuestion(f"'origin' must be a transport's name, got {str(origin)[:40]!r}")
+        return cls(qid, data["question"], at=data.get("at"), every=data.get("every"), origin=origin, meta=dict(meta),
+                   wait=data.get("wait", False))
+
+    def to_dict(self) -> dict:
+        """The question in the schema's fields (what a saved state holds; `from_dict(..., "state")` reads it)."""
+        return dict(id=self.id, question=self.text, at=self.at, every=self.every, wait=self.wait, origin=self.origin,
+                    meta=self.meta)
+
+
+def question_text(text) -> str:
+    """The one rule for a question's text, whatever the transport: a non-empty string of at most
+    MAX_QUESTION_CHARS characters, without control characters (tab and newlines aside) or unpaired
+    surrogates. The chat template's control tokens (`<|im_end|>`, ...) are neither refused nor
+    rewritten: they are text, which the adapter tokenizes as the plain characters they are written with."""
+    if not isinstance(text, str) or not text.strip():
+        raise BadQuestion("question text must be a non-empty string")
+    if len(text) > MAX_QUESTION_CHARS:
+        raise BadQuestion(f"question text is {len(text)} characters; the limit is {MAX_QUESTION_CHARS}")
+    if any(unicodedata.category(c) in ("Cc", "Cs") and c not in "\t\n\r" for c in text):
+        raise BadQuestion("question text holds control characters or unpaired surrogates; questions are text")
+    return text
 
 
 def _short(value) -> str:
@@ -255,10 +334,9 @@ class QuestionQueue:
             return out
 
     def snapshot(self) -> list[dict]:
-        """Waiting and standing questions as plain data (for saved state)."""
+        """Waiting and standing questions in the schema's fields (`Question.to_dict`: saved state, status)."""
         with self._lock:
-            return [dict(id=q.id, text=q.text, at=q.at, every=q.every, origin=q.origin, meta=q.meta, wait=q.wait)
-                    for q in self._oneoff + self._scheduled + self._standing]
+            return [q.to_dict() for q in self._oneoff + self._scheduled + self._standing]
 
     def ids(self) -> set[str]:
         """Ids of the waiting and standing questions."""

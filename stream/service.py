@@ -27,7 +27,6 @@ from .runtime import StreamRunner
 from .state import StateError, StateNotSaved, check_source, has_state, load_state, save_state, source_fingerprint
 
 log = logging.getLogger("emloc_stream")
-QUESTION_FIELDS = {"id", "text", "at", "every", "origin", "meta", "wait"}
 
 
 class LiveStream:
@@ -56,7 +55,7 @@ class LiveStream:
         first_chunk = start_time + settings.chunk_frames / fps
         for text in spec.ask:
             self.queue.submit(Question(self.queue.new_id(), text, at=first_chunk, origin="config"))
-        restored = {q["text"] for q in self.queue.snapshot() if q["every"]}
+        restored = {q["question"] for q in self.queue.snapshot() if q["every"]}
         for text in spec.standing:  # a resumed stream already holds its standing questions
             if text not in restored:
                 self.queue.submit(Question(self.queue.new_id(), text, every=spec.every, origin="config"))
@@ -87,9 +86,7 @@ class LiveStream:
             if not isinstance(questions, list):
                 raise BadQuestion("'questions' is not a list")
             for data in questions:
-                if not isinstance(data, dict) or not set(data) <= QUESTION_FIELDS:
-                    raise BadQuestion(f"not a question: {str(data)[:80]}")
-                self.queue.submit(Question(**data))
+                self.queue.submit(Question.from_dict(data, "state"))
         except (BadQuestion, QueueFull) as error:
             raise StateError(f"{self.spec.state}: a saved question cannot be restored: {error}") from error
         last_time = float(stream["last_time"])

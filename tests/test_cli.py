@@ -233,8 +233,8 @@ def test_batch_questions_file_with_bad_lines_is_refused_listing_each(tmp_path, c
     assert result.returncode == 2 and result.stdout == "", result.stdout
     err = result.stderr
     assert "5 bad line(s), nothing was run" in err
-    for number, why in [(2, "Expecting property name"), (4, "duplicate id 'a'"), (5, "unknown field"),
-                        (6, "'at' must be"), (7, "each line must be a JSON object")]:
+    for number, why in [(2, "not JSON: Expecting property name"), (4, "duplicate id 'a'"), (5, "unknown field"),
+                        (6, "'at' must be"), (7, "a question must be a JSON object, got list")]:
         assert f"line {number}: {why}" in err, err
     assert "line 1:" not in err and not (tmp_path / "o").exists()
 

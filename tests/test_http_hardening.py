@@ -82,7 +82,7 @@ def read_reply(sock: socket.socket) -> tuple[int, dict, bytes, bool]:
 
 
 def waiting_texts(server) -> list[str]:
-    return [q["text"] for q in server["queue"].snapshot()]
+    return [q["question"] for q in server["queue"].snapshot()]
 
 
 @pytest.mark.parametrize("framing", ["chunked", "chunked with a small Content-Length"])
@@ -292,8 +292,7 @@ def test_control_tokens_are_read_as_text_over_rest_and_chat_and_huge_numbers_are
             response = http.post("/streams/cam/questions", content=f'{{"question": "hi ?", "{field}": {huge}}}',
                                  headers={"Content-Type": "application/json"})
             assert response.status_code == 422, response.text
-            assert ("'every' must be an integer number of chunks from 1 to 1000000, got an integer of 4300 digits"
-                    if field == "every" else "at: Input should be a valid number") in response.json()["detail"]
+            assert "a number of 4300 digits; the limit is 32" in response.json()["detail"]
         assert queue.counts() == {"one-off": 0, "scheduled": 0, "standing": 0}, "no slot taken"
     with socket.create_connection(("127.0.0.1", server["port"])) as sock:
         body = json.dumps({"model": "cam", "messages": [{"role": "user", "content": INJECTION}]}).encode()

@@ -221,7 +221,7 @@ def test_live_state_is_saved_on_exit_and_resumed(tmp_path):
         manifest = json.loads((state / "manifest.json").read_text())
         saved = manifest["stream"]
         assert saved["stream_id"] == "door" and saved["last_time"] > 0
-        assert [q["text"] for q in saved["questions"]] == ["what digit is on screen now ?"]
+        assert [q["question"] for q in saved["questions"]] == ["what digit is on screen now ?"]
         chunks = manifest["context"]["chunks_folded"]
         assert chunks >= 1
         second = subprocess.run(command[:-4] + ["--duration", "6", "--max-new-tokens", "2"], capture_output=True,

@@ -338,7 +338,7 @@ def test_a_payload_over_the_limit_is_dropped_by_the_broker_never_delivered(broke
         assert wait_for(lambda: queue.waiting() == 1, timeout=10)
         time.sleep(0.5)  # had the big one come, it would have been counted by now (it was sent first)
         assert bridge.counts["received"] == 1 and bridge.counts["accepted"] == 1
-        assert [q["text"] for q in queue.snapshot()] == [INJECTION] and client.got("emloc/cam/error") == []
+        assert [q["question"] for q in queue.snapshot()] == [INJECTION] and client.got("emloc/cam/error") == []
     finally:
         bridge.close()
         client.close()

@@ -267,7 +267,7 @@ def test_status_after_resume_reports_the_restored_stream(qwen2_vl, tokenizer, tm
         LiveStream(spec, adapter, SETTINGS, fps=2.0, console=False)
     manifest["stream"]["questions"] = [dict(questions[0], code="import os")]
     rewrite(tmp_path, manifest)
-    with pytest.raises(StateError, match="not a question"):
+    with pytest.raises(StateError, match=r"a saved question cannot be restored: unknown field\(s\) \['code'\]"):
         LiveStream(spec, adapter, SETTINGS, fps=2.0, console=False)
 
 

@@ -59,6 +59,10 @@ def _questions(args: argparse.Namespace) -> list:
     from ..questions import BadQuestion, Question
 
     questions = load_questions(args.questions) if args.questions else []
+    standing = [q.id for q in questions if q.every is not None]
+    if standing:  # the schema has it for live streams; a recorded video's question is answered once
+        raise InputError(f"{args.questions}: question(s) {standing[:5]} have 'every' (a standing question, for live "
+                         f"streams); a batch answers each question once, at its 'at' or at the end of the video")
     taken = {q.id for q in questions}
     for i, text in enumerate(args.ask or [], 1):
         qid = f"ask{i}"

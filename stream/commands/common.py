@@ -184,38 +184,26 @@ def footer(context: StreamContext) -> str:
 
 
 def load_questions(path: str | Path) -> list:
-    """A questions file: JSON Lines of {"id", "question", optional "video", "at", "expected"}.
+    """A questions file: JSON Lines of the question schema (`Question.from_dict`: "id", "question", optional
+    "at", "every", "wait") plus optional "video" and "expected"; a line without "id" is `q<line number>`.
 
     A file with any bad line is refused as a whole, every bad line listed with its number: the
     questions are known before any video is read, so fixing the file costs nothing now, while
     running only the good lines would cost a second pass over every video for the rest later.
     """
-    import json
-
+    from ..payload import MAX_LINE_BYTES, read_json
     from ..questions import BadQuestion, Question
 
     ids = set()
 
     def question(line: str, number: int) -> Question:
-        data = json.loads(line)
-        if not isinstance(data, dict):
-            raise BadQuestion("each line must be a JSON object")
-        unknown = set(data) - {"id", "question", "video", "at", "expected"}
-        if unknown:
-            raise BadQuestion(f"unknown field(s) {sorted(unknown)}")
-        qid = data.get("id", f"q{number}")
-        if not isinstance(qid, (str, int)) or isinstance(qid, bool):
-            raise BadQuestion(f"'id' must be a string or an integer, got {type(qid).__name__}")
-        qid = str(qid)
-        if qid in ids:
-            raise BadQuestion(f"duplicate id {qid!r}")
-        if "video" in data and (not isinstance(data["video"], str) or not data["video"]):
-            raise BadQuestion("'video' must be a file name or path")
-        meta = {k: data[k] for k in ("video", "expected") if k in data}
-        ids.add(qid)
-        return Question(qid, data.get("question"), at=data.get("at"), origin="file", meta=meta)
+        q = Question.from_dict(read_json(line, MAX_LINE_BYTES), "file", new_id=lambda: f"q{number}")
+        if q.id in ids:
+            raise BadQuestion(f"duplicate id {q.id!r}")
+        ids.add(q.id)
+        return q
 
-    return parse_lines(Path(path), question, (json.JSONDecodeError, BadQuestion), reading="questions",
+    return parse_lines(Path(path), question, (BadQuestion,), reading="questions",
                        refused="nothing was run", empty="no questions")
 
 

@@ -173,7 +173,8 @@ def register(commands, common) -> None:
     p.add_argument("--standing", action="append", help="a question re-answered every --every chunks")
     p.add_argument("--every", type=int, default=1, help="chunks between answers to standing questions")
     p.add_argument("--stdin", action="store_true", help="read questions from standard input, one per line")
-    p.add_argument("--questions", help='JSON Lines of {"id", "question", optional "at"} to ask this stream')
+    p.add_argument("--questions", help='JSON Lines of {"id", "question", optional "at", "every", "wait"} '
+                   "to ask this stream")
     p.add_argument("--jsonl", type=Path, help="also append answers to this JSON Lines file")
     p.add_argument("--mqtt", help="broker HOST:PORT: questions on emloc/<stream>/ask, answers, errors, status")
     p.add_argument("--mqtt-user", help="user name for the broker")

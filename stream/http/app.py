@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..payload import read_json
 from ..questions import BadQuestion, Question
 from .guard import Guard, HttpLimits, error_response
 from .hub import StreamHub
@@ -32,10 +33,17 @@ SAMPLE_EVERY = 1.0  # seconds between status samples (the page's chart, SSE stat
 
 
 class Ask(BaseModel):
+    """The question schema (`Question.from_dict`), for the API's documentation: the body is read by
+    the same parser and constructor as an MQTT payload, so their fields and error messages agree."""
     model_config = ConfigDict(extra="forbid", strict=True)
     question: str = Field(description="the question, in the model's language")
+    id: str | None = Field(None, description="the question's id (default: the stream's next one)")
     at: float | None = Field(None, description="stream time (s) to answer at: a scheduled question")
     every: int | None = Field(None, description="re-answer every K folded chunks: a standing question")
+    wait: bool = Field(False, description="asked before the stream has video: wait for its first frames")
+
+
+ASK_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": Ask.model_json_schema()}}}}
 
 
 def create_app(streams: list, token: str | None = None, answer_timeout: float = 120.0,
@@ -86,12 +94,15 @@ def create_app(streams: list, token: str | None = None, answer_timeout: float = 
         hub = hub_of(stream_id)
         return dict(hub.status(), history=list(hub.history))
 
-    @app.post("/streams/{stream_id}/questions", status_code=201)
-    async def ask(stream_id: str, body: Ask, request: Request) -> dict:
+    @app.post("/streams/{stream_id}/questions", status_code=201, openapi_extra=ASK_BODY)
+    async def ask(stream_id: str, request: Request) -> dict:
         hub = hub_of(stream_id)
+        kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if kind != "application/json" and not kind.endswith("+json"):  # a form a foreign page may post
+            raise HTTPException(415, f"the body must be JSON (Content-Type: application/json), got {kind[:64]!r}")
         try:
-            question = Question(hub.stream.queue.new_id(), body.question, at=body.at, every=body.every,
-                                origin="http")
+            question = Question.from_dict(read_json(await request.body(), limits.max_body), "http",
+                                          new_id=hub.stream.queue.new_id)
         except BadQuestion as error:
             raise HTTPException(422, str(error)) from error
         hub.submit(question, client_of(request))

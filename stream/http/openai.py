@@ -80,7 +80,7 @@ async def chat_completions(body: ChatRequest, request: Request):
                                  f"{sorted(request.app.state.hubs)}")
     question_id = f"chat-{uuid.uuid4().hex[:12]}"
     try:
-        question = Question(question_id, question_of(body), origin="http")
+        question = Question.from_dict({"id": question_id, "question": question_of(body)}, "http")
     except BadQuestion as error:
         raise HTTPException(422, str(error)) from error
     answer = hub.expect(question_id)
