@@ -26,9 +26,9 @@ Answers go to the Frigate broker, where Frigate and Home Assistant users look fo
   and whose attributes are that event's fields; available while `<mqtt prefix>/frigate/available` says
   `online` (this client's last will says `offline`).
 
-Every payload is untrusted: it is read with the MQTT bridge's limits; a malformed one, an unknown event
-type, a camera not watched (once per camera) or a label not asked about is named in one log line and
-costs nothing else.
+Every payload is untrusted: it is read with the limits of every transport's JSON (stream/payload.py); a
+malformed one, an unknown event type, a camera not watched (once per camera) or a label not asked about is
+named in one log line and costs nothing else.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from sinks import AnswerEvent, Sink
 
 from .config import ConfigError, MqttConfig, check_stream_id
 from .ha import DISCOVERY_PREFIX, object_id, safe_id
-from .mqtt import read_json
+from .payload import read_json
 from .questions import BadQuestion, DuplicateId, Question, QueueFull, check_id
 
 log = logging.getLogger("emloc_stream")
@@ -74,8 +74,8 @@ def parse_event(payload: bytes, max_payload: int) -> FrigateEvent:
     """The event a `frigate/events` payload describes (its `after` state), or BadEvent naming what is wrong."""
     try:
         data = read_json(payload, max_payload)
-    except BadQuestion as error:
-        raise BadEvent(str(error)) from None
+    except BadQuestion as error:  # its message speaks of questions, the JSON most transports carry
+        raise BadEvent(str(error).replace("a question must be", "an event must be")) from None
     kind = data.get("type")
     if kind not in EVENT_TYPES:
         raise BadEvent(f"unknown event type {str(kind)[:40]!r}; Frigate sends {', '.join(EVENT_TYPES)}")

@@ -55,7 +55,7 @@ def test_recorded_payloads_are_read_and_bad_ones_named():
     good = frigate_event("new", "e1", "cam", "car", 1e9, None)
     bad = {
         b"{broken": "not JSON",
-        b"[1, 2]": "must be a JSON object",
+        b"[1, 2]": "an event must be a JSON object",
         json.dumps({**good, "type": "delete"}).encode(): "unknown event type 'delete'",
         json.dumps({"type": "new"}).encode(): "no 'after' object",
         json.dumps({**good, "after": {**good["after"], "start_time": "noon"}}).encode(): "after.start_time",
@@ -166,7 +166,7 @@ def test_frigate_events_are_answered_over_their_span(tmp_path):
     assert config["state_topic"] == f"emloc/driveway/frigate/{object_id(QUESTION)}"
     assert config["availability_topic"] == "emloc/frigate/available"
     assert client.got("emloc/frigate/available")[-1] == b"offline"  # said on the way out
-    for line in ("event ignored: payload is not JSON", "event ignored: unknown event type 'delete'",
+    for line in ("event ignored: not JSON", "event ignored: unknown event type 'delete'",
                  "events from camera 'back_yard' are ignored: not watched (watched: driveway)",
                  "event e7 (dog on driveway) ignored: label not in ['car', 'person']"):
         assert line in err, err
