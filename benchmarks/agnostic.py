@@ -42,6 +42,7 @@ from emloc import StreamContext, load_adapter  # noqa: E402
 from emloc.observer import js_divergence  # noqa: E402
 from emloc.policies import KeepAll, UniformFrames  # noqa: E402
 from emloc.settings import EMLoCSettings, videomme_online  # noqa: E402
+from stream.models import SHIPPED  # noqa: E402
 from stream.offline import answer_video  # noqa: E402
 from stream.sources import VideoFile, write_video  # noqa: E402
 
@@ -316,7 +317,7 @@ def plot(summary, path: Path, title: str) -> None:
 def resolve_model(parser, model: str | None, model_dir: str) -> tuple[str, str]:
     """The model folder (`--model`, else the suite's in models/) and how the saved figures name it
     (relative to the repository when inside it); a parser error when there is none."""
-    model = model or str(ROOT / "models" / model_dir)
+    model = model or str(SHIPPED / model_dir)
     if not Path(model).is_dir():
         parser.error(f"no model at {model}")
     path = Path(model).resolve()

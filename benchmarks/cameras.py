@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from emloc import EMLoCSettings, StreamContext, load_adapter  # noqa: E402
+from stream.models import DEFAULT_MODEL  # noqa: E402
 from stream.questions import Question, QuestionQueue  # noqa: E402
 from stream.runtime import StreamRunner  # noqa: E402
 from stream.sources import Frame  # noqa: E402
@@ -41,7 +42,7 @@ FPS = 2.0
 
 def build(name: str):
     if name == "tiny":
-        return load_adapter(str(ROOT / "models" / "emloc-tiny-qwen2vl")), 56
+        return load_adapter(str(DEFAULT_MODEL)), 56
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from gpu_scale import REDUCED, SEVEN_B
     from gpu_scale import build as build_model

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from emloc import StreamContext, TaskExample, TaskPack, load_adapter, many_shot  # noqa: E402
 from emloc.policies import RandomTokens, UniformFrames  # noqa: E402
+from stream.models import EXAMPLES_MODEL  # noqa: E402
 from stream.suites import examples as synthetic_examples  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +143,7 @@ def plot(summary: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT / "models" / "emloc-tiny-examples"))
+    parser.add_argument("--model", default=str(EXAMPLES_MODEL))
     parser.add_argument("--episodes", type=int, default=25)
     parser.add_argument("--counts", type=int, nargs="+", default=[0, 10, 50, 200])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))

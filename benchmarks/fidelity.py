@@ -56,6 +56,7 @@ from emloc.policies import (  # noqa: E402
     UniformFrames,
 )
 from emloc.settings import EMLoCSettings, reference_code, videomme_online  # noqa: E402
+from stream.models import DEFAULT_MODEL  # noqa: E402
 from stream.offline import answer_video  # noqa: E402
 from stream.sources import VideoFile, write_video  # noqa: E402
 from stream.suites.synthetic import QUESTION_TYPES, make_video  # noqa: E402
@@ -155,7 +156,7 @@ def video_tokens(adapter, frames) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT / "models" / "emloc-tiny-qwen2vl"))
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--videos", type=int, default=200)
     parser.add_argument("--frames", type=int, default=256)
     parser.add_argument("--methods", nargs="+", default=[m.name for m in METHODS])

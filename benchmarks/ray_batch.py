@@ -130,7 +130,7 @@ def main() -> None:
     questions = videos(folder, args.videos, args.frames)
     result = dict(machine=f"{platform.node()}, {os.cpu_count()} cores (shared with other jobs)",
                   load_average_at_start=round(os.getloadavg()[0], 1), videos=args.videos,
-                  frames_per_video=args.frames, model="models/emloc-tiny-qwen2vl", health_check=HEALTH_CHECK)
+                  frames_per_video=args.frames, model="stream/models/emloc-tiny-qwen2vl", health_check=HEALTH_CHECK)
 
     wall, lines, rc = timed([sys.executable, "-c", LOCAL, str(folder), str(questions), str(work / "local.jsonl")])
     assert rc == 0, lines

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from emloc import StreamContext, load_adapter  # noqa: E402
 from emloc.policies import KeepAll  # noqa: E402
 from emloc.settings import videomme_online  # noqa: E402
+from stream.models import DEFAULT_MODEL  # noqa: E402
 from stream.questions import QuestionQueue  # noqa: E402
 from stream.runtime import StreamRunner  # noqa: E402
 from stream.sources import Frame  # noqa: E402
@@ -138,9 +139,9 @@ def mqtt_round_trip(adapter, settings, questions: int) -> dict | None:
 
 def main() -> None:
     torch.set_num_threads(2)
-    adapter = load_adapter(str(ROOT / "models" / "emloc-tiny-qwen2vl"))
+    adapter = load_adapter(str(DEFAULT_MODEL))
     settings = videomme_online(layer_group_size=adapter.num_layers // 2)
-    result = dict(machine="2 CPU cores, torch " + torch.__version__, model="models/emloc-tiny-qwen2vl",
+    result = dict(machine="2 CPU cores, torch " + torch.__version__, model="stream/models/emloc-tiny-qwen2vl",
                   chunk_frames=settings.chunk_frames, frame_size="56x56 (4 tokens per frame pair)")
     result["fold"] = fold_throughput(adapter, settings, chunks=16)
     print("fold:", result["fold"], flush=True)

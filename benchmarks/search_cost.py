@@ -42,6 +42,7 @@ if CODE != ROOT:  # an editable install's finder would import this tree's emloc 
 from emloc import EMLoCSettings, StreamContext, load_adapter  # noqa: E402
 from emloc.policies import KeepAll  # noqa: E402
 from emloc.settings import videomme_online  # noqa: E402
+from stream.models import DEFAULT_MODEL  # noqa: E402
 
 
 def counted(adapter):
@@ -91,7 +92,7 @@ def video_frames(kind: str, frames: int):
 
 def model(kind: str):
     if kind == "tiny":
-        return load_adapter(str(ROOT / "models" / "emloc-tiny-qwen2vl"))
+        return load_adapter(str(DEFAULT_MODEL))
     sys.path.insert(0, str(CODE / "benchmarks"))
     from gpu_scale import REDUCED, build  # the 7B layout with narrow layers
 

@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from emloc import StreamContext, load_adapter  # noqa: E402
 from emloc.settings import videomme_online  # noqa: E402
+from stream.models import DEFAULT_MODEL  # noqa: E402
 from stream.questions import Question, QuestionQueue  # noqa: E402
 from stream.runtime import StreamRunner  # noqa: E402
 from stream.sources import Frame  # noqa: E402
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     args.budget = args.budget or 512
     torch.set_num_threads(2)
-    adapter = load_adapter(str(ROOT / "models" / "emloc-tiny-qwen2vl"))
+    adapter = load_adapter(str(DEFAULT_MODEL))
     settings = videomme_online(layer_group_size=adapter.num_layers // 2, token_budget=args.budget)
     context = StreamContext(adapter, settings=settings)
     queue = QuestionQueue()

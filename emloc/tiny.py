@@ -3,7 +3,7 @@ tokenizer, built in code.
 
 They use the same classes as real checkpoints, so every code path (vision tower,
 M-RoPE, GQA attention, chat format) runs offline in seconds. Weights are random
-unless trained (see scripts/), so their answers carry no meaning.
+unless trained (see research/), so their answers carry no meaning.
 """
 
 from __future__ import annotations

@@ -5,19 +5,19 @@ Ground truth is checked from the pixels, independently of the renderer: an event
 read where the event's box is, at the times it is said to be shown and not just before; the
 display's digit is read from its seven segments. Model seeds 3_000_000+ were never trained on
 (training uses 10_000_000+), never used to pick the checkpoint (1_000_000+) and are not in
-scripts/eval_suite.py's figures (2_000_000+); benchmarks/agnostic.py's camera rows start at the
+research/eval_suite.py's figures (2_000_000+); benchmarks/agnostic.py's camera rows start at the
 same seeds (its first 8 videos are the model test's).
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from stream.models import CAMERA_MODEL
 from stream.suites.camera import CLIPS, DISPLAY, PROBE, QUESTION_TYPES, WHEN_WORDS, make_video
 from stream.suites.synthetic import COLOURS, COUNT_WORDS, SEGMENTS
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "emloc-tiny-camera"
+MODEL = CAMERA_MODEL
 SEEDS = [5, 17, 2024]
 
 
@@ -147,8 +147,8 @@ def test_sixteen_tokens_per_frame_pair():
     assert adapter.tokenizer.unk_token_id not in adapter.tokenizer(words)["input_ids"], "every word is known"
 
 
-# Thresholds over MODEL_VIDEOS fresh videos, set below what scripts/eval_suite.py measured on
-# held-out seeds (see models/emloc-tiny-camera/README.md), so that a broken model, loader,
+# Thresholds over MODEL_VIDEOS fresh videos, set below what research/eval_suite.py measured on
+# held-out seeds (see stream/models/emloc-tiny-camera/README.md), so that a broken model, loader,
 # generator or pipeline fails while the model's honest misses do not. On 100 held-out videos it
 # finds the object asked about (needle 90%), reads the display (state 100%), tells which shape came
 # first (order 87%) and when the triangle appeared (when 78%); it counts poorly (36%, chance 25%), so

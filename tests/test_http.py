@@ -6,7 +6,7 @@ streamed at 4x real time. Before it starts we ask, over REST, a standing "what d
 now ?" (answered after every chunk: the truth is the digit shown at the answer's last second) and
 two questions scheduled at 56 s (the needle and the digit then). Thresholds: every scheduled and
 OpenAI answer exact; at least 6 of the 7 standing answers exact (the model got 7/7 when this was
-written; its measured accuracy on this task is 98-100%, see models/emloc-tiny-qwen2vl/README.md).
+written; its measured accuracy on this task is 98-100%, see stream/models/emloc-tiny-qwen2vl/README.md).
 """
 
 from __future__ import annotations

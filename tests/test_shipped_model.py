@@ -4,21 +4,21 @@ Seeds 3_000_000+ were never trained on (training uses 10_000_000+), never used t
 the checkpoint (1_000_000+) and are not in the benchmark (2_000_000+).
 """
 
-from pathlib import Path
 
 import pytest
 
 from emloc import EMLoCSettings, StreamContext, load_adapter
 from emloc.policies import KeepAll
 from emloc.settings import videomme_online
+from stream.models import DEFAULT_MODEL
 from stream.offline import answer_video
 from stream.sources import VideoFile, write_video
 from stream.suites.synthetic import PROBE, QUESTION_TYPES, make_video
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "emloc-tiny-qwen2vl"
+MODEL = DEFAULT_MODEL
 VIDEOS = 8
 # Thresholds over 8 videos x 4 questions, set below what the benchmark measured on 200 videos
-# (see models/emloc-tiny-qwen2vl/README.md), so that a broken model, loader or pipeline fails.
+# (see stream/models/emloc-tiny-qwen2vl/README.md), so that a broken model, loader or pipeline fails.
 MIN_NEEDLE = 7 / 8
 MIN_OVERALL = 0.75
 

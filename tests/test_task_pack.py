@@ -25,6 +25,7 @@ from emloc import EMLoCSettings, InputError, PackError, SettingsError, StreamCon
 from emloc.task_pack import _checksum
 from emloc.tiny import WORDS, tiny_qwen2_vl, tiny_tokenizer
 from stream.cli import main
+from stream.models import EXAMPLES_MODEL
 from stream.sources import write_video
 from stream.state import StateError, load_state, save_state
 from stream.suites import examples as synthetic_examples
@@ -33,7 +34,6 @@ from .reference import chat_preamble, chat_question, published_rope_index, rando
 from .test_cli import cli_env, console_script
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES_MODEL = ROOT / "models" / "emloc-tiny-examples"
 QUESTION = synthetic_examples.QUESTION
 VIDEO = EMLoCSettings(layer_group_size=2, delta=0.05, ratios=(0.1, 0.5, 1.0), chunk_frames=8)
 
@@ -41,7 +41,7 @@ VIDEO = EMLoCSettings(layer_group_size=2, delta=0.05, ratios=(0.1, 0.5, 1.0), ch
 # fresh episodes (seeds never trained on), 8 classes named afresh, 40 example pictures each.
 CLI_SEEDS = (9_200_001, 9_200_002, 9_200_003)
 CLI_QUERIES = 6  # query clips an episode
-# models/emloc-tiny-examples scored 7/18 = 0.389 with its pack and 2/18 = 0.111 without (deterministic on CPU)
+# stream/models/emloc-tiny-examples scored 7/18 = 0.389 with its pack and 2/18 = 0.111 without (deterministic on CPU)
 MIN_ACCURACY_WITH_PACK = 0.25  # chance is 1/8
 MIN_MARGIN = 0.15  # with the pack minus without it
 

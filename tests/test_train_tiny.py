@@ -1,4 +1,4 @@
-"""The training-only targets of scripts/train_tiny.py: the attention it teaches is the model's own
+"""The training-only targets of research/train_tiny.py: the attention it teaches is the model's own
 attention (recomputed by separate code here: the eager implementation's weights), and the look
 targets point at the object the question names (read from the generator's owner map)."""
 
@@ -10,15 +10,16 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "research"))
 
 import train_tiny as T  # noqa: E402
 from transformers import Qwen2VLForConditionalGeneration  # noqa: E402
 
 from emloc.tiny import WORDS, tiny_tokenizer  # noqa: E402
+from stream.models import CAMERA_MODEL, DEFAULT_MODEL  # noqa: E402
 from stream.suites import camera as synthetic_camera  # noqa: E402
 
-MODEL = ROOT / "models" / "emloc-tiny-camera"
+MODEL = CAMERA_MODEL
 SEEDS = [10_000_001, 10_000_002]
 
 
@@ -215,7 +216,7 @@ def test_answer_loss_weights_the_answer_words():
 
 
 @pytest.mark.parametrize("budget", [["--minutes", "0.0001"], ["--minutes", "30", "--cpu-minutes", "0.0001"],
-                                    ["--minutes", "0.0001", "--init", str(ROOT / "models" / "emloc-tiny-qwen2vl")]])
+                                    ["--minutes", "0.0001", "--init", str(DEFAULT_MODEL)]])
 def test_a_run_stops_on_its_budget_and_declares_the_positions_it_trained_on(tmp_path, budget):
     """One step (either budget spent after it), the last step evaluated and saved: the config declares
     the temporal positions of the longest length trained on (32 frames: 16), not its init's (256)."""
@@ -414,7 +415,7 @@ def test_a_camera_run_with_lookback_and_a_grown_tower_saves_it(tmp_path):
     import json
 
     out = tmp_path / "model"
-    T.main(["--out", str(out), "--task", "camera", "--init", str(ROOT / "models" / "emloc-tiny-qwen2vl"), "--look",
+    T.main(["--out", str(out), "--task", "camera", "--init", str(DEFAULT_MODEL), "--look",
             "--appearance-targets", "local", "--lookback", "--grow-vision", "1", "--lengths", "32", "--batch", "2",
             "--eval-per-kind", "2", "--eval-at-end", "--warmup", "1", "--threads", "1", "--minutes", "0.0001"])
     config = json.loads((out / "config.json").read_text())

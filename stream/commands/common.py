@@ -11,10 +11,9 @@ from pathlib import Path
 from emloc import EMLoCSettings, InputError, ModelAdapter, StreamContext, TaskPack
 
 from ..config import Config, load_config
+from ..models import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = ROOT / "models" / "emloc-tiny-qwen2vl"
-CAMERA_MODEL = ROOT / "models" / "emloc-tiny-camera"  # the model of the camera-like suite (demo --suite camera)
 RANDOM_MODEL = "builtin:random"  # a 28-layer tiny Qwen2-VL with random weights, for quick checks
 # With no config file, the query-agnostic default of EMLoCSettings (docs/benchmarks/agnostic.md): the probe
 # observer carries the model's own answer, tokens ranked by temporal novelty + key diversity, merged.

@@ -8,11 +8,12 @@ from tempfile import TemporaryDirectory
 
 from emloc import StreamContext
 
+from ..models import CAMERA_MODEL
 from ..offline import answer_video
 from ..sources import VideoFile, write_video
 from ..suites import camera as synthetic_camera
 from ..suites import synthetic
-from .common import CAMERA_MODEL, build_model, config_from, deliver, footer, progress_printer
+from .common import build_model, config_from, deliver, footer, progress_printer
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -50,7 +51,7 @@ def register(commands, common) -> None:
     p.add_argument("--size", type=int, help="frame side in pixels, a multiple of 28 (default 56; camera: 112)")
     p.add_argument("--suite", choices=["synthetic", "camera"], default="synthetic",
                    help="camera: real footage, 112x112, five question types (stream/suites/camera.py); its "
-                   "model, models/emloc-tiny-camera, unless --model or --config names one")
+                   "model, stream/models/emloc-tiny-camera, unless --model or --config names one")
     p.add_argument("--seed", type=int, default=7, help="which synthetic video")
     p.add_argument("--save-video", type=Path, help="keep the generated video file here")
     p.add_argument("--probe", action="store_true", help="prune guided by the probe prompt instead of the questions")

@@ -213,7 +213,7 @@ def register(commands, common) -> None:
     p.add_argument("--config", required=True,
                    help="YAML config: emloc and model settings, streams: [{id, source, ...}] and optional mqtt:")
     p.add_argument("--model", help="checkpoint folder or hub id; overrides model.path of the config (default: "
-                   "the config's, else the shipped models/emloc-tiny-qwen2vl)")
+                   "the config's, else the shipped stream/models/emloc-tiny-qwen2vl)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer in tokens (default 16)")
     p.add_argument("--status-every", type=float, default=5.0,
                    help="seconds between status reports, on stderr and emloc/<id>/status (default 5)")

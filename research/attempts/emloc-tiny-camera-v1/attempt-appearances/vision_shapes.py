@@ -3,7 +3,7 @@ checkpoint (the decoder untouched) with a linear shape head on its output, class
 weighted by the inverse of its share of the labelled tokens) or plain, then scores per-shape recall on
 held-out videos with the head it trained:
 
-    python models/emloc-tiny-camera-v1/attempt-appearances/vision_shapes.py CHECKPOINT MINUTES [plain]
+    python research/attempts/emloc-tiny-camera-v1/attempt-appearances/vision_shapes.py CHECKPOINT MINUTES [plain]
 """
 
 import sys
@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
+ROOT = Path(__file__).resolve().parents[4]
+sys.path[:0] = [str(ROOT / "research"), str(ROOT)]
 
 import train_tiny as T  # noqa: E402
 from transformers import Qwen2VLForConditionalGeneration  # noqa: E402

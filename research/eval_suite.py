@@ -1,6 +1,6 @@
 """Full-context accuracy of a model on a synthetic suite, through the real pipeline.
 
-    python scripts/eval_suite.py --suite camera --model models/emloc-tiny-camera --videos 100
+    python research/eval_suite.py --suite camera --model stream/models/emloc-tiny-camera --videos 100
 
 Every video is generated from a held-out seed (2_000_000 + i, as benchmarks/fidelity.py:
 never trained on, never used to pick a checkpoint), written to an H.264 file, decoded,
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from emloc import StreamContext, load_adapter  # noqa: E402
 from emloc.policies import KeepAll  # noqa: E402
 from emloc.settings import videomme_online  # noqa: E402
+from stream.models import CAMERA_MODEL  # noqa: E402
 from stream.offline import answer_video  # noqa: E402
 from stream.sources import VideoFile, write_video  # noqa: E402
 from stream.suites import camera as synthetic_camera  # noqa: E402
@@ -65,7 +66,7 @@ def _run(job) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=sorted(SUITES), default="camera")
-    parser.add_argument("--model", default="models/emloc-tiny-camera")
+    parser.add_argument("--model", default=str(CAMERA_MODEL))
     parser.add_argument("--videos", type=int, default=100)
     parser.add_argument("--frames", type=int, default=256)
     parser.add_argument("--first-seed", type=int, default=SEEDS)

@@ -1,6 +1,6 @@
 """How much of layer 1's attention a checkpoint puts where `--lookback` teaches it to (held-out videos):
 
-    python models/emloc-tiny-camera/attempt-lookback/lookback_mass.py CHECKPOINT [FRAMES] [VIDEOS]
+    python research/attempts/emloc-tiny-camera/attempt-lookback/lookback_mass.py CHECKPOINT [FRAMES] [VIDEOS]
 
 Per head of `train_tiny.LOOKBACK_HEADS`: the mean attention mass on the targets, split by whether the
 target is the sink (nothing seen yet / an onset) or earlier tokens.
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
+ROOT = Path(__file__).resolve().parents[4]
+sys.path[:0] = [str(ROOT / "research"), str(ROOT)]
 
 import train_tiny as T  # noqa: E402
 from transformers import Qwen2VLForConditionalGeneration  # noqa: E402

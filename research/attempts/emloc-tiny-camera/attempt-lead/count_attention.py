@@ -3,7 +3,7 @@
 sink and on each of the k onsets), its mass on the sink, on the onsets' lead cells (`--lead-cells`
 labels) and elsewhere, per number of stars k:
 
-    python models/emloc-tiny-camera/attempt-lead/count_attention.py CHECKPOINT [FRAMES] [VIDEOS]
+    python research/attempts/emloc-tiny-camera/attempt-lead/count_attention.py CHECKPOINT [FRAMES] [VIDEOS]
 """
 
 import sys
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
+ROOT = Path(__file__).resolve().parents[4]
+sys.path[:0] = [str(ROOT / "research"), str(ROOT)]
 
 import train_tiny as T  # noqa: E402
 from transformers import Qwen2VLForConditionalGeneration  # noqa: E402

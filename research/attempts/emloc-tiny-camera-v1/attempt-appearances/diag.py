@@ -1,6 +1,6 @@
 """Layer-2 attention of a camera checkpoint at the --appearance-targets rows, on 8 held-out videos:
 
-    python models/emloc-tiny-camera-v1/attempt-appearances/diag.py CHECKPOINT FRAMES
+    python research/attempts/emloc-tiny-camera-v1/attempt-appearances/diag.py CHECKPOINT FRAMES
 
 per head, the mass on the target positions and the cross-entropy from the target, and at the count
 questions the sink's share (target 1 / (k + 1))."""
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
+ROOT = Path(__file__).resolve().parents[4]
+sys.path[:0] = [str(ROOT / "research"), str(ROOT)]
 
 import train_tiny as T  # noqa: E402
 from transformers import Qwen2VLForConditionalGeneration  # noqa: E402

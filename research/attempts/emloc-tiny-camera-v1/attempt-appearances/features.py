@@ -1,7 +1,7 @@
 """Are the --appearance-targets features linearly readable from a frozen checkpoint? Trains fresh linear
 probes (the model frozen) on training seeds and scores them on held-out ones, at 64 frames:
 
-    python models/emloc-tiny-camera-v1/attempt-appearances/features.py CHECKPOINT [STEPS]
+    python research/attempts/emloc-tiny-camera-v1/attempt-appearances/features.py CHECKPOINT [STEPS]
 
 star shown (vision output), onset, which came first, triangle's middle passed (middle layer), and the
 local variants (a star on this token; on star tokens, its first frame pair), each against its majority
@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
+ROOT = Path(__file__).resolve().parents[4]
+sys.path[:0] = [str(ROOT / "research"), str(ROOT)]
 
 import train_tiny as T  # noqa: E402
 from transformers import Qwen2VLForConditionalGeneration  # noqa: E402

@@ -1,11 +1,12 @@
 """Train the offline default model: a small Qwen2-VL (the real classes) on the synthetic task.
 
-    python scripts/train_tiny.py --out models/emloc-tiny-qwen2vl        # about 60 minutes on 2 CPU cores
-    python scripts/train_tiny.py --task camera --init models/emloc-tiny-qwen2vl --out models/emloc-tiny-camera ...
+    python research/train_tiny.py --out stream/models/emloc-tiny-qwen2vl        # about 60 minutes on 2 CPU cores
+    python research/train_tiny.py --task camera --init stream/models/emloc-tiny-qwen2vl \
+        --out stream/models/emloc-tiny-camera ...
 
 --task synthetic (the default) is the task of stream/suites/synthetic.py, the recipe of
-models/emloc-tiny-qwen2vl; --task camera the camera-like suite of stream/suites/camera.py
-(112x112 frames over real footage, five question types), the recipe of models/emloc-tiny-camera
+stream/models/emloc-tiny-qwen2vl; --task camera the camera-like suite of stream/suites/camera.py
+(112x112 frames over real footage, five question types), the recipe of stream/models/emloc-tiny-camera
 (see its model card for the exact command).
 
 Recipe (see the model card the script writes): random init, AdamW with warm-up and cosine
