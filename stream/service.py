@@ -32,8 +32,9 @@ log = logging.getLogger("emloc_stream")
 class LiveStream:
     def __init__(self, spec: StreamConfig, adapter: ModelAdapter, settings, *, fps: float,
                  mqtt: MqttConfig | None = None, max_new_tokens: int = 16, console: bool = True,
-                 questions: list[Question] = (), task=None, source_moved: bool = False) -> None:
-        """source_moved: resume a state folded from another URL (the camera moved); else that is refused."""
+                 questions: list[Question] = (), task=None, source_moved: bool = False, source=None) -> None:
+        """source_moved: resume a state folded from another URL (the camera moved); else that is refused.
+        source: frames from elsewhere than `spec.source` (a realtime session's `PushedFrames`)."""
         self.spec, self.fps = spec, fps
         self.source_moved = source_moved
         self.unsaved = ""  # why the last save failed; "" once one succeeds (folding goes on, saves are retried)
@@ -67,7 +68,8 @@ class LiveStream:
                     raise ConfigError(f"stream {spec.id}: question {question.id!r}: {error}") from error
             except (BadQuestion, QueueFull) as error:
                 raise ConfigError(f"stream {spec.id}: question {question.id!r}: {error}") from error
-        self.source = LiveSource(spec.source, fps=fps, format=spec.format, buffer=spec.buffer, start_time=start_time)
+        self.source = source if source is not None else \
+            LiveSource(spec.source, fps=fps, format=spec.format, buffer=spec.buffer, start_time=start_time)
         self.failed = ""
         self.newest_frame = None  # the newest frame fed (what a web page shows)
         self.listeners: list = []  # told of folds and errors (see `subscribe`)

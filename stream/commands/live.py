@@ -91,7 +91,15 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
                     except (BadQuestion, QueueFull) as error:
                         print(f"question refused: {error}", file=sys.stderr, flush=True)
         threading.Thread(target=read_stdin, daemon=True).start()
-    http = _start_http(args, streams, limits)
+    def open_stream(stream_id: str) -> LiveStream:  # a realtime session's stream: frames pushed over WebSocket
+        from ..config import StreamConfig
+        from ..pushed import PushedFrames
+
+        spec = StreamConfig(id=stream_id, source=f"realtime:{stream_id}")
+        buffer = getattr(args, "buffer", None) or spec.buffer
+        return LiveStream(spec, adapter, settings, fps=config.model.fps, max_new_tokens=args.max_new_tokens,
+                          source=PushedFrames(fps=config.model.fps, buffer=buffer))
+    http = _start_http(args, streams, limits, open_stream)
     if frigate is not None:  # its settings become the bridge that asks the streams
         frigate = FrigateBridge(frigate, streams, answer_prefix=mqtt.prefix if mqtt else "emloc",
                                 ha_discovery=getattr(args, "ha_discovery", False)).start()
@@ -126,18 +134,19 @@ def _http_limits(args: argparse.Namespace):
     hosts = tuple(name for given in args.http_allow_host or () for name in given.split(","))
     try:
         return HttpLimits(allowed_hosts=hosts, rate=args.http_rate, burst=max(1, round(2 * args.http_rate)),
-                          head_timeout=args.http_timeout, body_timeout=args.http_timeout)
+                          head_timeout=args.http_timeout, body_timeout=args.http_timeout,
+                          realtime_streams=getattr(args, "http_realtime_streams", HttpLimits.realtime_streams))
     except ValueError as error:
         raise ConfigError(f"--http-rate/--http-timeout: {error}") from error
 
 
-def _start_http(args: argparse.Namespace, streams: list, limits=None):
+def _start_http(args: argparse.Namespace, streams: list, limits=None, open_stream=None):
     if not getattr(args, "http", None):
         return None
     from ..http import HttpServer
 
     try:
-        server = HttpServer(streams, args.http, args.http_token, limits=limits)
+        server = HttpServer(streams, args.http, args.http_token, limits=limits, open_stream=open_stream)
     except ImportError as error:  # FastAPI, uvicorn, ... are an optional extra
         raise ConfigError(f"--http needs the http extra: pip install 'emloc-stream[http]' ({error})") from error
     server.start()
@@ -160,6 +169,9 @@ def add_web_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-timeout", type=float, default=HttpLimits.head_timeout, help="seconds a request's head, and "
                    f"then its body, may take to arrive; beyond, 408 and the connection is closed (default "
                    f"{HttpLimits.head_timeout:g})")
+    p.add_argument("--http-realtime-streams", type=int, default=HttpLimits.realtime_streams, help="streams that "
+                   "realtime sessions (WebSocket /v1/realtime, the page's camera) may make, each with its own cache "
+                   f"(default {HttpLimits.realtime_streams}; 0: none)")
     p.add_argument("--ha-discovery", action="store_true", help="announce standing questions to Home "
                    "Assistant as MQTT sensors (needs MQTT)")
 

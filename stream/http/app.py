@@ -27,6 +27,8 @@ from ..questions import BadQuestion, Question
 from .guard import Guard, HttpLimits, error_response
 from .hub import StreamHub
 from .metrics import Metrics
+from .realtime import Realtime
+from .realtime import router as realtime_router
 
 PAGE = Path(__file__).with_name("page.html")
 SAMPLE_EVERY = 1.0  # seconds between status samples (the page's chart, SSE status events)
@@ -47,8 +49,10 @@ ASK_BODY = {"requestBody": {"required": True, "content": {"application/json": {"
 
 
 def create_app(streams: list, token: str | None = None, answer_timeout: float = 120.0,
-               limits: HttpLimits | None = None, bound: str = "127.0.0.1") -> FastAPI:
-    """The app behind its Guard; `bound` is the address served on (its name is an allowed Host)."""
+               limits: HttpLimits | None = None, bound: str = "127.0.0.1", open_stream=None) -> FastAPI:
+    """The app behind its Guard; `bound` is the address served on (its name is an allowed Host).
+    open_stream(id): a new stream fed by a realtime session (realtime.py), joining `streams`; None: no
+    realtime sessions."""
     limits = limits or HttpLimits()
     metrics = Metrics()
     hubs = {stream.spec.id: StreamHub(stream, metrics, client_share=limits.client_share) for stream in streams}
@@ -63,10 +67,13 @@ def create_app(streams: list, token: str | None = None, answer_timeout: float = 
         yield
         sampler.cancel()
 
-    app = FastAPI(title="emloc-stream", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="emloc-stream", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Ask live video streams questions; answers over REST, server-sent events, "
                               "or the OpenAI chat-completions schema.")
     app.state.hubs, app.state.metrics, app.state.answer_timeout = hubs, metrics, answer_timeout
+    app.state.limits = limits
+    app.state.realtime = None if open_stream is None else Realtime(open_stream, streams, hubs, metrics, limits)
+    _install_docs(app)
 
     def hub_of(stream_id: str) -> StreamHub:
         hub = hubs.get(stream_id)
@@ -165,7 +172,33 @@ def create_app(streams: list, token: str | None = None, answer_timeout: float = 
     from .openai import router
 
     app.include_router(router)
+    app.include_router(realtime_router)
     return app
+
+
+def _install_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc from assets installed with the http extra (fastapi-offline's copies), not
+    from a CDN: the docs work on a machine without internet, and the page loads nothing from elsewhere."""
+    import fastapi_offline
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    assets = Path(fastapi_offline.__file__).with_name("static")
+    app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="emloc-stream API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon.png",
+                                   swagger_ui_parameters={"validatorUrl": None})
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title="emloc-stream API",
+                              redoc_js_url="/docs-assets/redoc.standalone.js",
+                              redoc_favicon_url="/docs-assets/favicon.png", with_google_fonts=False)
 
 
 def client_of(request: Request) -> str:

@@ -6,7 +6,10 @@ in this order,
 - answers 421 to a `Host` not on the allow-list (DNS rebinding: a web page the user visits must
   not reach this loopback server under its own name), HTTP and WebSocket alike;
 - answers 429 with `Retry-After` to a client (by peer address) past its request rate;
-- answers 401 without the bearer token, when one is set;
+- answers 401 without the bearer token, when one is set (a WebSocket may offer it as the subprotocol
+  `bearer.<token>`: browsers cannot set its headers);
+- refuses a WebSocket whose `Origin` (sent by browsers) is not an allowed host: browsers let any
+  page open a WebSocket anywhere, so without this a page the user visits could feed a camera here;
 - reads the body itself, counting the bytes actually received whatever the framing
   (Content-Length or chunked): 413 as soon as they pass `max_body`, 408 when the body is not all
   there within `body_timeout`; both close the connection, so nothing more of that body is read.
@@ -41,16 +44,22 @@ class HttpLimits:
     burst: int = 100  # requests one client may send at once
     client_share: float = 0.25  # the fraction of a stream's one-off queue one client may hold
     allowed_hosts: tuple[str, ...] = ()  # Host names served besides the bound address and loopback; "*": any
+    max_message: int = 4 * 2**20  # bytes of one WebSocket event; beyond, an error event (4x: the connection closes)
+    max_frame_bytes: int = 2 * 2**20  # bytes of one realtime frame (JPEG or PNG)
+    max_frame_pixels: int = 4096 * 4096  # pixels of one realtime frame
+    realtime_streams: int = 4  # streams realtime sessions may make (each holds a cache)
 
     def __post_init__(self) -> None:
         for name in ("head_timeout", "body_timeout", "idle_timeout", "rate"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
-        for name in ("max_body", "max_connections", "burst"):
+        for name in ("max_body", "max_connections", "burst", "max_message", "max_frame_bytes", "max_frame_pixels"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.realtime_streams, int) or self.realtime_streams < 0:
+            raise ValueError(f"realtime_streams must be an integer >= 0, got {self.realtime_streams!r}")
         if not 0 < self.client_share <= 1:
             raise ValueError(f"client_share must lie in (0, 1], got {self.client_share!r}")
         object.__setattr__(self, "allowed_hosts", tuple(h.strip().lower() for h in self.allowed_hosts if h.strip()))
@@ -121,8 +130,10 @@ class Guard:
             return await self.app(scope, receive, send)
         refusal = self._refusal(scope)
         if refusal is not None:
-            if scope["type"] == "websocket":  # refused before the handshake: the client sees 403
+            if scope["type"] == "websocket":  # refused instead of the handshake, with the same status and detail
                 await receive()
+                if "websocket.http.response" in scope.get("extensions", {}):
+                    return await refusal(scope, receive, send)
                 return await send({"type": "websocket.close", "code": 1008, "reason": refusal.body.decode()[:120]})
             return await refusal(scope, receive, send)
         if scope["type"] == "websocket":
@@ -154,8 +165,16 @@ class Guard:
             return error_response(429, f"too many requests from {client}: the limit is {self.limits.rate:g} per "
                                        f"second (bursts of {self.limits.burst}); retry after the Retry-After "
                                        f"seconds", {"Retry-After": str(math.ceil(wait))})
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        if scope["type"] == "websocket" and origin and self.hosts is not None \
+                and host_name(origin.partition("://")[2].partition("/")[0]) not in self.hosts:
+            return error_response(403, f"a WebSocket from origin {origin[:100]!r} is not served here (the allowed "
+                                       f"hosts are {sorted(self.hosts)})")
         if self.token is not None and scope["path"] not in OPEN_PATHS:
             scheme, _, value = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scope["type"] == "websocket" and not value:
+                scheme, value = "bearer", next((p[len("bearer."):] for p in scope.get("subprotocols") or ()
+                                                if p.startswith("bearer.")), "")
             if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
                 return error_response(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
                                       {"WWW-Authenticate": "Bearer"})
@@ -229,6 +248,10 @@ def head_timeout_protocol(head_timeout: float):
         def connection_lost(self, exc) -> None:
             self._disarm()
             super().connection_lost(exc)
+
+        def handle_websocket_upgrade(self, event) -> None:
+            self._disarm()  # the connection is a WebSocket's from here: a 408 written into it would corrupt it
+            super().handle_websocket_upgrade(event)
 
         def _arm(self) -> None:
             self._head_cycle = self.cycle

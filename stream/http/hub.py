@@ -26,6 +26,7 @@ from ..questions import BadQuestion, Question, QueueFull
 KEEP_ANSWERS = 1000  # newest answers held for GET .../answers
 KEEP_HISTORY = 600  # status samples held for the page's chart
 CLIENT_BACKLOG = 256  # events an SSE client may fall behind before it is cut off
+EVENT_KINDS = ("answer", "error", "status")  # what a listener gets unless it asks for "fold" too (realtime sessions)
 
 
 class StreamHub(Sink):
@@ -40,7 +41,7 @@ class StreamHub(Sink):
         self._seq = 0
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._clients: set[asyncio.Queue] = set()
+        self._clients: dict[asyncio.Queue, tuple[str, ...]] = {}  # listener -> the kinds of event it wants
         self._waiting: dict[str, asyncio.Future] = {}
         stream.subscribe(self)
 
@@ -63,6 +64,9 @@ class StreamHub(Sink):
     def on_fold(self, record) -> None:
         if self.metrics is not None:
             self.metrics.observe_fold(self.id, record)
+        self._publish("fold", dict(stream_id=self.id, chunk=record.index, frames=record.frames,
+                                   time_span=record.time_span,
+                                   cache_tokens=round(sum(record.tokens_after) / max(1, len(record.tokens_after)))))
 
     def on_error(self, question_id: str | None, message: str) -> None:
         self._publish("error", {"stream_id": self.id, "question_id": question_id, "error": message})
@@ -132,13 +136,13 @@ class StreamHub(Sink):
         with self._lock:
             return self._seq
 
-    def listen(self) -> asyncio.Queue:
+    def listen(self, kinds: tuple[str, ...] = EVENT_KINDS) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue(maxsize=CLIENT_BACKLOG + 1)
-        self._clients.add(queue)
+        self._clients[queue] = kinds
         return queue
 
     def unlisten(self, queue: asyncio.Queue) -> None:
-        self._clients.discard(queue)
+        self._clients.pop(queue, None)
 
     def expect(self, question_id: str) -> asyncio.Future:
         """A future for the answer (or error) to `question_id`; register it before submitting."""
@@ -155,9 +159,11 @@ class StreamHub(Sink):
             self._loop.call_soon_threadsafe(self._fan_out, kind, data)
 
     def _fan_out(self, kind: str, data: dict) -> None:
-        for queue in list(self._clients):
+        for queue, kinds in list(self._clients.items()):
+            if kind not in kinds:
+                continue
             if queue.qsize() >= CLIENT_BACKLOG:  # a client that stopped reading: cut it off, hold no memory
-                self._clients.discard(queue)
+                self._clients.pop(queue, None)
                 queue.put_nowait(("overflow", {}))  # the reader takes this as the end
             else:
                 queue.put_nowait((kind, data))

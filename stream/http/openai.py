@@ -1,5 +1,6 @@
 """`POST /v1/chat/completions` in OpenAI's schema: `model` names a stream, the last user message is the
-question, answered over that stream's current cache (as a one-off question on its queue).
+question, answered over that stream's current cache (as a one-off question on its queue); `GET /v1/models`
+lists the streams as models.
 
 The model answers in one piece, so a streamed response is one content chunk between the role
 chunk and the finishing one; OpenAI clients read it like any other stream. A client that goes
@@ -58,6 +59,27 @@ def question_of(request: ChatRequest) -> str:
     if not content or not content.strip():
         raise HTTPException(400, "the last user message is empty")
     return content.strip()
+
+
+STARTED = int(time.time())  # "created" of every model: the streams exist since the server started
+
+
+def model_entry(stream_id: str) -> dict:
+    return dict(id=stream_id, object="model", created=STARTED, owned_by="emloc-stream")
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    """The streams, as OpenAI's model list: each stream is a `model` of /v1/chat/completions."""
+    return dict(object="list", data=[model_entry(stream_id) for stream_id in request.app.state.hubs])
+
+
+@router.get("/v1/models/{model}")
+async def one_model(model: str, request: Request) -> dict:
+    if model not in request.app.state.hubs:
+        raise HTTPException(404, f"model {model[:64]!r} is not a stream here; the streams are "
+                                 f"{sorted(request.app.state.hubs)}")
+    return model_entry(model)
 
 
 class ClientGone(Exception):

@@ -1,7 +1,8 @@
 """Runs the app with uvicorn in a thread beside the serving loop; refuses a non-loopback bind without a token.
 
 uvicorn runs with the limits of `HttpLimits`: h11 with a deadline on request heads, the
-keep-alive idle timeout, a cap on open connections (503 beyond) and h11's cap on a head's size."""
+keep-alive idle timeout, a cap on open connections (503 beyond) and h11's cap on a head's size; WebSockets
+(realtime sessions) with wsproto, a message past 4 x `max_message` closing its connection (1009)."""
 
 from __future__ import annotations
 
@@ -54,17 +55,20 @@ MAX_HEAD_BYTES = 16 * 1024  # a request line and headers beyond this get 400 (h1
 
 class HttpServer:
     def __init__(self, streams: list, bind: str = "127.0.0.1:8080", token: str | None = None,
-                 limits: HttpLimits | None = None) -> None:
+                 limits: HttpLimits | None = None, open_stream=None) -> None:
+        """open_stream(id): a new stream for a realtime session (see realtime.py); it joins `streams`."""
         (self.host, self.port), token = check_bind(bind, token)
         import uvicorn
 
         from .app import create_app
 
         limits = limits or HttpLimits()
-        self.app = create_app(streams, token=token, limits=limits, bound=self.host)
+        self.app = create_app(streams, token=token, limits=limits, bound=self.host, open_stream=open_stream)
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", access_log=False,
                                 lifespan="on", timeout_graceful_shutdown=2,
-                                http=head_timeout_protocol(limits.head_timeout), ws="none",
+                                http=head_timeout_protocol(limits.head_timeout), ws="wsproto",
+                                ws_max_size=4 * limits.max_message,  # beyond max_message: an error event
+                                ws_per_message_deflate=False,  # frames are JPEG/PNG already; no inflate bombs
                                 timeout_keep_alive=limits.idle_timeout, limit_concurrency=limits.max_connections,
                                 h11_max_incomplete_event_size=MAX_HEAD_BYTES)
         self.server = uvicorn.Server(config)
