@@ -10,8 +10,9 @@ Client -> server
 - `input_video_frame.append` `{"image": base64 JPEG or PNG (or a data: URL), "timestamp"?: seconds}`;
   without timestamps a frame's arrival time counts (one or the other for a whole session).
 - `input_video_frame.commit` `{}`: answered by `input_video_frame.committed` (what was received so far).
-- `response.create` `{"response": {"question": text, "at"?: stream seconds, "every"?: chunks}}`: the
-  same question as `POST /streams/{id}/questions` (one-off, scheduled or standing).
+- `response.create` `{"response": {"question": text, "at"?: stream seconds, "every"?: chunks, "id"?, "wait"?}}`:
+  the question schema of every transport (`Question.from_dict`), as `POST /streams/{id}/questions` takes it
+  (one-off, scheduled or standing; `wait` is true unless given: asked before the first frame, it waits).
 - `response.cancel` `{"response_id"}`: withdraws a waiting or standing question of this session.
 
 Server -> client
@@ -60,7 +61,6 @@ EVENT_FIELDS = {  # the fields each client event may carry besides `type` and `e
     "response.create": {"response"},
     "response.cancel": {"response_id"},
 }
-QUESTION_FIELDS = {"question", "at", "every"}
 JPEG, PNG = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
 
 
@@ -239,17 +239,10 @@ class Session:
             await self.error("invalid_frame", str(error), event_id)
 
     async def _ask(self, response, event_id) -> None:
-        if not isinstance(response, dict) or not isinstance(response.get("question"), str):
-            return await self.error("invalid_question", "response.create wants 'response': {\"question\": text, "
-                                                        "\"at\"?: seconds, \"every\"?: chunks}", event_id)
-        extra = sorted(set(response) - QUESTION_FIELDS)
-        if extra:
-            return await self.error("invalid_question", f"response has no field {', '.join(map(repr, extra))[:120]}; "
-                                                        f"its fields are {sorted(QUESTION_FIELDS)}", event_id)
-        queue = self.hub.stream.queue
+        if isinstance(response, dict):  # asked before the first frames, a question waits for them
+            response = dict({"wait": True}, **response)
         try:
-            question = Question(queue.new_id(), response["question"], at=response.get("at"),
-                                every=response.get("every"), origin="realtime", wait=True)
+            question = Question.from_dict(response, "realtime", new_id=self.hub.stream.queue.new_id)
             self.hub.submit(question, self.client)
         except BadQuestion as error:
             return await self.error("invalid_question", str(error), event_id)
