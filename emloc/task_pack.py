@@ -12,9 +12,10 @@ it, and the model answers in the examples' terms with no training.
 
 The file is one safetensors file: the pack's cache (`layers.<i>.<part>`) and, in the
 header's metadata, a JSON manifest (format, the model's identity, the settings it was built
-with, the examples' digest, counters, and a SHA-256 over the manifest and every tensor's
-bytes). A pack is untrusted input: loading checks the checksum, the counters and every
-layer's shapes, origins and numbers; a pack made by another model is refused by name.
+with, the examples' digest, counters, and the checksums of emloc/integrity.py, one scheme for
+packs and saved states). A pack is untrusted input: loading checks the checksums, the counters
+and every layer's shapes, origins and numbers; a pack made by another model is refused by name.
+Packs of the previous format (1) are still read, with their own checksum as their identity.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .integrity import LEGACY_PACK, Stored, check_manifest, check_tensors, read_tensors, seal
 from .records import FoldRecord
 from .settings import EMLoCSettings, SettingsError, many_shot
 
-FORMAT = "emloc-task-pack/1"
+FORMAT = "emloc-task-pack/2"  # 2: the checksums of emloc/integrity.py
+READ_FORMATS = (FORMAT, LEGACY_PACK)
 COUNTERS = ("sink_tokens", "video_start", "max_position", "tokens_seen")
 PARTS = ("keys", "values", "origins", "importance")
 LINEAR_STATE = re.compile(r"layers\.[0-9]+\.(conv|recurrent)\.[0-9]+")  # a hybrid model's linear-attention states
@@ -42,6 +44,9 @@ LINEAR_STATE = re.compile(r"layers\.[0-9]+\.(conv|recurrent)\.[0-9]+")  # a hybr
 
 class PackError(ValueError):
     """A task pack cannot be used (damaged, edited, or for another model); the message says why."""
+
+
+STORED = Stored("task pack", "built", PackError, "refusing it (build it again: emloc-stream pack)")
 
 
 @dataclass(frozen=True)
@@ -102,14 +107,13 @@ class TaskPack:
             build_s=round(time.perf_counter() - clock, 3),
             prefill_s=round(sum(r.vision_s + r.prefill_s for r in records), 3),
             search_s=round(sum(r.observe_s + r.search_s + r.score_s for r in records), 3))
-        manifest["sha256"] = _checksum(tensors, manifest)  # the identity every stream snapshot records
-        return cls(tensors, manifest)
+        return cls(tensors, seal(manifest, tensors))  # its checksum: the identity every stream snapshot records
 
     # --- what it is ------------------------------------------------------------------
     @property
     def digest(self) -> str:
         """The pack's identity: the checksum over its manifest and tensors."""
-        return self.manifest.get("sha256") or _checksum(self.tensors, self.manifest)
+        return self.manifest["sha256"]
 
     @property
     def settings(self) -> EMLoCSettings:
@@ -134,10 +138,9 @@ class TaskPack:
 
     # --- files -----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
+        """Writes the pack as it is (a pack of the previous format keeps it, and its checksum, its identity)."""
         path = Path(path)
-        manifest = dict(self.manifest)
-        manifest["sha256"] = _checksum(self.tensors, manifest)
-        self.manifest = manifest
+        manifest = self.manifest
         tmp = path.with_name(path.name + ".tmp")
         tmp.unlink(missing_ok=True)
         save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp),
@@ -151,24 +154,18 @@ class TaskPack:
         path = Path(path)
         if not path.is_file():
             raise PackError(f"{path}: no such task pack file")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as error:
-            raise PackError(f"{path}: not a readable task pack (safetensors): {error}") from error
+        tensors, metadata = read_tensors(path, STORED)
         if "manifest" not in metadata:
             raise PackError(f"{path}: not a task pack (a safetensors file with no pack manifest in its header)")
         try:
             manifest = json.loads(metadata["manifest"])
         except (json.JSONDecodeError, RecursionError) as error:
             raise PackError(f"{path}: the pack's manifest is not valid JSON ({error})") from error
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") not in READ_FORMATS:
             found = manifest.get("format") if isinstance(manifest, dict) else None
             raise PackError(f"{path}: not a task pack of format {FORMAT!r} (found {found!r})")
-        if manifest.get("sha256") != _checksum(tensors, manifest):
-            raise PackError(f"{path}: the pack was modified after it was built (its checksum does not match); "
-                            f"refusing it")
+        check_manifest(path, manifest, STORED)
+        check_tensors(path, manifest, tensors, STORED)
         pack = cls(tensors, manifest)
         pack._check(path)
         return pack
@@ -233,13 +230,3 @@ def examples_digest(examples: list[TaskExample]) -> str:
         digest.update(frames.tobytes())
     return digest.hexdigest()
 
-
-def _checksum(tensors: dict[str, torch.Tensor], manifest: dict) -> str:
-    digest = hashlib.sha256()
-    body = {k: v for k, v in manifest.items() if k != "sha256"}
-    digest.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
-    for name in sorted(tensors):
-        tensor = tensors[name].contiguous().cpu()
-        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()

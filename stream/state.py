@@ -1,14 +1,15 @@
 """Saved stream state: the compressed cache as safetensors plus a JSON manifest.
 
-    DIR/manifest.json        format, checksum and size of the cache file, the context's
-                             positions/settings/model identity, the stream's state, and a
-                             checksum of the manifest itself
+    DIR/manifest.json        format, the name of the cache file, the context's positions/settings/
+                             model identity, the stream's state (its questions in the schema's fields,
+                             stream/questions.py), and the checksums of emloc/integrity.py
     DIR/cache-<n>.safetensors  the cache, plus the manifest's counters and times again
 
 A saved state is untrusted input. Loading checks, before it restores anything: the
 manifest's own checksum (an edited field is named as an edit), that the one file it names
 is `cache-<serial>.safetensors` directly inside DIR (no absolute path, no `..`, no symlink),
-the cache file's size and checksum, then that every field agrees with the cache it
+the cache's checksum (emloc/integrity.py: one scheme for states and task packs; states of the
+previous format, 3, are still read), then that every field agrees with the cache it
 describes (the counters stored in both, the layers' shapes, the token origins against the
 tokens seen, the attention sinks against the cache the stream starts from: its preamble, or its
 task pack, whose checksum the state records). Nothing is ever unpickled.
@@ -43,11 +44,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from emloc import SettingsError, StreamContext
+from emloc.integrity import LEGACY_STATE, Stored, check_manifest, check_tensors, read_tensors, seal
 
-FORMAT = "emloc-stream-state/3"  # 3: compressed temporal positions (halvings, video layout)
+FORMAT = "emloc-stream-state/4"  # 3: compressed temporal positions (halvings, video layout); 4: emloc/integrity.py
+READ_FORMATS = (FORMAT, LEGACY_STATE)
 CACHE_NAME = re.compile(r"cache-([1-9][0-9]{0,17})\.safetensors")
 COUNTERS = ("chunks_folded", "steps", "sink_tokens", "video_start", "max_position", "tokens_seen",
             "temporal_halvings")
@@ -62,6 +65,9 @@ class StateError(RuntimeError):
 
 class StateNotSaved(StateError):
     """A save could not be written (full disk, unwritable folder); the previous state is intact."""
+
+
+STORED = Stored("state", "saved", StateError, "refusing to resume from it (start a new state folder)")
 
 
 FINGERPRINT_BYTES = 1 << 20  # the first MiB of a video file identifies it (see the module's docstring)
@@ -121,9 +127,7 @@ def _save(folder: Path, context: StreamContext, stream: dict, written: list[Path
     written.append(cache)
     save_file(tensors, str(cache))
     _fsync(cache)
-    manifest = dict(format=FORMAT, serial=serial, cache=cache.name, bytes=cache.stat().st_size,
-                    sha256=_sha256(cache), context=meta, stream=stream)
-    manifest["manifest_sha256"] = _digest(manifest)
+    manifest = seal(dict(format=FORMAT, serial=serial, cache=cache.name, context=meta, stream=stream), tensors)
     tmp = folder / "manifest.json.tmp"
     tmp.unlink(missing_ok=True)  # never write through a planted symlink
     written.append(tmp)
@@ -196,14 +200,8 @@ def load_state(folder: str | Path, context: StreamContext) -> dict:
     folder = Path(folder)
     manifest = _manifest(folder)
     cache = _cache_path(folder, manifest)
-    size = cache.stat().st_size
-    if size != manifest.get("bytes") or _sha256(cache) != manifest.get("sha256"):
-        raise StateError(f"{cache}: truncated or modified ({size} bytes, checksum does not match the manifest); "
-                         f"refusing to resume from it")
-    try:
-        tensors = load_file(str(cache))
-    except SafetensorError as error:
-        raise StateError(f"{cache}: not a readable safetensors file: {error}") from error
+    tensors, _ = read_tensors(cache, STORED)
+    check_tensors(cache, manifest, tensors, STORED)
     meta, stream = manifest.get("context"), manifest.get("stream")
     if not isinstance(meta, dict) or not isinstance(stream, dict):
         raise StateError(f"{folder}: the manifest's 'context' and 'stream' must be objects")
@@ -258,12 +256,10 @@ def _manifest(folder: Path) -> dict:
         raise StateError(f"{path}: the state manifest is not valid JSON ({error}); it was damaged") from error
     if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith("emloc-stream-state/"):
         raise StateError(f"{path}: not an emloc-stream state (format {FORMAT!r} expected)")
-    if manifest["format"] != FORMAT:
+    if manifest["format"] not in READ_FORMATS:
         raise StateError(f"{path}: a state of format {manifest['format']!r}, from another version of emloc-stream "
                          f"({FORMAT!r} expected); start a new state")
-    if manifest.get("manifest_sha256") != _digest(manifest):
-        raise StateError(f"{path}: the manifest was modified after it was saved (its checksum does not match); "
-                         f"refusing to resume from it")
+    check_manifest(path, manifest, STORED)
     return manifest
 
 
@@ -414,19 +410,6 @@ def _serial_of(folder: Path) -> int:
         return serial if isinstance(serial, int) and 0 <= serial < 1 << 60 else 0
     except (OSError, ValueError, AttributeError, RecursionError):
         return 0
-
-
-def _digest(manifest: dict) -> str:
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:

@@ -164,12 +164,12 @@ def test_a_saved_compressed_stream_resumes_as_if_never_stopped(qwen2_vl, tokeniz
 def test_a_saved_state_whose_halvings_contradict_its_steps_is_refused(qwen2_vl, tokenizer, tmp_path):
     """A forger who edits temporal_halvings in both places and recomputes every checksum is still
     caught: the number of halvings follows from the steps folded and the range."""
-    import hashlib
     import json
 
     from safetensors.torch import load_file, save_file
 
-    from stream.state import StateError, _digest
+    from emloc.integrity import seal
+    from stream.state import StateError
 
     settings = EMLoCSettings(**PRUNED, temporal_range=6)
     save_state(tmp_path, fold_all(StreamContext(qwen2_vl, tokenizer, settings), [(56, 84)] * 2), {"last_time": None})
@@ -180,8 +180,6 @@ def test_a_saved_state_whose_halvings_contradict_its_steps_is_refused(qwen2_vl, 
     tensors = load_file(str(cache))
     tensors["state.counters"][-1] = 0
     save_file(tensors, str(cache))
-    manifest.update(bytes=cache.stat().st_size, sha256=hashlib.sha256(cache.read_bytes()).hexdigest())
-    manifest["manifest_sha256"] = _digest(manifest)
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "manifest.json").write_text(json.dumps(seal(manifest, tensors)))
     with pytest.raises(StateError, match="temporal_halvings = 0, but a stream of 8 temporal steps"):
         load_state(tmp_path, StreamContext(qwen2_vl, tokenizer, settings))

@@ -13,11 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from emloc import EMLoCSettings, StreamContext
 from emloc.adapters import adapter_for
+from emloc.integrity import CHECKSUM, json_sha256, seal
 from emloc.tiny import tiny_qwen2_vl
 from stream.config import StreamConfig
 from stream.service import LiveStream
 from stream.sources import write_video
-from stream.state import StateError, _digest, load_state, save_state
+from stream.state import StateError, load_state, save_state
 from stream.suites.synthetic import make_video
 
 from .reference import random_frames
@@ -69,10 +70,12 @@ def test_bad_states_are_refused(qwen2_vl, tokenizer, tmp_path):
     data = bytearray(cache.read_bytes())
     data[-5] ^= 0xFF  # tampered, same size
     cache.write_bytes(bytes(data))
-    with pytest.raises(StateError, match="truncated or modified"):
+    with pytest.raises(StateError, match="cache-2.safetensors: truncated or modified after it was saved .its tensors "
+                                         "do not match the checksum in its manifest.; refusing to resume from it"):
         load_state(tmp_path, StreamContext(qwen2_vl, tokenizer, SETTINGS))
     cache.write_bytes(bytes(data[:100]))  # truncated
-    with pytest.raises(StateError, match="truncated or modified"):
+    with pytest.raises(StateError, match="cache-2.safetensors: not a readable state: not a safetensors file, or "
+                                         "truncated"):
         load_state(tmp_path, StreamContext(qwen2_vl, tokenizer, SETTINGS))
     (tmp_path / "manifest.json").write_text('{"format": "emloc-stream-state/1", "cache": ')
     with pytest.raises(StateError, match="not valid JSON"):
@@ -141,20 +144,65 @@ def saved(pristine, folder):
 
 
 def rewrite(folder, manifest, tensors=None):
-    """What a forger would do: change what they like, then recompute the cache file's and the manifest's checksums."""
-    import hashlib
-
+    """What a forger would do: change what they like, then recompute the cache's and the manifest's checksums."""
     if tensors is not None:
-        cache = folder / manifest["cache"]
-        save_file(tensors, str(cache))
-        manifest.update(bytes=cache.stat().st_size, sha256=hashlib.sha256(cache.read_bytes()).hexdigest())
-    manifest["manifest_sha256"] = _digest(manifest)
+        save_file(tensors, str(folder / manifest["cache"]))
+        manifest = seal(manifest, tensors)
+    manifest[CHECKSUM] = json_sha256(manifest, CHECKSUM)
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def refused(model, tokenizer, folder, match):
     with pytest.raises(StateError, match=match):
         load_state(folder, StreamContext(model, tokenizer, SETTINGS))
+
+
+def as_previous_format(folder):
+    """Rewrites the state in `folder` as format 3 wrote it, before emloc/integrity.py: the cache file's
+    `bytes` and `sha256`, `manifest_sha256` over the rest, questions with `text` for their text."""
+    import hashlib
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = {k: v for k, v in manifest.items() if k not in ("sha256", "tensors_sha256")}
+    cache = folder / manifest["cache"]
+    manifest.update(format="emloc-stream-state/3", bytes=cache.stat().st_size,
+                    sha256=hashlib.sha256(cache.read_bytes()).hexdigest())
+    for question in manifest["stream"].get("questions", []):
+        question["text"] = question.pop("question")
+    manifest["manifest_sha256"] = hashlib.sha256(json.dumps(manifest, sort_keys=True,
+                                                            separators=(",", ":")).encode()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def test_a_state_of_the_previous_format_resumes_and_is_saved_again_in_the_current_one(qwen2_vl, tokenizer,
+                                                                                       pristine, tmp_path):
+    """Saved state is user data: a state written before emloc/integrity.py resumes (checked by the scheme it
+    was written with), is saved again in the current one, and refuses the same edits with the same messages."""
+    folder = tmp_path / "s"
+    saved(pristine, folder)
+    as_previous_format(folder)
+    straight = folded(qwen2_vl, tokenizer, range(3))
+    context = StreamContext(qwen2_vl, tokenizer, SETTINGS)
+    assert load_state(folder, context) == {"last_time": 11.5, "questions": []}
+    assert context.cache.lengths() == straight.cache.lengths() and context.chunks_folded == 3
+    save_state(folder, context, {"last_time": 11.5})
+    again = json.loads((folder / "manifest.json").read_text())
+    assert again["format"] == "emloc-stream-state/4" and "manifest_sha256" not in again
+    assert load_state(folder, StreamContext(qwen2_vl, tokenizer, SETTINGS)) == {"last_time": 11.5}
+
+    manifest = as_previous_format(folder)
+    manifest["context"]["chunks_folded"] = 1  # edited, checksum not recomputed
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    refused(qwen2_vl, tokenizer, folder, "manifest.json: the state's manifest was modified after it was saved "
+                                         r"\(its checksum does not match\); refusing to resume from it")
+    save_state(folder, context, {"last_time": 11.5})
+    cache = folder / as_previous_format(folder)["cache"]
+    data = bytearray(cache.read_bytes())
+    data[-5] ^= 0xFF
+    cache.write_bytes(bytes(data))
+    refused(qwen2_vl, tokenizer, folder, f"{cache.name}: truncated or modified after it was saved "
+                                         r"\(its tensors do not match the checksum in its manifest\)")
 
 
 @pytest.mark.parametrize("field, value", [("last_time", 99.0), ("max_position", 7), ("chunks_folded", 1)])
@@ -164,7 +212,8 @@ def test_an_edited_manifest_is_named(qwen2_vl, tokenizer, pristine, tmp_path, fi
     section = manifest["stream"] if field == "last_time" else manifest["context"]
     section[field] = value
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    refused(qwen2_vl, tokenizer, tmp_path, "the manifest was modified after it was saved")
+    refused(qwen2_vl, tokenizer, tmp_path, "manifest.json: the state's manifest was modified after it was saved "
+                                           r"\(its checksum does not match\); refusing to resume from it")
 
 
 @pytest.mark.parametrize("field, value, match", [
@@ -393,7 +442,7 @@ def test_a_state_is_refused_for_another_video_at_the_same_path(tmp_path, capsys)
     manifest = json.loads((state / "manifest.json").read_text())
     del manifest["stream"]["source"]
     manifest["stream"]["video"] = str(path.resolve())
-    manifest["manifest_sha256"] = _digest(manifest)
+    manifest[CHECKSUM] = json_sha256(manifest, CHECKSUM)
     (state / "manifest.json").write_text(json.dumps(manifest))
     assert main(args) == 0
     assert "saved before states recorded their source" in capsys.readouterr().out

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from emloc import EMLoCSettings, InputError, PackError, SettingsError, StreamContext, TaskExample, TaskPack, many_shot
-from emloc.task_pack import _checksum
+from emloc.integrity import seal
 from emloc.tiny import WORDS, tiny_qwen2_vl, tiny_tokenizer
 from stream.cli import main
 from stream.models import EXAMPLES_MODEL
@@ -117,7 +117,7 @@ def _rewrite(path: Path, manifest: dict, recompute: bool, edit_tensors=None) -> 
     if edit_tensors:
         edit_tensors(tensors)
     if recompute:
-        manifest["sha256"] = _checksum(tensors, manifest)
+        manifest = seal(manifest, tensors)
     save_file(tensors, str(path), metadata={"manifest": json.dumps(manifest)})
 
 
@@ -136,7 +136,7 @@ def _flip_tensor_byte(path: Path) -> None:
     (lambda p: p.write_text("hello"), "not a readable task pack"),
     (lambda p: save_file({"x": torch.zeros(2)}, str(p)), "not a task pack .a safetensors file with no pack manifest"),
     (lambda p: save_file({"x": torch.zeros(2)}, str(p), metadata={"manifest": '{"format": "x/1"}'}),
-     "not a task pack of format 'emloc-task-pack/1' .found 'x/1'"),
+     "not a task pack of format 'emloc-task-pack/2' .found 'x/1'"),
     (lambda p: save_file({"x": torch.zeros(2)}, str(p), metadata={"manifest": "{"}), "manifest is not valid JSON"),
     # a forger who recomputes the checksum: the counters must still agree with each other and the layers
     (lambda p: _rewrite(p, _edited_counters(p, video_start=+3), recompute=True), "counters contradict each other"),
@@ -153,6 +153,49 @@ def test_damaged_or_edited_packs_are_refused_by_name(pack_file, tmp_path, damage
     damage(path)
     with pytest.raises(PackError, match=match):
         TaskPack.load(path)
+
+
+def _as_previous_format(path: Path) -> str:
+    """Rewrites the pack at `path` as format 1 wrote it, before emloc/integrity.py (one SHA-256 over the
+    manifest's canonical JSON, then every tensor's name, dtype, shape and bytes); returns that checksum."""
+    import hashlib
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors, manifest = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["manifest"])
+    manifest = {k: v for k, v in manifest.items() if k not in ("sha256", "tensors_sha256")}
+    manifest["format"] = "emloc-task-pack/1"
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    manifest["sha256"] = digest.hexdigest()
+    save_file(tensors, str(path), metadata={"manifest": json.dumps(manifest, sort_keys=True)})
+    return manifest["sha256"]
+
+
+def test_a_pack_of_the_previous_format_still_loads_with_its_identity(model, tok, pack, pack_file, tmp_path):
+    """A pack built before the integrity module is checked by its own scheme and keeps its checksum, which
+    states folded from it recorded; damaged, it is refused with the same message as a current pack."""
+    old = tmp_path / "old.pack"
+    old.write_bytes(pack_file.read_bytes())
+    checksum = _as_previous_format(old)
+    loaded = TaskPack.load(old)
+    assert loaded.digest == checksum != pack.digest and loaded.manifest["format"] == "emloc-task-pack/1"
+    first = folded(model, tok, loaded, range(1))
+    assert first.cache.lengths() == folded(model, tok, pack, range(1)).cache.lengths()
+    save_state(tmp_path / "s", first, {"last_time": 3.5})
+    assert load_state(tmp_path / "s", StreamContext(model, tok, VIDEO, task=TaskPack.load(old))) == {"last_time": 3.5}
+    assert TaskPack.load(loaded.save(tmp_path / "again.pack")).digest == checksum, "saved again as it was"
+    _flip_tensor_byte(old)
+    message = r"truncated or modified after it was built \(its tensors do not match the checksum in its manifest\); "
+    with pytest.raises(PackError, match=f"old.pack: {message}refusing it \\(build it again: emloc-stream pack\\)"):
+        TaskPack.load(old)
+    current = tmp_path / "current.pack"
+    current.write_bytes(pack_file.read_bytes())
+    _flip_tensor_byte(current)
+    with pytest.raises(PackError, match=f"current.pack: {message}"):
+        TaskPack.load(current)
 
 
 def _edited_counters(path: Path, **changes) -> dict:
