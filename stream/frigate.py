@@ -197,8 +197,9 @@ def _config_from(args: argparse.Namespace, config_section) -> FrigateConfig | No
         return FrigateConfig(broker=broker, ask=tuple(args.frigate_ask or ()),
                              cameras={args.frigate_camera or args.stream_id: args.stream_id},
                              labels=tuple(args.frigate_label or ()))
-    if getattr(args, "frigate_ask", None):
-        raise ConfigError("--frigate-ask needs --frigate HOST:PORT (Frigate's MQTT broker)")
+    for option in ("frigate_ask", "frigate_camera", "frigate_label"):
+        if getattr(args, option, None):
+            raise ConfigError(f"--{option.replace('_', '-')} needs --frigate HOST:PORT (Frigate's MQTT broker)")
     if config_section is not None:
         return FrigateConfig.from_dict(config_section)
     return None

@@ -25,7 +25,7 @@ from stream.sources import write_video
 from stream.suites.synthetic import make_video
 
 from .broker import Broker, Client, free_port, needs_mosquitto
-from .test_end_to_end import digit_at, padded, popen, udp_bound, until
+from .test_end_to_end import cli, digit_at, padded, popen, udp_bound, until
 
 QUESTION = "what digit is on screen now ?"
 SEED = 9_300_004  # digits 2 [0, 7) s, 7 [7, 15), 8 [15, 30), 4 [30, 39), 7 [39, 48): events end >= 4 s from a change
@@ -81,9 +81,14 @@ def test_config_is_checked_before_anything_runs():
     assert config.broker.prefix == "frigate" and config.watched(["gate", "yard"]) == {"front_door": "gate"}
     with pytest.raises(ConfigError, match=r"stream\(s\) \['gate'\] that are not served"):
         config.watched(["yard"])
-    args = Namespace(frigate=None, frigate_ask=["q"])
-    with pytest.raises(ConfigError, match="--frigate-ask needs --frigate"):
-        config_from(args, None, ["cam"])
+    for option, value in (("frigate_ask", ["q"]), ("frigate_camera", "front_door"), ("frigate_label", ["car"])):
+        with pytest.raises(ConfigError, match=f"--{option.replace('_', '-')} needs --frigate"):
+            config_from(Namespace(frigate=None, **{option: value}), None, ["cam"])
+    args = Namespace(frigate="127.0.0.1:1883", frigate_ask=["q"], frigate_camera=None, frigate_label=None,
+                     frigate_prefix="nvr", stream_id="gate", mqtt_user=None, mqtt_password=None, mqtt_tls=False,
+                     mqtt_ca=None)
+    config = config_from(args, None, ["gate"])
+    assert config.cameras == {"gate": "gate"} and config.broker.prefix == "nvr" and config.ask == ("q",)
 
 
 def stream_realtime(path, port: int) -> subprocess.Popen:
@@ -170,3 +175,11 @@ def test_frigate_events_are_answered_over_their_span(tmp_path):
                  "events from camera 'back_yard' are ignored: not watched (watched: driveway)",
                  "event e7 (dog on driveway) ignored: label not in ['car', 'person']"):
         assert line in err, err
+
+
+def test_serve_names_a_bad_frigate_section_before_the_model_loads(tmp_path):
+    config = tmp_path / "site.yaml"  # the section's own checks: test_config_is_checked_before_anything_runs
+    config.write_text("streams:\n  - id: gate\n    source: udp://127.0.0.1:9\nfrigate:\n  ask: [q]\n  topic: x\n")
+    result = cli("serve", "--config", str(config), "--model", str(tmp_path / "no-model"), timeout=120)
+    assert result.returncode != 0 and "unknown key(s) ['topic'] in frigate" in result.stderr, result.stderr
+    assert "no-model" not in result.stderr, "the section is checked first"
