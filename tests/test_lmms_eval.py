@@ -11,19 +11,23 @@ questions guide the pruning; chance is about 25%.
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install -e '.[lmms-eval]'; heavy, so CI "
-                    "does not install it)")
+from stream.sources import write_video
+from stream.suites.synthetic import QUESTION_TYPES, make_video
 
-from stream.sources import write_video  # noqa: E402
-from stream.suites.synthetic import QUESTION_TYPES, make_video  # noqa: E402
+needs_lmms_eval = pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None, reason="lmms-eval is not "
+                                     "installed (pip install -e '.[lmms-eval]'; heavy, so CI does not install it)")
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = range(9_500_001, 9_500_005)
@@ -96,6 +100,25 @@ def evaluate(task: Path, name: str, model_args: str) -> list[dict]:
     return samples
 
 
+def test_the_plugin_is_declared_and_its_imports_of_ours_resolve():
+    """Without lmms-eval the plug-in cannot be imported; what it takes from this project is checked here (so
+    a rename elsewhere fails in CI, not at a user's first lmms-eval run), and the entry point lmms-eval reads."""
+    section = (ROOT / "pyproject.toml").read_text().split('[project.entry-points."lmms_eval.models"]')[1]
+    entry = re.search(r'^emloc_stream = "([^"]+)"', section.split("\n[")[0], re.M)[1]  # (tomllib: Python 3.11+)
+    module, _, attribute = entry.partition(":")
+    path = ROOT / (module.replace(".", "/") + ".py")
+    tree = ast.parse(path.read_text())
+    assert any(isinstance(node, ast.FunctionDef) and node.name == attribute for node in tree.body)
+    package = module.rpartition(".")[0]
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and not (node.module or "").startswith("lmms_eval"):
+            imported = importlib.import_module(("." * node.level) + (node.module or ""), package if node.level
+                                               else None)
+            for alias in node.names:
+                assert hasattr(imported, alias.name), f"{path.name}: {node.module}.{alias.name} is gone"
+
+
+@needs_lmms_eval
 @pytest.mark.parametrize("setting, model_args, threshold", [
     ("online", "", 0.50),  # the product default: group-wise (half the layers a group), question unknown
     ("query-aware", "query_aware=true,preset=videomme_online,layer_group_size=2", 0.75),
@@ -123,6 +146,7 @@ def _response(sample: dict) -> str:
     return response.strip()
 
 
+@needs_lmms_eval
 def test_bad_model_arguments_are_named_before_the_model_loads(monkeypatch):
     import stream.lmms_eval_model as plugin
     from emloc.settings import SettingsError
