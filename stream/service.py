@@ -213,9 +213,11 @@ def serve(streams: list[LiveStream], stop: threading.Event, *, status_every: flo
     for stream in streams:
         stream.start()
     started = last_status = time.monotonic()
-    wait = 0.2 / max(1, len(streams))
     try:
         while not stop.is_set() and not (duration and time.monotonic() - started > duration):
+            if not streams:  # realtime sessions only (see stream/http/realtime.py), none yet
+                stop.wait(0.1)
+            wait = 0.2 / max(1, len(streams))  # realtime sessions add streams as it runs
             for stream in streams:  # one forward at a time: the weights are shared
                 stream.step(timeout=wait)
             if time.monotonic() - last_status >= status_every:

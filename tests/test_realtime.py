@@ -329,6 +329,41 @@ def test_websocket_token_host_and_origin_rules(monkeypatch):
         server.stop()
 
 
+def test_serve_without_a_config_takes_realtime_sessions_only():
+    """What a laptop needs: no camera server, no config; the page's camera (or any client) makes the stream."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "stream", "serve"], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=120)
+    assert run.returncode == 2 and "serve needs --config (the streams it serves) or --http" in run.stderr
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "stream", "serve", "--http", f"127.0.0.1:{port}", "--model",
+                               "builtin:random", "--max-new-tokens", "2"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert until(lambda: _healthy(base) or server.poll() is not None, timeout=120) and server.poll() is None
+        assert httpx.get(base + "/streams").json() == []
+        session = Session(base)
+        stream_id = session.session["stream_id"]
+        assert stream_id.startswith("rt-")
+        chunk = session.session["chunk_frames"]  # the default settings' (64)
+        frames = make_video(SEED, frames=chunk).frames
+        for i, image in enumerate(frames):
+            session.send(type="input_video_frame.append", image=jpeg(image), timestamp=i / 2)
+            if i % 8 == 7:  # within the buffer of 16 (serve's default): nothing dropped
+                assert until(lambda: session.send(type="input_video_frame.commit") or session.expect(
+                    "input_video_frame.committed")["frames_waiting"] == 0, timeout=30)
+        assert session.expect("input_video_frame.folded", timeout=60)["frames"] == chunk
+        session.send(type="response.create", response={"question": NEEDLE})
+        assert session.expect("response.done", timeout=60)["response"]["status"] == "completed"
+        assert httpx.get(f"{base}/streams/{stream_id}").json()["frames_dropped"] == 0
+        assert [s["stream_id"] for s in httpx.get(base + "/streams").json()] == [stream_id]
+        session.close()
+    finally:
+        server.kill()
+        server.wait()
+
+
 def test_page_camera_streams_a_fake_camera_and_answers_about_it(served, tmp_path):
     """The page's "use my camera" in a real Chromium whose fake camera plays a y4m made here from a synthetic
     video, each frame held 1 s (the page sends about 2 frames a second, so each of the video's steps, two

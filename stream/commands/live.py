@@ -32,9 +32,13 @@ def live(args: argparse.Namespace) -> int:
 
 
 def serve_config(args: argparse.Namespace) -> int:
-    config, given = load_config(args.config), True
-    if not config.streams:
-        raise ConfigError(f"{args.config}: no streams: list them under 'streams:' (id, source, ...)")
+    if not args.config and not args.http:
+        raise ConfigError("serve needs --config (the streams it serves) or --http (realtime sessions make the "
+                          "streams: the page's camera, WebSocket /v1/realtime), or both")
+    config, given = (load_config(args.config), True) if args.config else (Config(), False)
+    if not config.streams and not args.http:
+        raise ConfigError(f"{args.config}: no streams: list them under 'streams:' (id, source, ...), or serve "
+                          f"--http for realtime sessions only")
     default = args.task or config.task  # a stream's own task: wins
     specs = [replace(spec, task=spec.task or default) for spec in config.streams]
     for spec in specs:
@@ -42,6 +46,8 @@ def serve_config(args: argparse.Namespace) -> int:
     if args.ray is not None:  # every stream a Ray actor on some node of the cluster
         from ..distributed.serve import serve_ray
 
+        if not specs:
+            raise ConfigError("--ray serves the streams a config lists: give --config with streams:")
         if config.frigate is not None:
             raise ConfigError("frigate: not with --ray (the bridge runs beside the streams it asks): serve without it")
         return serve_ray(args, replace(config, streams=tuple(specs)))
@@ -222,8 +228,8 @@ def register(commands, common) -> None:
         "restart), a frame buffer and a limit of waiting questions. With an mqtt section, questions are taken "
         "on <prefix>/<id>/ask and answers, errors and status published beside it. Ctrl-C (or SIGTERM) "
         "finishes cleanly: the fold under way completes, waiting questions are answered, state is saved.")
-    p.add_argument("--config", required=True,
-                   help="YAML config: emloc and model settings, streams: [{id, source, ...}] and optional mqtt:")
+    p.add_argument("--config", help="YAML config: emloc and model settings, streams: [{id, source, ...}] and "
+                   "optional mqtt: (without it, or without streams, --http serves realtime sessions only)")
     p.add_argument("--model", help="checkpoint folder or hub id; overrides model.path of the config (default: "
                    "the config's, else the shipped stream/models/emloc-tiny-qwen2vl)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer in tokens (default 16)")
