@@ -163,8 +163,8 @@ def ask_to_answer(folder: Path, questions: int, screenshot: Path) -> dict:
 def fold_throughput(folder: Path, frames: int, repeats: int) -> dict:
     import torch
 
-    from stream.commands.common import build_model
     from stream.config import StreamConfig, load_config
+    from stream.engine import build_model
     from stream.http import HttpServer
     from stream.service import LiveStream, serve
 

@@ -46,8 +46,8 @@ ROUTES = [("GET", "/"), ("GET", "/health"), ("GET", "/streams"), ("GET", "/strea
 
 def serve(port: int) -> None:
     """The server under test (run as its own process)."""
-    from stream.commands.common import RANDOM_MODEL, build_model
     from stream.config import Config, StreamConfig
+    from stream.engine import RANDOM_MODEL, build_model
     from stream.http import HttpServer
     from stream.service import LiveStream
 

@@ -32,7 +32,7 @@ def peak():
 stages = [("imports", peak())]
 from emloc import StreamContext
 from stream.chunker import chunks
-from stream.commands.common import build_model
+from stream.engine import build_model
 from stream.config import Config
 from stream.sources import VideoFile
 config = Config()

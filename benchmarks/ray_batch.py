@@ -39,7 +39,8 @@ LOCAL = """
 import json, sys, time, torch
 torch.set_num_threads(1)
 from stream.batch_job import answer_one_video
-from stream.commands.common import build_model, load_questions
+from stream.engine import build_model
+from stream.question_files import load_questions
 from stream.config import Config
 from pathlib import Path
 folder, questions, out = Path(sys.argv[1]), load_questions(sys.argv[2]), open(sys.argv[3], "w")

@@ -9,8 +9,8 @@ import sys
 from emloc import InputError, SettingsError, UnsupportedModelError
 
 from .commands import batch, demo, live, pack, run
-from .commands.common import DEFAULT_MODEL, RANDOM_MODEL, ROOT
 from .config import ConfigError
+from .engine import DEFAULT_MODEL, RANDOM_MODEL, ROOT
 from .sources import VideoError
 from .state import StateError
 

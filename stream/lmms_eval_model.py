@@ -33,8 +33,8 @@ from lmms_eval.api.model import lmms
 from emloc import EMLoCSettings, StreamContext
 from emloc.settings import preset
 
-from .commands.common import build_model, describe
 from .config import Config, ConfigError, load_config
+from .engine import build_model, describe
 from .offline import answer_video
 from .sources import open_source
 

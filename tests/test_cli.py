@@ -286,7 +286,7 @@ def test_every_config_binds_to_the_shipped_model_or_names_the_mismatch():
     """Configs in configs/: those for the shipped model bind to it; those for Qwen2-VL-7B's 28 layers fail
     against it in one line naming the setting, and bind to 28 layers."""
     from emloc import SettingsError
-    from stream.commands.common import DEFAULT_MODEL, build_model
+    from stream.engine import DEFAULT_MODEL, build_model
 
     works, for_7b = [], []
     for path in sorted((ROOT / "configs").glob("*.yaml")):

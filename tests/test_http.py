@@ -329,8 +329,8 @@ def test_page_in_headless_chromium_shows_the_stream_and_answers_a_typed_question
 
 
 def test_token_is_required_beyond_loopback_and_enforced(monkeypatch):
-    from stream.commands.common import RANDOM_MODEL, build_model
     from stream.config import Config, StreamConfig
+    from stream.engine import RANDOM_MODEL, build_model
     from stream.http import BindError, HttpServer
     from stream.service import LiveStream
 

@@ -67,8 +67,8 @@ def served(tmp_path_factory):
     if MOSQUITTO is None:
         pytest.skip("mosquitto is not installed (apt install mosquitto)")
     pytest.importorskip("fastapi", reason="the http extra is not installed (pip install -e '.[http,test]')")
-    from stream.commands.common import RANDOM_MODEL, build_model
     from stream.config import Config, MqttConfig, StreamConfig
+    from stream.engine import RANDOM_MODEL, build_model
     from stream.http import HttpServer
     from stream.mqtt import MqttBridge
     from stream.service import LiveStream
@@ -122,7 +122,7 @@ def http_refusals(served, bad: list[dict]) -> list[str]:
 
 def file_refusals(tmp_path, bad: list[dict]) -> list[str]:
     from emloc import InputError
-    from stream.commands.common import load_questions
+    from stream.question_files import load_questions
 
     path = tmp_path / "questions.jsonl"
     path.write_text("".join(json.dumps(data) + "\n" for data in bad))
@@ -151,7 +151,7 @@ def test_control_tokens_are_the_same_text_over_every_transport(served, tmp_path,
     question that writes the chat template's control tokens, and all keep the very same text."""
     import httpx
 
-    from stream.commands.common import load_questions
+    from stream.question_files import load_questions
 
     queue = served["queue"]
     texts = {}

@@ -29,7 +29,7 @@ pytest.importorskip("ray")
 from sinks import read_answers  # noqa: E402
 from stream.batch_job import answer_one_video  # noqa: E402
 from stream.cli import main  # noqa: E402
-from stream.commands.common import build_model  # noqa: E402
+from stream.engine import build_model  # noqa: E402
 from stream.config import Config  # noqa: E402
 from stream.questions import Question  # noqa: E402
 from stream.sources import write_video  # noqa: E402

@@ -280,8 +280,8 @@ def test_docs_load_nothing_from_elsewhere(served):
 def test_websocket_token_host_and_origin_rules(monkeypatch):
     from websockets.exceptions import InvalidStatus
 
-    from stream.commands.common import RANDOM_MODEL, build_model
     from stream.config import Config, StreamConfig
+    from stream.engine import RANDOM_MODEL, build_model
     from stream.http import HttpLimits, HttpServer
     from stream.pushed import PushedFrames
     from stream.service import LiveStream

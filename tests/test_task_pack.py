@@ -424,8 +424,8 @@ def test_the_shipped_model_learns_from_a_pack_through_the_cli(tmp_path):
 
 
 def test_configs_take_a_task_per_stream_and_a_default(tmp_path, capsys, pack_file):
-    from stream.commands.common import load_task
     from stream.config import ConfigError, config_from_dict
+    from stream.engine import load_task
 
     config = config_from_dict({"task": "a.pack", "streams": [{"id": "front", "source": "udp://x", "task": "b.pack"},
                                                              {"id": "back", "source": "udp://y"}]})

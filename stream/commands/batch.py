@@ -9,17 +9,10 @@ from pathlib import Path
 from emloc import InputError, StreamContext
 
 from .. import distributed
+from ..engine import build_model, check_task, load_task
+from ..question_files import load_questions
 from ..sources import IMAGE_SUFFIXES, VideoError, open_source
-from .common import (
-    add_task_option,
-    build_model,
-    check_task,
-    config_from,
-    load_questions,
-    load_task,
-    positive_seconds,
-    task_path,
-)
+from .common import add_task_option, config_from, positive_seconds, task_path
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".ts", ".m4v", ".flv", ".mpg", ".mpeg"}
 

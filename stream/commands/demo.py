@@ -8,12 +8,13 @@ from tempfile import TemporaryDirectory
 
 from emloc import StreamContext
 
+from ..engine import build_model
 from ..models import CAMERA_MODEL
 from ..offline import answer_video
 from ..sources import VideoFile, write_video
 from ..suites import camera as synthetic_camera
 from ..suites import synthetic
-from .common import build_model, config_from, deliver, footer, progress_printer
+from .common import config_from, deliver, footer, progress_printer
 
 
 def demo(args: argparse.Namespace) -> int:

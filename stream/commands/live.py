@@ -9,8 +9,10 @@ from pathlib import Path
 
 from .. import distributed
 from ..config import Config, ConfigError, load_config
+from ..engine import build_model, check_state, check_task, load_task
 from ..frigate import add_options as add_frigate_options
-from .common import add_task_option, build_model, check_state, check_task, config_from, load_questions, load_task
+from ..question_files import load_questions
+from .common import add_task_option, config_from
 
 
 def live(args: argparse.Namespace) -> int:

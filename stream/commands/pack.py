@@ -24,7 +24,9 @@ import numpy as np
 from emloc import InputError, TaskExample, TaskPack
 from emloc.settings import PRESETS, preset
 
-from .common import build_model, config_from, describe, parse_lines
+from ..engine import build_model, describe
+from ..question_files import parse_lines
+from .common import config_from
 
 DEFAULT_QUESTION = "what is this ?"
 FIELDS = {"image", "clip", "question", "answer"}

@@ -8,21 +8,11 @@ from pathlib import Path
 
 from emloc import InputError, StreamContext
 
+from ..engine import build_model, check_state, check_task, load_task
 from ..offline import answer_video
 from ..sources import IMAGE_SUFFIXES, open_source
 from ..state import StateError
-from .common import (
-    add_task_option,
-    build_model,
-    check_state,
-    check_task,
-    config_from,
-    deliver,
-    footer,
-    load_task,
-    progress_printer,
-    task_path,
-)
+from .common import add_task_option, config_from, deliver, footer, progress_printer, task_path
 
 
 def _check_folder(path: Path) -> None:

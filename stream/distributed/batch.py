@@ -32,7 +32,7 @@ class VideoWorker:
 
     def __init__(self, config, model: str | None, settings_given: bool, max_new_tokens: int,
                  task: str | None = None) -> None:
-        from ..commands.common import build_model, check_task, load_task
+        from ..engine import build_model, check_task, load_task
 
         self.adapter, self.settings, self.label = build_model(config, model, settings_given)
         self.task = load_task(task)  # from the path, on storage every node can read; once per worker

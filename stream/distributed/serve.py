@@ -30,7 +30,7 @@ from .cluster import actor_options, connect, node_label, placement
 
 class StreamActor:
     def __init__(self, spec, config: Config, model: str | None, max_new_tokens: int, status_every: float) -> None:
-        from ..commands.common import build_model, check_task, load_task
+        from ..engine import build_model, check_task, load_task
         from ..service import LiveStream
         from ..state import has_state
 
