@@ -90,14 +90,31 @@ class Copies:
         return bias.to(hidden.dtype)
 
 
+def observer_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float, n: int,
+                       key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention of `queries` (1, H, n, D) onto `keys` (1, Hkv, P + n, D), the last n
+    keys being the queries' own (causal). Returns (1, Hkv, P): attention onto the first P keys,
+    summed over the n queries and the query heads of each KV head, in float32.
+    key_bias: (1, Hkv, >= P + n) log-mass of merged keys, added to their logits."""
+    heads, kv_heads = queries.shape[1], keys.shape[1]
+    q = queries.float().reshape(1, kv_heads, heads // kv_heads * n, -1)
+    scores = torch.matmul(q, keys.float().transpose(-1, -2)) * scale  # (1, Hkv, G*n, P+n)
+    if key_bias is not None:
+        scores = scores + key_bias[..., :keys.shape[2]].unsqueeze(2)
+    prefix = keys.shape[2] - n
+    own = torch.arange(n, device=keys.device)
+    future = own.view(1, -1) > own.view(-1, 1)  # (n, n): query i must not see key j > i
+    scores[..., prefix:] = scores[..., prefix:].masked_fill(future.repeat(heads // kv_heads, 1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return probs[..., :prefix].sum(dim=2)
+
+
 def copy_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float, copies: Copies, prefix: int,
                    key_bias: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Per copy, its attention onto the first `prefix` keys (everything before the copies: the
     committed cache and lead rows), summed over its positions and the query heads of each KV head:
     a list of (1, kv_heads, prefix) float32. queries: (1, heads, rows - lead, head_dim) of the copies'
     rows; keys: (1, kv_heads, prefix + rows - lead, head_dim), the copies' own keys last."""
-    from .observer import observer_attention  # one softmax for every observer run
-
     out = []
     for first, end in copies.spans:
         a, b = first - copies.lead, end - copies.lead

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..payload import read_json
 from ..questions import BadQuestion, Question
-from .guard import Guard, HttpLimits, error_response
+from .guard import Guard, HttpLimits, client_of, error_response
 from .hub import StreamHub
 from .metrics import Metrics
 from .realtime import Realtime
@@ -199,11 +199,6 @@ def _install_docs(app: FastAPI) -> None:
         return get_redoc_html(openapi_url="/openapi.json", title="emloc-stream API",
                               redoc_js_url="/docs-assets/redoc.standalone.js",
                               redoc_favicon_url="/docs-assets/favicon.png", with_google_fonts=False)
-
-
-def client_of(request: Request) -> str:
-    """Who asks, for rate limits and queue shares: the peer address."""
-    return request.client.host if request.client else "unknown"
 
 
 async def _sample(hubs: dict) -> None:

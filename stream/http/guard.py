@@ -84,6 +84,11 @@ def error_response(status: int, message: str, headers: dict | None = None):
                         status_code=status, headers=headers)
 
 
+def client_of(connection) -> str:
+    """Who asks, for rate limits and queue shares: the peer address of a request or WebSocket."""
+    return connection.client.host if connection.client else "unknown"
+
+
 def host_name(value: str) -> str:
     """The name part of a Host header: 'Example.com:80' -> 'example.com', '[::1]:8080' -> '::1'."""
     value = value.strip().lower()

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from sse_starlette.sse import EventSourceResponse
 
 from ..questions import BadQuestion, Question
+from .guard import client_of
 
 router = APIRouter()
 
@@ -94,8 +95,6 @@ async def client_gone(request: Request) -> None:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request):
-    from .app import client_of
-
     hub = request.app.state.hubs.get(body.model)
     if hub is None:
         raise HTTPException(404, f"model {body.model[:64]!r} is not a stream here; the streams are "

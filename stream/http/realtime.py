@@ -50,7 +50,7 @@ from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect
 from ..config import ConfigError, check_stream_id
 from ..pushed import FrameRefused, PushedFrames
 from ..questions import BadQuestion, Question
-from .guard import HttpLimits, RateLimiter
+from .guard import HttpLimits, RateLimiter, client_of
 from .hub import StreamHub
 
 router = APIRouter()
@@ -300,8 +300,6 @@ class Session:
 
 @router.websocket("/v1/realtime")
 async def realtime(websocket: WebSocket, model: str | None = None) -> None:
-    from .app import client_of
-
     offered = websocket.scope.get("subprotocols") or []
     await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
     registry: Realtime | None = websocket.app.state.realtime
