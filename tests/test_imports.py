@@ -133,11 +133,7 @@ def test_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-@pytest.mark.parametrize("package", [
-    "emloc", "sinks",
-    pytest.param("stream", marks=pytest.mark.xfail(
-        reason="model building moves from stream/commands/common.py to stream/engine.py (issue 24)")),
-])
+@pytest.mark.parametrize("package", PACKAGES)
 def test_only_entry_points_import_commands(package):
     """The engine (emloc, stream's services, HTTP, MQTT, Ray) never imports a command module:
     commands are thin entry points over it."""
