@@ -267,7 +267,10 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 16)
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
+        # mbtree off: with it, PyAV's libx264 reads memory it never wrote (its SIMD macroblock-tree code),
+        # so the same frames encoded twice, in one process or two, came out different; without it the
+        # file is the same bytes every time (see tests/test_sources.py)
+        stream.options = {"crf": str(crf), "x264-params": "mbtree=0"}
         for image in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
                 container.mux(packet)

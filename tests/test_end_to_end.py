@@ -117,6 +117,27 @@ def test_demo(videos):
     score("demo (query-aware)", [(a[4], video.question(k).answer) for a, k in zip(answers, QUESTION_TYPES)], AWARE)
 
 
+def test_demo_is_the_same_run_after_run():
+    # Two processes with different hash seeds and thread counts: the same chunks kept, the same answers.
+    def demo(hash_seed: str, threads: str) -> tuple[list[str], list[str]]:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": threads}
+        result = subprocess.run([sys.executable, "-m", "stream", "demo", "--seed", "9100009"], capture_output=True,
+                                text=True, cwd=ROOT, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr
+        chunks = re.findall(r"(chunk \d+: .* kept [\d.]+%) .* (cache \d+ tok/layer)", result.stdout)
+        assert len(chunks) == 4, result.stdout
+        # the groups' ratios and the cache, without the JS values (float32 sums in another order differ in
+        # their 9th digit) and the timings
+        groups = re.findall(r"\[(L[^]]*)\] cache", result.stdout)
+        ratios = [re.sub(r"[(]js=[\d.]+[)]", "", g) for g in groups]
+        kept = [f"{a} {r} {c}" for (a, c), r in zip(chunks, ratios)]
+        return kept, [a[4] for a in printed_answers(result.stdout)]
+
+    first, second = demo("1", "1"), demo("2", "2")
+    assert first == second
+    assert len(first[1]) == len(QUESTION_TYPES)
+
+
 @pytest.mark.parametrize("aware", [True, False], ids=["query-aware", "query-agnostic"])
 def test_run(videos, aware):
     pairs = []

@@ -31,6 +31,20 @@ def test_written_video_reads_back(tmp_path, backend):
     assert np.abs(cells(decoded) - cells(video.frames)).max() < 6
 
 
+def test_written_video_is_the_same_bytes_every_time(tmp_path):
+    # The demo and the benchmarks encode their synthetic videos with write_video: the same frames must give
+    # the same file whatever the process did before (libx264's macroblock tree read memory it never wrote,
+    # so the file depended on the heap: the demo's kept tokens changed from run to run).
+    video = make_video(7, frames=64)
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(4):
+        junk = [rng.integers(0, 256, size=int(n), dtype=np.uint8) for n in rng.integers(1_000, 300_000, size=100)]
+        del junk  # freed memory full of noise, which the encoder may be handed next
+        files.append(write_video(tmp_path / f"{i}.mp4", video.frames, fps=video.fps).read_bytes())
+    assert all(f == files[0] for f in files[1:])
+
+
 @ffmpeg
 @pytest.mark.parametrize("backend", ["decord", "av"])
 def test_constant_rate_sampled_at_target_fps(tmp_path, backend):
