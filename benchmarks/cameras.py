@@ -65,7 +65,7 @@ def camera_frames(size: int, count: int, seed: int) -> list[np.ndarray]:
 
 def simulate(adapter, size: int, cameras: int, chunks: int, standing: str | None) -> dict:
     """`cameras` streams for `chunks` chunk periods of virtual time; returns the lag curve."""
-    settings = EMLoCSettings(layer_group_size=max(1, adapter.num_layers // 2))
+    settings = EMLoCSettings()  # the default: half the model's layers a group
     period = settings.chunk_frames / FPS
     runners, frames = [], []
     for c in range(cameras):

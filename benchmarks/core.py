@@ -32,7 +32,7 @@ def run(chunk_frames: int, chunks: int, size: int, layers: int, hidden: int, see
     tokenizer = tiny_tokenizer()
     model = tiny_qwen2_vl(tokenizer, layers=layers, hidden=hidden, heads=4, kv_heads=2, init_std=0.1, seed=seed)
     # the online preset's bound and ratios, with two layer groups as Qwen2-VL-7B has (28 layers / 14)
-    settings = videomme_online(layer_group_size=layers // 2, chunk_frames=chunk_frames)  # the paper's method
+    settings = videomme_online(layer_groups=2, chunk_frames=chunk_frames)  # the paper's method
     context = StreamContext(model, tokenizer, settings)
     rng = np.random.default_rng(seed)
     context.fold(rng.integers(0, 256, (chunk_frames, size, size, 3), dtype=np.uint8))  # warm-up

@@ -46,13 +46,12 @@ METHODS = {"full": "full context", "layer": "EMLoC layer-wise", "group": "EMLoC 
 
 def pack_for(adapter, examples, method: str, share: float | None, seed: int, overrides: dict):
     """overrides: of many_shot() for the EMLoC rows (--delta, --observers)."""
-    layers = adapter.num_layers
     if method == "full":
         return TaskPack.build(adapter, examples, many_shot(ratios=(1.0,)))
     if method == "layer":
         return TaskPack.build(adapter, examples, many_shot(**overrides))
     if method == "group":
-        return TaskPack.build(adapter, examples, many_shot(layer_group_size=max(1, layers // 2), **overrides))
+        return TaskPack.build(adapter, examples, many_shot(layer_groups=2, **overrides))
     policy = UniformFrames(share) if method == "uniform" else RandomTokens(share, seed=seed)
     return TaskPack.build(adapter, examples, many_shot(), policy=policy)
 

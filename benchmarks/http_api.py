@@ -174,7 +174,7 @@ def fold_throughput(folder: Path, frames: int, repeats: int) -> dict:
     config_file.write_text("emloc:\n  preset: videomme_online\n  layer_group_size: 2\n  chunk_frames: 64\n"
                            "  token_budget: 128\n")
     config = load_config(config_file)
-    adapter, settings, _ = build_model(config, None, True)
+    adapter, settings, _ = build_model(config, None)
 
     class Clock:
         def __init__(self):

@@ -51,7 +51,7 @@ def serve(port: int) -> None:
     from stream.http import HttpServer
     from stream.service import LiveStream
 
-    adapter, settings, _ = build_model(Config(), RANDOM_MODEL, False)
+    adapter, settings, _ = build_model(Config(), RANDOM_MODEL)
     spec = StreamConfig(id="cam", source="udp://127.0.0.1:9", max_waiting=128)
     stream = LiveStream(spec, adapter, settings, fps=2.0, console=False)
     HttpServer([stream], f"127.0.0.1:{port}").start()

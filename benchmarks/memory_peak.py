@@ -37,7 +37,7 @@ from stream.config import Config
 from stream.sources import VideoFile
 config = Config()
 config = replace(config, emloc=replace(config.emloc, token_budget=2000))
-adapter, settings, _ = build_model(config, None, False)
+adapter, settings, _ = build_model(config, None)
 settings = replace(settings, **json.loads(sys.argv[4]))
 stages.append(("model loaded", peak()))
 context = StreamContext(adapter, settings=settings)

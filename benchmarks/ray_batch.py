@@ -44,7 +44,7 @@ from stream.question_files import load_questions
 from stream.config import Config
 from pathlib import Path
 folder, questions, out = Path(sys.argv[1]), load_questions(sys.argv[2]), open(sys.argv[3], "w")
-adapter, settings, _ = build_model(Config(), None, False)
+adapter, settings, _ = build_model(Config(), None)
 for path in sorted(folder.glob("*.mp4")):
     mine = [q for q in questions if q.meta.get("video") == path.name]
     for answer in answer_one_video(adapter, settings, path, mine, fps=2.0, max_new_tokens=16, stream_id=str(path)):

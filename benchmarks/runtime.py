@@ -140,7 +140,7 @@ def mqtt_round_trip(adapter, settings, questions: int) -> dict | None:
 def main() -> None:
     torch.set_num_threads(2)
     adapter = load_adapter(str(DEFAULT_MODEL))
-    settings = videomme_online(layer_group_size=adapter.num_layers // 2)
+    settings = videomme_online(layer_groups=2)
     result = dict(machine="2 CPU cores, torch " + torch.__version__, model="stream/models/emloc-tiny-qwen2vl",
                   chunk_frames=settings.chunk_frames, frame_size="56x56 (4 tokens per frame pair)")
     result["fold"] = fold_throughput(adapter, settings, chunks=16)

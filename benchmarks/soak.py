@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     args.budget = args.budget or 512
     torch.set_num_threads(2)
     adapter = load_adapter(str(DEFAULT_MODEL))
-    settings = videomme_online(layer_group_size=adapter.num_layers // 2, token_budget=args.budget)
+    settings = videomme_online(layer_groups=2, token_budget=args.budget)
     context = StreamContext(adapter, settings=settings)
     queue = QuestionQueue()
     class Count:  # only counts: an endless stream must not keep what it delivered

@@ -29,7 +29,7 @@ from .observer import Observer, ObserverPass, ObserverRun, observe, observe_toge
 from .policies import FoldState, JSBoundedSearch, RetentionPolicy
 from .records import Answer, FoldRecord
 from .scorers import ChunkView, Scorer, attention_share, scorer_from_settings
-from .settings import EMLoCSettings, SettingsError
+from .settings import MAX_NEW_TOKENS, EMLoCSettings, SettingsError
 
 
 def _one_at_a_time(method):
@@ -64,8 +64,7 @@ class StreamContext:
         self._lock = threading.RLock()
         self.adapter: ModelAdapter = model if isinstance(model, ModelAdapter) else adapter_for(
             model, tokenizer, **adapter_options)
-        self.settings = settings or EMLoCSettings()
-        self.settings.check_against(self.adapter.num_layers, self.adapter.temporal_patch)
+        self.settings = (settings or EMLoCSettings()).for_model(self.adapter.num_layers, self.adapter.temporal_patch)
         if self.settings.merge_dropped and self.adapter.uses_flash_attention:
             raise SettingsError("merge_dropped adds each merged token's log-mass to the attention logits, which "
                                 "flash-attn cannot take: load the model with sdpa or eager attention, or set "
@@ -529,8 +528,8 @@ class StreamContext:
     # --- answer ----------------------------------------------------------------------
     @_one_at_a_time
     @torch.no_grad()
-    def answer(self, question: str, *, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, partial_frames=None, return_logits: bool = False) -> Answer:
+    def answer(self, question: str, *, max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None, partial_frames=None, return_logits: bool = False) -> Answer:
         """Answers over the cache without changing it, so any number of questions can share it.
 
         partial_frames: frames not yet in a full chunk; they are prefilled for this answer

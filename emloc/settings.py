@@ -2,17 +2,19 @@
 
 Every field is checked when the object is built, so a wrong setting fails at load
 time with a message naming it, never halfway through a stream. Checks that need
-the model (does the group size divide its layer count?) run in `check_against`.
+the model (how many layers a group holds, does the chunk fit its temporal patch?) run in `for_model`,
+the one place settings meet a model's depth.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-
-from .scorers import scorer_names
+from dataclasses import asdict, dataclass, fields, replace
 
 DEFAULT_PROBE = "Describe what happens in the video."
+# The longest answer in tokens, on every path that answers: `StreamContext.answer`, and in stream/ the
+# CLI, HTTP, MQTT, the OpenAI endpoint, Ray workers and the video job (`model.max_new_tokens` of a config).
+MAX_NEW_TOKENS = 16
 
 
 class SettingsError(ValueError):
@@ -30,7 +32,11 @@ class EMLoCSettings:
     the `videomme_online` preset (and `reference_code`, `layer_wise`).
 
     layer_group_size: consecutive decoder layers that share one retention ratio
-        (1 = layer-wise). Must divide the model's layer count.
+        (1 = layer-wise). Must divide the model's layer count. None (the default): the model's
+        layers cut into `layer_groups` equal groups, decided by `for_model` once the model is known.
+    layer_groups: how many equal groups the model's layers are cut into when `layer_group_size`
+        is None. 2: half the model's layers a group (14 of Qwen2-VL-7B's 28, the paper's online
+        setting); a depth the count does not divide is searched layer-wise (groups of 1).
     delta: Jensen-Shannon bound (nats) on the observer's output distribution.
     ratios: retention candidates, tried in ascending order per group; a group
         where none passes keeps its whole chunk.
@@ -78,7 +84,8 @@ class EMLoCSettings:
         never compressed, as in the paper); 0: never compress.
     """
 
-    layer_group_size: int = 14
+    layer_group_size: int | None = None
+    layer_groups: int = 2
     delta: float = 0.04
     ratios: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
     chunk_frames: int = 64
@@ -98,8 +105,11 @@ class EMLoCSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
-        _require(isinstance(self.layer_group_size, int) and self.layer_group_size >= 1,
-                 f"layer_group_size must be an integer >= 1, got {self.layer_group_size!r}")
+        _require(self.layer_group_size is None or (_integer(self.layer_group_size) and self.layer_group_size >= 1),
+                 f"layer_group_size must be an integer >= 1 (or none: layer_groups equal groups), "
+                 f"got {self.layer_group_size!r}")
+        _require(_integer(self.layer_groups) and self.layer_groups >= 1,
+                 f"layer_groups must be an integer >= 1, got {self.layer_groups!r}")
         _require(isinstance(self.delta, (int, float)) and math.isfinite(self.delta) and self.delta >= 0,
                  f"delta must be a finite number >= 0, got {self.delta!r}")
         _require(len(self.ratios) > 0, "ratios must not be empty: give at least one retention ratio, e.g. (0.1, 1.0)")
@@ -123,6 +133,8 @@ class EMLoCSettings:
                  f"probe_answer_tokens must be an integer >= 0, got {self.probe_answer_tokens!r}")
         _require(self.probe_answer_refresh in ("carry", "carry_start", "decode"),
                  f"probe_answer_refresh must be 'carry' or 'decode', got {self.probe_answer_refresh!r}")
+        from .scorers import scorer_names  # here, not at the top: the scorers import torch, a config need not
+
         try:
             scorer_names(self.scorer)
         except ValueError as error:
@@ -139,9 +151,14 @@ class EMLoCSettings:
         _require(isinstance(self.max_observers, int) and self.max_observers >= 1,
                  f"max_observers must be an integer >= 1, got {self.max_observers!r}")
 
-    def check_against(self, num_layers: int, temporal_patch: int) -> None:
-        """Checks that need the model: group size and chunk length must fit it."""
+    def for_model(self, num_layers: int, temporal_patch: int) -> EMLoCSettings:
+        """These settings on a model with `num_layers` decoder layers (a hybrid model counts its
+        full-attention ones) and `temporal_patch` frames a temporal patch: the layer group size
+        decided (`layer_group_size`, else `layer_groups` equal groups) and checked, as is the chunk
+        length. The one place the group size is decided: the engine and `StreamContext` call it."""
         g = self.layer_group_size
+        if g is None:
+            g = num_layers // self.layer_groups if num_layers % self.layer_groups == 0 else 1
         if g > num_layers or num_layers % g:
             divisors = [d for d in range(1, num_layers + 1) if num_layers % d == 0]
             raise SettingsError(
@@ -154,6 +171,7 @@ class EMLoCSettings:
                 f"chunk_frames={self.chunk_frames} must be a multiple of the model's temporal patch size "
                 f"{temporal_patch}, so that chunks join into one continuous video"
             )
+        return self if g == self.layer_group_size else replace(self, layer_group_size=g)
 
     @classmethod
     def from_dict(cls, data: dict) -> EMLoCSettings:
@@ -175,6 +193,10 @@ class EMLoCSettings:
         return out
 
 
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise SettingsError(message)
@@ -182,6 +204,14 @@ def _require(ok: bool, message: str) -> None:
 
 # The paper's method: its observer alone ranks and bounds, nothing merged.
 PAPER = dict(scorer="observer", probe_answer_tokens=0, coverage_buckets=0, merge_dropped=False)
+
+
+def _over(base: dict, overrides: dict) -> EMLoCSettings:
+    """A preset's `base` with `overrides` over it; `layer_groups` given without `layer_group_size`
+    replaces the preset's group size (the preset's grouping relative to the model's depth)."""
+    if "layer_groups" in overrides and "layer_group_size" not in overrides:
+        base = {k: v for k, v in base.items() if k != "layer_group_size"}
+    return EMLoCSettings(**{**base, **overrides})
 
 
 def query_agnostic(**overrides) -> EMLoCSettings:
@@ -192,19 +222,19 @@ def query_agnostic(**overrides) -> EMLoCSettings:
 def videomme_online(**overrides) -> EMLoCSettings:
     """The paper's online VideoMME setting (Qwen2-VL-7B: 27.9k -> 2.3k tokens)."""
     base = dict(layer_group_size=14, delta=0.04, ratios=(0.02, 0.1, 0.5, 1.0), chunk_frames=64, **PAPER)
-    return EMLoCSettings(**{**base, **overrides})
+    return _over(base, overrides)
 
 
 def reference_code(**overrides) -> EMLoCSettings:
     """The setting of the authors' video code path: groups of 7, delta 0.05, fallback keeps all."""
     base = dict(layer_group_size=7, delta=0.05, ratios=(0.02, 0.05, 0.1, 1.0), chunk_frames=64, **PAPER)
-    return EMLoCSettings(**{**base, **overrides})
+    return _over(base, overrides)
 
 
 def layer_wise(**overrides) -> EMLoCSettings:
     """Layer-wise search with the paper's many-shot bound and ratios."""
     base = dict(layer_group_size=1, delta=0.005, ratios=(0.1, 0.2, 0.5, 1.0), chunk_frames=64, **PAPER)
-    return EMLoCSettings(**{**base, **overrides})
+    return _over(base, overrides)
 
 
 def many_shot(**overrides) -> EMLoCSettings:
@@ -214,7 +244,7 @@ def many_shot(**overrides) -> EMLoCSettings:
     classes no observer showed lost their examples' tokens, 12 points below full context at 50
     examples against 1 with 16 (docs/benchmarks/examples.md)."""
     base = dict(layer_group_size=1, delta=0.005, ratios=(0.1, 0.2, 0.5, 1.0), max_observers=16, **PAPER)
-    return EMLoCSettings(**{**base, **overrides})
+    return _over(base, overrides)
 
 
 PRESETS = {"query_agnostic": query_agnostic, "videomme_online": videomme_online, "reference_code": reference_code,

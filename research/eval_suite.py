@@ -54,7 +54,7 @@ def _run(job) -> dict:
     with TemporaryDirectory() as tmp:
         path = write_video(Path(tmp) / f"{seed}.mp4", video.frames, fps=video.fps)
         decoded = list(VideoFile(path).frames(fps=video.fps))
-    settings = videomme_online(layer_group_size=max(1, _adapter.num_layers // 2), temporal_range=_temporal_range)
+    settings = videomme_online(layer_groups=2, temporal_range=_temporal_range)
     context = StreamContext(_adapter, settings=settings, policy=KeepAll())
     questions = [video.question(k).text for k in task.QUESTION_TYPES] + [task.PROBE]
     answers = [a.text.strip() for a in answer_video(context, decoded, questions, max_new_tokens=20)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from emloc import EMLoCSettings, ModelAdapter, StreamContext
+from emloc.settings import MAX_NEW_TOKENS
 from sinks import AnswerEvent, Sink
 
 from .questions import Question, QuestionQueue
@@ -28,7 +29,8 @@ class _Collect(Sink):
 
 
 def answer_one_video(adapter: ModelAdapter, settings: EMLoCSettings, path: str | Path, questions: list[Question], *,
-                     fps: float, max_new_tokens: int = 16, stream_id: str | None = None, task=None) -> list[dict]:
+                     fps: float, max_new_tokens: int = MAX_NEW_TOKENS, stream_id: str | None = None,
+                     task=None) -> list[dict]:
     """The answers (AnswerEvent dicts) to `questions` about the video at `path`; raises VideoError
     if the video cannot be read. Nothing is written: the caller delivers the answers. task: the
     TaskPack the video's stream starts from (shared, read-only), or None."""

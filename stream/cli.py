@@ -9,31 +9,37 @@ import sys
 from emloc import InputError, SettingsError, UnsupportedModelError
 
 from .commands import batch, demo, live, pack, run
+from .commands.common import add_max_new_tokens_option
 from .config import ConfigError
 from .engine import DEFAULT_MODEL, RANDOM_MODEL, ROOT
 from .sources import VideoError
 from .state import StateError
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command; each command module adds its own (`register`)."""
     parser = argparse.ArgumentParser(prog="emloc-stream", description="Answer questions about long or endless "
                                      "video with an EMLoC-pruned multimodal LLM.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="YAML config (see configs/); default: the query-agnostic default "
-                       "(configs/query_agnostic.yaml), its layer groups scaled to the model's depth")
+        p.add_argument("--config", help="YAML config (see configs/); default: configs/default.yaml, the "
+                       "query-agnostic default with layer groups of half the model's layers")
         p.add_argument("--model", help=f"checkpoint folder or hub id of a supported model (docs/models.md) "
                        f"(default: the shipped {DEFAULT_MODEL.relative_to(ROOT)}; {RANDOM_MODEL}: random weights)")
         p.add_argument("--ask", action="append", help="a question (repeatable)")
-        p.add_argument("--budget", type=int, help="hard cap of tokens per layer")
-        p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer in tokens (default 16)")
+        p.add_argument("--budget", type=int, help="hard cap of tokens per layer (default: the config's "
+                       "emloc.token_budget, none)")
+        add_max_new_tokens_option(p)
 
     for command in (demo, run, batch, live, pack):
         command.register(commands, common)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
     try:
         from transformers.utils import logging as hf_logging
 

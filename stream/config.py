@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from emloc.settings import EMLoCSettings, SettingsError, preset
+from emloc.settings import MAX_NEW_TOKENS, EMLoCSettings, SettingsError, preset
 
 
 class ConfigError(ValueError):
@@ -16,14 +16,19 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """path: a local checkpoint folder or hub id; None runs the built-in tiny model."""
+    """path: a local checkpoint folder or hub id; None runs the shipped model.
+    max_new_tokens: the longest answer in tokens."""
 
     path: str | None = None
     device: str | None = None
     fps: float = 2.0
     max_frame_pixels: int = 144 * 28 * 28
+    max_new_tokens: int = MAX_NEW_TOKENS
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise ConfigError(f"model.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if self.fps <= 0:
             raise ConfigError(f"model.fps must be > 0, got {self.fps}")
         if self.max_frame_pixels < 28 * 28:
@@ -187,10 +192,11 @@ def load_config(path: str | Path) -> Config:
 
 def config_from_dict(data: dict) -> Config:
     _check_keys("config", data, {f.name for f in fields(Config)})
-    emloc = dict(data.get("emloc") or {})
+    emloc = _section(data, "emloc", "preset, token_budget, ...")
+    _check_keys("emloc", emloc, {f.name for f in fields(EMLoCSettings)} | {"preset"})
     name = emloc.pop("preset", None)
     settings = preset(name, **emloc) if name else EMLoCSettings.from_dict(emloc)
-    model = dict(data.get("model") or {})
+    model = _section(data, "model", "path, fps, ...")
     _check_keys("model", model, {f.name for f in fields(ModelConfig)})
     mqtt = None
     if data.get("mqtt") is not None:
@@ -214,6 +220,15 @@ def config_from_dict(data: dict) -> Config:
         raise ConfigError(f"stream ids must be unique, got {ids}")
     return Config(emloc=settings, model=ModelConfig(**model), mqtt=mqtt, streams=tuple(parsed), task=data.get("task"),
                   frigate=data.get("frigate"))
+
+
+def _section(data: dict, name: str, example: str) -> dict:
+    value = data.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a mapping ({example})")
+    return dict(value)
 
 
 def _check_keys(section: str, data: dict, known: set[str]) -> None:

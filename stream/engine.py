@@ -7,7 +7,6 @@ the Ray workers and the benchmarks. It knows nothing of argparse or printing.
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 from pathlib import Path
 
 from emloc import EMLoCSettings, InputError, ModelAdapter, StreamContext, TaskPack
@@ -17,17 +16,15 @@ from .models import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 RANDOM_MODEL = "builtin:random"  # a 28-layer tiny Qwen2-VL with random weights, for quick checks
-# With no config file, the query-agnostic default of EMLoCSettings (docs/benchmarks/agnostic.md): the probe
-# observer carries the model's own answer, tokens ranked by temporal novelty + key diversity, merged.
-DEFAULT_PROBE_ANSWER_TOKENS = EMLoCSettings().probe_answer_tokens
 
 
-def build_model(config: Config, model: str | None, settings_given: bool) -> tuple[ModelAdapter, EMLoCSettings, str]:
-    """The model (a checkpoint folder or hub id, the shipped model, or the random built-in one), the
-    settings every stream of it folds with, and a label for both.
+def build_model(config: Config, model: str | None = None) -> tuple[ModelAdapter, EMLoCSettings, str]:
+    """The model (`model`, else the config's model.path: a checkpoint folder or hub id; else the shipped
+    model; or the random built-in one), the settings every stream of it folds with (the config's
+    `emloc:`, resolved against the model's depth), and a label for both.
 
-    Without a config file the paper's online setting is used with its layer groups scaled
-    to the model's depth (14 of Qwen2-VL-7B's 28 layers: half the layers per group).
+    Without a config file, `Config()`: the default of configs/default.yaml, the paper's online search
+    with layer groups of half the model's layers (14 of Qwen2-VL-7B's 28).
     """
     options = dict(fps=config.model.fps, max_frame_pixels=config.model.max_frame_pixels)
     name = model or config.model.path or str(DEFAULT_MODEL)
@@ -51,12 +48,7 @@ def build_model(config: Config, model: str | None, settings_given: bool) -> tupl
             raise InputError(f"model {name}: no such folder here, and it cannot be loaded from the hub: {first}") \
                 from error
         label = name if Path(name) != DEFAULT_MODEL else f"{DEFAULT_MODEL.relative_to(ROOT)} (shipped, trained here)"
-    settings = config.emloc
-    if not settings_given:  # the product default: the paper's online setting, plus the probe's own answer
-        layers = adapter.num_layers
-        settings = replace(settings, layer_group_size=layers // 2 if layers % 2 == 0 else 1,
-                           probe_answer_tokens=DEFAULT_PROBE_ANSWER_TOKENS)
-    settings.check_against(adapter.num_layers, adapter.temporal_patch)  # before any video is read
+    settings = config.emloc.for_model(adapter.num_layers, adapter.temporal_patch)  # before any video is read
     return adapter, settings, f"{label}, {adapter.num_layers} layers; {describe(settings)}"
 
 

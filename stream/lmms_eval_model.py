@@ -9,12 +9,13 @@ Model arguments (`--model_args key=value,...`):
 - `pretrained`: a checkpoint folder or hub id (default: the shipped tiny model, which knows only the
   synthetic suite);
 - `config`: a YAML config as every command takes (its `emloc:` and `model:` sections);
-- any other key is an `emloc:` setting (`preset=videomme_online`, `layer_group_size=14`, `budget=...`);
-  without a config or settings: the product default, the paper's group-wise online setting with layer
-  groups of half the model's layers;
+- any other key is an `emloc:` setting (`preset=videomme_online`, `layer_groups=2`, `layer_group_size=14`,
+  `token_budget=...`); without a config or settings: the product default (configs/default.yaml), the
+  paper's group-wise online setting with layer groups of half the model's layers;
 - `query_aware` (default false): the questions guide what the cache keeps (the paper's offline setting);
   false is the online setting, where the video is folded before its question is known;
-- `max_new_tokens` (default 16): the longest answer, unless the task's generation_kwargs say otherwise.
+- `max_new_tokens` (default: the config's model.max_new_tokens, 16): the longest answer, unless the task's
+  generation_kwargs say otherwise.
 
 Requests are grouped by video, so a video is folded once for all its questions (query-aware: all of them
 guide its pruning, as `run --query-aware --ask ... --ask ...`). Only video tasks with one video per question
@@ -34,7 +35,7 @@ from emloc import EMLoCSettings, StreamContext
 from emloc.settings import preset
 
 from .config import Config, ConfigError, load_config
-from .engine import build_model, describe
+from .engine import build_model
 from .offline import answer_video
 from .sources import open_source
 
@@ -53,33 +54,36 @@ def _settings(base: EMLoCSettings, preset_name: str | None, options: dict) -> EM
     """`preset_name` with `options` over it, else `options` over `base` (a config's settings or the default's)."""
     if preset_name:
         return preset(preset_name, **options)
-    return EMLoCSettings.from_dict({**base.to_dict(), **options})
+    data = base.to_dict()
+    if "layer_groups" in options and "layer_group_size" not in options:
+        data.pop("layer_group_size")  # the grouping asked for, relative to the model's depth
+    return EMLoCSettings.from_dict({**data, **options})
 
 
 class EmlocStream(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str | None = None, config: str | None = None, query_aware: bool = False,
-                 max_new_tokens: int = 16, **options) -> None:
+                 max_new_tokens: int | None = None, **options) -> None:
         super().__init__()
         harness = {k: options.pop(k) for k in list(options) if k in HARNESS_KEYS}
         if not isinstance(query_aware, bool):
             raise ConfigError(f"emloc_stream: query_aware must be true or false, got {query_aware!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                           or max_new_tokens < 1):
             raise ConfigError(f"emloc_stream: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         name = options.pop("preset", None)
         _settings(EMLoCSettings(), name, options)  # an unknown or bad setting is named before the model loads
         loaded = load_config(config) if config is not None else Config()
         if harness.get("device"):
             loaded = replace(loaded, model=replace(loaded.model, device=harness["device"]))
-        self.config = loaded
-        self.adapter, settings, label = build_model(loaded, pretrained, config is not None)
         if options or name:  # over the config's settings, or the product default's
-            settings = _settings(settings, name, options)
-            settings.check_against(self.adapter.num_layers, self.adapter.temporal_patch)
-            label = f"{label.split(';')[0]}; {describe(settings)}"
-        self.settings, self.label = settings, label
-        self.query_aware, self.max_new_tokens = query_aware, max_new_tokens
+            loaded = replace(loaded, emloc=_settings(loaded.emloc, name, options))
+        if max_new_tokens is not None:
+            loaded = replace(loaded, model=replace(loaded.model, max_new_tokens=max_new_tokens))
+        self.config = loaded
+        self.adapter, self.settings, self.label = build_model(loaded, pretrained)
+        self.query_aware, self.max_new_tokens = query_aware, loaded.model.max_new_tokens
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         by_video: dict[str, list[int]] = defaultdict(list)

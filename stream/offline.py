@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from emloc import Answer, FoldRecord, StreamContext
+from emloc.settings import MAX_NEW_TOKENS
 
 from .chunker import chunks
 from .sources import Frame
 
 
 def answer_video(context: StreamContext, frames: Iterable[Frame], questions: list[str], *,
-                 query_aware: bool = False, max_new_tokens: int = 8,
+                 query_aware: bool = False, max_new_tokens: int = MAX_NEW_TOKENS,
                  on_fold: Callable[[FoldRecord], None] | None = None) -> list[Answer]:
     """Folds every frame into `context`, then answers each question over the compressed cache.
 

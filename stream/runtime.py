@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from emloc import InputError, StreamContext
+from emloc.settings import MAX_NEW_TOKENS
 from sinks import AnswerEvent, Sink
 
 from .chunker import Chunker
@@ -57,7 +58,7 @@ class StreamStatus:
 
 class StreamRunner:
     def __init__(self, stream_id: str, context: StreamContext, queue: QuestionQueue, sinks: Sequence[Sink], *,
-                 max_new_tokens: int = 16, on_error: Callable[[str, str], None] | None = None,
+                 max_new_tokens: int = MAX_NEW_TOKENS, on_error: Callable[[str, str], None] | None = None,
                  on_fold: Callable[[StreamRunner], None] | None = None,
                  source_state: Callable[[], str] | None = None, at_end: Sequence[Question] = (),
                  observe_questions: bool = True, behind: Callable[[], bool] | None = None,

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from emloc import ModelAdapter, StreamContext
+from emloc.settings import MAX_NEW_TOKENS
 from sinks import ConsoleSink, JsonLinesSink, Sink
 
 from .config import ConfigError, MqttConfig, StreamConfig
@@ -31,7 +32,7 @@ log = logging.getLogger("emloc_stream")
 
 class LiveStream:
     def __init__(self, spec: StreamConfig, adapter: ModelAdapter, settings, *, fps: float,
-                 mqtt: MqttConfig | None = None, max_new_tokens: int = 16, console: bool = True,
+                 mqtt: MqttConfig | None = None, max_new_tokens: int = MAX_NEW_TOKENS, console: bool = True,
                  questions: list[Question] = (), task=None, source_moved: bool = False, source=None) -> None:
         """source_moved: resume a state folded from another URL (the camera moved); else that is refused.
         source: frames from elsewhere than `spec.source` (a realtime session's `PushedFrames`)."""

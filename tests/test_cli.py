@@ -88,7 +88,7 @@ def test_shipped_configs_load_and_validate(tmp_path):
     assert online.emloc == EMLoCSettings(layer_group_size=14, delta=0.04, ratios=(0.02, 0.1, 0.5, 1.0),
                                          chunk_frames=64, scorer="observer", probe_answer_tokens=0,
                                          merge_dropped=False)  # the paper's method, exactly
-    assert load_config(ROOT / "configs" / "query_agnostic.yaml").emloc == EMLoCSettings()  # one default
+    assert load_config(ROOT / "configs" / "default.yaml").emloc == EMLoCSettings()  # one default
     assert online.model.max_frame_pixels == 336 * 336
     assert load_config(ROOT / "configs" / "reference_code.yaml").emloc.layer_group_size == 7
     site = load_config(ROOT / "configs" / "site.example.yaml")
@@ -292,14 +292,14 @@ def test_every_config_binds_to_the_shipped_model_or_names_the_mismatch():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         config = load_config(path)
         try:
-            build_model(config, str(DEFAULT_MODEL), True)
+            build_model(config, str(DEFAULT_MODEL))
             works.append(path.name)
         except SettingsError as error:
             assert "layer_group_size" in str(error) and "4 decoder layers" in str(error)
-            config.emloc.check_against(28, 2)
+            config.emloc.for_model(28, 2)
             for_7b.append(path.name)
-    assert {"site.local.yaml", "layer_wise.yaml"} <= set(works)
-    assert {"videomme_online.yaml", "reference_code.yaml", "site.example.yaml", "query_agnostic.yaml"} == set(for_7b)
+    assert {"site.local.yaml", "layer_wise.yaml", "default.yaml", "site.example.yaml"} <= set(works)
+    assert {"videomme_online.yaml", "reference_code.yaml"} == set(for_7b)  # the paper's presets: 14 and 7 layers
 
 
 def test_local_site_config_runs_as_is(tmp_path):

@@ -334,7 +334,7 @@ def test_token_is_required_beyond_loopback_and_enforced(monkeypatch):
     from stream.http import BindError, HttpServer
     from stream.service import LiveStream
 
-    adapter, settings, _ = build_model(Config(), RANDOM_MODEL, False)
+    adapter, settings, _ = build_model(Config(), RANDOM_MODEL)
     spec = StreamConfig(id="cam", source=f"udp://127.0.0.1:{free_port(socket.SOCK_DGRAM)}")
     streams = [LiveStream(spec, adapter, settings, fps=2.0, console=False)]  # not started: no source needed
     port = free_port()

@@ -36,7 +36,7 @@ def server():
     from stream.http import HttpLimits, HttpServer
     from stream.service import LiveStream
 
-    adapter, settings, _ = build_model(Config(), RANDOM_MODEL, False)
+    adapter, settings, _ = build_model(Config(), RANDOM_MODEL)
     spec = StreamConfig(id="cam", source=f"udp://127.0.0.1:{free_port(socket.SOCK_DGRAM)}", max_waiting=MAX_WAITING)
     stream = LiveStream(spec, adapter, settings, fps=2.0, console=False)  # not started: nothing is answered
     port = free_port()

@@ -74,7 +74,7 @@ def served(tmp_path_factory):
     from stream.service import LiveStream
 
     broker = Broker(tmp_path_factory.mktemp("broker")).start()
-    adapter, settings, _ = build_model(Config(), RANDOM_MODEL, False)
+    adapter, settings, _ = build_model(Config(), RANDOM_MODEL)
     spec = StreamConfig(id="cam", source=f"udp://127.0.0.1:{free_port(socket.SOCK_DGRAM)}")
     stream = LiveStream(spec, adapter, settings, fps=2.0, console=False)
     bridge = MqttBridge(MqttConfig(port=broker.port, backoff=(0.1, 0.5)), "cam", stream.queue).start()

@@ -29,8 +29,8 @@ pytest.importorskip("ray")
 from sinks import read_answers  # noqa: E402
 from stream.batch_job import answer_one_video  # noqa: E402
 from stream.cli import main  # noqa: E402
-from stream.engine import build_model  # noqa: E402
 from stream.config import Config  # noqa: E402
+from stream.engine import build_model  # noqa: E402
 from stream.questions import Question  # noqa: E402
 from stream.sources import write_video  # noqa: E402
 from stream.suites.synthetic import make_video  # noqa: E402
@@ -83,7 +83,7 @@ def single_process(folder: Path) -> list[dict]:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a Ray worker of 1 CPU runs (and much faster on a shared 2-core machine)
-    adapter, settings, _ = build_model(Config(), None, False)
+    adapter, settings, _ = build_model(Config(), None)
     out = []
     for seed in SEEDS:
         path = folder / f"v{seed}.mp4"

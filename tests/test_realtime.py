@@ -286,7 +286,7 @@ def test_websocket_token_host_and_origin_rules(monkeypatch):
     from stream.pushed import PushedFrames
     from stream.service import LiveStream
 
-    adapter, settings, _ = build_model(Config(), RANDOM_MODEL, False)
+    adapter, settings, _ = build_model(Config(), RANDOM_MODEL)
 
     def open_stream(stream_id: str) -> LiveStream:
         return LiveStream(StreamConfig(id=stream_id, source=f"realtime:{stream_id}"), adapter, settings, fps=2.0,

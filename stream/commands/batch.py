@@ -76,7 +76,7 @@ def batch(args: argparse.Namespace) -> int:
     from ..questions import QuestionQueue
     from ..runtime import StreamRunner
 
-    config, given = config_from(args)
+    config = config_from(args)
     videos, root = _batch_videos(args.videos)
     questions = _questions(args)
     names = {path: _names(path, root) for path in videos}
@@ -91,9 +91,9 @@ def batch(args: argparse.Namespace) -> int:
     if args.ray is not None:  # the same videos and questions, spread over a Ray cluster
         from ..distributed.batch import run_batch
 
-        return run_batch(args, config, given, videos, questions, done,
+        return run_batch(args, config, videos, questions, done,
                          task=str(Path(task).resolve()) if task else None)
-    adapter, settings, label = build_model(config, args.model, given)
+    adapter, settings, label = build_model(config, args.model)
     check_task(task, pack, adapter, settings)
     aware = not args.no_query_aware
     print(f"emloc-stream batch: {len(videos)} videos, {len(questions)} questions; {label}; observers: "

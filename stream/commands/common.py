@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from emloc import StreamContext
 
-from ..config import Config, load_config
+from ..config import MAX_NEW_TOKENS, Config, load_config
 
 
 def add_task_option(p: argparse.ArgumentParser) -> None:
@@ -21,11 +21,22 @@ def task_path(args: argparse.Namespace, config: Config) -> str | None:
     return getattr(args, "task", None) or config.task
 
 
-def config_from(args: argparse.Namespace) -> tuple[Config, bool]:
+def config_from(args: argparse.Namespace) -> Config:
+    """The config a command runs with: --config (else the default, `Config()`: configs/default.yaml), the
+    command line's options over it. Options the config also holds default to None, so the config fills
+    them in: --budget (emloc.token_budget), --max-new-tokens (model.max_new_tokens)."""
     config = load_config(args.config) if args.config else Config()
-    if args.budget is not None:
+    if getattr(args, "budget", None) is not None:
         config = replace(config, emloc=replace(config.emloc, token_budget=args.budget))
-    return config, bool(args.config)
+    if getattr(args, "max_new_tokens", None) is not None:
+        config = replace(config, model=replace(config.model, max_new_tokens=args.max_new_tokens))
+    args.max_new_tokens = config.model.max_new_tokens
+    return config
+
+
+def add_max_new_tokens_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=positive_int, help=f"longest answer in tokens (default: the config's "
+                   f"model.max_new_tokens, {MAX_NEW_TOKENS})")
 
 
 def progress_printer(total: int | None, duration: float | None = None):
@@ -62,6 +73,17 @@ def positive_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not value > 0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
     return value
 
 

@@ -18,10 +18,10 @@ from .common import config_from, deliver, footer, progress_printer
 
 
 def demo(args: argparse.Namespace) -> int:
-    config, given = config_from(args)
+    config = config_from(args)
     suite = synthetic_camera if args.suite == "camera" else synthetic
     model = args.model or (str(CAMERA_MODEL) if suite is synthetic_camera and not config.model.path else None)
-    adapter, settings, label = build_model(config, model, given)
+    adapter, settings, label = build_model(config, model)
     context = StreamContext(adapter, settings=settings)
     print(f"emloc-stream demo: {label}", flush=True)
     video = suite.make_video(args.seed, frames=args.frames, **({"size": args.size} if args.size else {}))

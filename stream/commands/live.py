@@ -8,17 +8,17 @@ from dataclasses import replace
 from pathlib import Path
 
 from .. import distributed
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError
 from ..engine import build_model, check_state, check_task, load_task
 from ..frigate import add_options as add_frigate_options
 from ..question_files import load_questions
-from .common import add_task_option, config_from
+from .common import add_max_new_tokens_option, add_task_option, config_from
 
 
 def live(args: argparse.Namespace) -> int:
     from ..config import MqttConfig, StreamConfig
 
-    config, given = config_from(args)
+    config = config_from(args)
     mqtt = None
     if args.mqtt:
         mqtt = MqttConfig.parse(args.mqtt, username=args.mqtt_user, password=args.mqtt_password,
@@ -30,14 +30,14 @@ def live(args: argparse.Namespace) -> int:
                         max_scheduled=args.max_scheduled, max_standing=args.max_standing, horizon=args.horizon,
                         task=args.task or config.task, answers_per_fold=args.answers_per_fold)
     questions = load_questions(args.questions) if args.questions else []
-    return _serve(config, given, args, [spec], mqtt, questions)
+    return _serve(config, args, [spec], mqtt, questions)
 
 
 def serve_config(args: argparse.Namespace) -> int:
     if not args.config and not args.http:
         raise ConfigError("serve needs --config (the streams it serves) or --http (realtime sessions make the "
                           "streams: the page's camera, WebSocket /v1/realtime), or both")
-    config, given = (load_config(args.config), True) if args.config else (Config(), False)
+    config = config_from(args)
     if not config.streams and not args.http:
         raise ConfigError(f"{args.config}: no streams: list them under 'streams:' (id, source, ...), or serve "
                           f"--http for realtime sessions only")
@@ -53,10 +53,10 @@ def serve_config(args: argparse.Namespace) -> int:
         if config.frigate is not None:
             raise ConfigError("frigate: not with --ray (the bridge runs beside the streams it asks): serve without it")
         return serve_ray(args, replace(config, streams=tuple(specs)))
-    return _serve(config, given, args, specs, config.mqtt)
+    return _serve(config, args, specs, config.mqtt)
 
 
-def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, mqtt, questions=()) -> int:
+def _serve(config: Config, args: argparse.Namespace, specs: list, mqtt, questions=()) -> int:
     import signal
     import threading
 
@@ -77,7 +77,7 @@ def _serve(config: Config, given: bool, args: argparse.Namespace, specs: list, m
     for spec in specs:
         check_state(spec.state, f"stream {spec.id}: state" if len(specs) > 1 else "--state")
     packs = {spec.id: load_task(spec.task) for spec in specs}  # one TaskPack per file, shared by its streams
-    adapter, settings, label = build_model(config, args.model, given)
+    adapter, settings, label = build_model(config, args.model)
     for spec in specs:
         check_task(spec.task, packs[spec.id], adapter, settings)
     print(f"emloc-stream: {len(specs)} stream(s) [{', '.join(s.id for s in specs)}]; {label}", flush=True)
@@ -234,7 +234,7 @@ def register(commands, common) -> None:
                    "optional mqtt: (without it, or without streams, --http serves realtime sessions only)")
     p.add_argument("--model", help="checkpoint folder or hub id; overrides model.path of the config (default: "
                    "the config's, else the shipped stream/models/emloc-tiny-qwen2vl)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer in tokens (default 16)")
+    add_max_new_tokens_option(p)
     p.add_argument("--status-every", type=float, default=5.0,
                    help="seconds between status reports, on stderr and emloc/<id>/status (default 5)")
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")

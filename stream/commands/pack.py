@@ -122,14 +122,13 @@ def pack(args: argparse.Namespace) -> int:
     if out.is_dir() or not out.parent.is_dir():
         raise InputError(f"--out {out}: give a file name in an existing folder")
     args.budget = None
-    config, given = config_from(args)
+    config = config_from(args)
     examples = read_examples(args.examples, config.model.fps, args.clip_frames)  # every bad line, before the model
-    adapter, stream_settings, label = build_model(config, args.model, given)
+    adapter, stream_settings, label = build_model(config, args.model)
     settings = preset(args.preset, system_prompt=stream_settings.system_prompt)
-    layers = adapter.num_layers
-    if layers % settings.layer_group_size:  # a preset made for 28 layers, on a smaller model: half the layers a group
-        settings = replace(settings, layer_group_size=layers // 2 if layers % 2 == 0 else 1)
-    settings.check_against(layers, adapter.temporal_patch)
+    if adapter.num_layers % settings.layer_group_size:  # a preset made for 28 layers, on a smaller model:
+        settings = replace(settings, layer_group_size=None)  # its layer_groups (half the layers a group)
+    settings = settings.for_model(adapter.num_layers, adapter.temporal_patch)
     chunks = -(-len(examples) // args.examples_per_chunk)
     print(f"emloc-stream pack: {len(examples)} examples in {chunks} chunk(s) of up to {args.examples_per_chunk}, "
           f"preset {args.preset} ({describe(settings)}); {label.split(';')[0]}", flush=True)

@@ -26,7 +26,7 @@ def _check_folder(path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config, given = config_from(args)
+    config = config_from(args)
     if not args.ask:
         raise InputError("give at least one question with --ask")
     from ..state import StateNotSaved, check_source, has_state, load_state, save_state, source_fingerprint
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     task = task_path(args, config)
     pack = load_task(task)  # a damaged pack is named before the video is opened
     source = open_source(args.video, args.image_fps)
-    adapter, settings, label = build_model(config, args.model, given)
+    adapter, settings, label = build_model(config, args.model)
     check_task(task, pack, adapter, settings)
     context = StreamContext(adapter, settings=settings, task=pack)
     print(f"emloc-stream run: {label}", flush=True)

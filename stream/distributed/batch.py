@@ -30,14 +30,13 @@ from .cluster import actor_options, connect, node_label, placement
 class VideoWorker:
     """One model, many videos: the model is loaded when the actor starts (or restarts)."""
 
-    def __init__(self, config, model: str | None, settings_given: bool, max_new_tokens: int,
-                 task: str | None = None) -> None:
+    def __init__(self, config, model: str | None, task: str | None = None) -> None:
         from ..engine import build_model, check_task, load_task
 
-        self.adapter, self.settings, self.label = build_model(config, model, settings_given)
+        self.adapter, self.settings, self.label = build_model(config, model)
         self.task = load_task(task)  # from the path, on storage every node can read; once per worker
         check_task(task, self.task, self.adapter, self.settings)
-        self.fps, self.max_new_tokens = config.model.fps, max_new_tokens
+        self.fps, self.max_new_tokens = config.model.fps, config.model.max_new_tokens
         self.where = placement()
 
     def ready(self) -> dict:
@@ -50,7 +49,7 @@ class VideoWorker:
         return dict(answers=answers, where=self.where, seconds=time.monotonic() - started)
 
 
-def run_batch(args: argparse.Namespace, config, given: bool, videos: list[Path], questions: list, done: set,
+def run_batch(args: argparse.Namespace, config, videos: list[Path], questions: list, done: set,
               task: str | None = None) -> int:
     from sinks import AnswerEvent, ConsoleSink, JsonLinesSink
 
@@ -78,7 +77,7 @@ def run_batch(args: argparse.Namespace, config, given: bool, videos: list[Path],
 
     def start(wait: float | None = None) -> None:
         """A new worker; a replacement (`wait` seconds) is given up if not up by then."""
-        worker = Worker.options(**options).remote(config, args.model, given, args.max_new_tokens, task)
+        worker = Worker.options(**options).remote(config, args.model, task)
         workers.append(worker)
         reviving[worker.ready.remote()] = (worker, None if wait is None else (wait, time.monotonic() + wait))
 

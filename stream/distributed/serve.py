@@ -29,7 +29,7 @@ from .cluster import actor_options, connect, node_label, placement
 
 
 class StreamActor:
-    def __init__(self, spec, config: Config, model: str | None, max_new_tokens: int, status_every: float) -> None:
+    def __init__(self, spec, config: Config, model: str | None, status_every: float) -> None:
         from ..engine import build_model, check_task, load_task
         from ..service import LiveStream
         from ..state import has_state
@@ -38,11 +38,11 @@ class StreamActor:
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         if self.restarted and has_state(spec.state):  # its one-off config questions were saved if still waiting
             spec = replace(spec, ask=())
-        adapter, settings, _ = build_model(config, model, True)
+        adapter, settings, _ = build_model(config, model)
         task = load_task(spec.task)  # from the path, on storage every node can read; once per process
         check_task(spec.task, task, adapter, settings)
         self.stream = LiveStream(spec, adapter, settings, fps=config.model.fps, mqtt=config.mqtt,
-                                 max_new_tokens=max_new_tokens, task=task)
+                                 max_new_tokens=config.model.max_new_tokens, task=task)
         self.status_every, self.started = status_every, time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"stream:{spec.id}", daemon=True)
@@ -95,8 +95,8 @@ def serve_ray(args: argparse.Namespace, config: Config) -> int:
     print(f"emloc-stream serve --ray: {len(specs)} stream(s) on a cluster of {cluster}", flush=True)
     Actor = ray.remote(StreamActor)
     options = actor_options(args, max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD")
-    actors = {spec.id: Actor.options(**options).remote(spec, config, args.model, args.max_new_tokens,
-                                                                   args.status_every) for spec in specs}
+    actors = {spec.id: Actor.options(**options).remote(spec, config, args.model, args.status_every)
+              for spec in specs}
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
