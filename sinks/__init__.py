@@ -2,6 +2,7 @@
 
 from .base import AnswerEvent, Sink
 from .console import ConsoleSink
+from .json_text import json_text, rounded
 from .jsonl import JsonLinesSink, read_answers
 
-__all__ = ["AnswerEvent", "ConsoleSink", "JsonLinesSink", "Sink", "read_answers"]
+__all__ = ["AnswerEvent", "ConsoleSink", "JsonLinesSink", "Sink", "json_text", "read_answers", "rounded"]

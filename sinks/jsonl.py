@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from .base import AnswerEvent, Sink
+from .json_text import json_text
 
 
 class JsonLinesSink(Sink):
@@ -24,7 +25,7 @@ class JsonLinesSink(Sink):
         self._file = self.path.open("a", encoding="utf-8")
 
     def deliver(self, event: AnswerEvent) -> None:
-        self._file.write(json.dumps(event.to_dict(), ensure_ascii=False) + "\n")
+        self._file.write(json_text(event.to_dict()) + "\n")
         self._file.flush()
         if self.sync:
             os.fsync(self._file.fileno())

@@ -34,13 +34,12 @@ named in one log line and costs nothing else.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import threading
 from dataclasses import dataclass, field
 
-from sinks import AnswerEvent, Sink
+from sinks import AnswerEvent, Sink, json_text
 
 from .config import ConfigError, MqttConfig, check_stream_id
 from .ha import DISCOVERY_PREFIX, object_id, safe_id
@@ -356,7 +355,7 @@ class FrigateBridge(Sink):
                               {"type": "description", "id": event.id, "description": description})
 
     def _publish(self, topic: str, data, retain: bool = False) -> None:
-        payload = data if isinstance(data, (str, bytes)) else json.dumps(data, ensure_ascii=False)
+        payload = data if isinstance(data, (str, bytes)) else json_text(data)
         self.client.publish(topic, payload, qos=1, retain=retain)  # paho queues it while the broker is away
 
     # --- Home Assistant discovery ------------------------------------------------------

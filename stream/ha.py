@@ -12,13 +12,12 @@ come from a digest of the question text, so an entity survives restarts.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import ssl
 import threading
 
-from sinks import AnswerEvent, Sink
+from sinks import AnswerEvent, Sink, json_text
 
 from .config import MqttConfig
 from .questions import QuestionQueue
@@ -96,7 +95,7 @@ class HaDiscovery(Sink):
         with self._lock:
             for obj, text in standing.items():
                 if obj not in self.announced:
-                    self._publish(self.config_topic(obj), json.dumps(self.sensor_config(text)), retain=True)
+                    self._publish(self.config_topic(obj), json_text(self.sensor_config(text)), retain=True)
             for obj in set(self.announced) - set(standing):
                 self._publish(self.config_topic(obj), b"", retain=True)  # HA removes the entity
             self.announced = standing
@@ -107,7 +106,7 @@ class HaDiscovery(Sink):
         if obj in self.announced:
             state = {"answer": event.answer[:255], "question": event.question, "question_id": event.question_id,
                      "time_span": event.time_span, "wall_time": event.wall_time}
-            self._publish(self.state_topic(obj), json.dumps(state, ensure_ascii=False), retain=True)
+            self._publish(self.state_topic(obj), json_text(state), retain=True)
 
     def close(self) -> None:
         """Says `offline` (retained) while the broker is there, then disconnects; never raises."""
@@ -141,4 +140,4 @@ class HaDiscovery(Sink):
         return self.client.publish(topic, payload, qos=1, retain=retain)
 
     def _status(self, state: str) -> str:
-        return json.dumps({"stream_id": self.stream_id, "state": state})
+        return json_text({"stream_id": self.stream_id, "state": state})

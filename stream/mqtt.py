@@ -24,12 +24,11 @@ to the error topic): it would otherwise be asked again at every reconnection.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 from collections import deque
 
-from sinks import AnswerEvent, Sink
+from sinks import AnswerEvent, Sink, json_text
 
 from .config import ConfigError, MqttConfig, check_stream_id
 from .payload import read_json
@@ -115,7 +114,7 @@ class MqttBridge(Sink):
             log.error("mqtt: %d message(s) could not be published before exit", self.pending())
 
     def _send(self, topic: str, data: dict, qos: int, replace: bool = False) -> None:
-        payload = json.dumps(data, ensure_ascii=False).encode("utf-8", "replace")
+        payload = json_text(data).encode("utf-8", "replace")
         with self._lock:
             if replace:  # only the newest status matters
                 self._outbox = deque(m for m in self._outbox if m[0] != topic)

@@ -92,6 +92,26 @@ def test_questions_answered_and_malformed_payloads_reported(broker, qwen2_vl, to
         client.close()
 
 
+def test_answer_and_status_times_are_rounded_to_the_millisecond(broker):
+    from sinks import AnswerEvent
+
+    client = Client(broker.port, ["emloc/cam/answer", "emloc/cam/status"])
+    bridge = MqttBridge(MqttConfig(port=broker.port, backoff=(0.1, 0.5)), "cam", QuestionQueue(max_waiting=8)).start()
+    try:
+        assert bridge.subscribed.wait(10)
+        bridge.deliver(AnswerEvent("cam", "q1", "what ?", "five", (0.1 + 0.2, 48.50000000000001), 1733390000.1234567,
+                                   160, 0.30000000000000004))
+        bridge.publish_status(dict(stream_id="cam", stream_time=12.000000000000002, temporal_scale=0.0625))
+        assert wait_for(lambda: client.got("emloc/cam/answer") and client.got("emloc/cam/status"))
+        answer, status = client.got("emloc/cam/answer")[0], client.got("emloc/cam/status")[0]
+        assert answer["time_span"] == [0.3, 48.5] and answer["latency_s"] == 0.3
+        assert answer["wall_time"] == 1733390000.123
+        assert status["stream_time"] == 12.0 and status["temporal_scale"] == 0.0625
+    finally:
+        bridge.close()
+        client.close()
+
+
 def test_broker_restart_loses_no_accepted_question(broker, qwen2_vl, tokenizer):
     client = Client(broker.port, ["emloc/cam/answer"], name="restart-client")
     stream = Stream(qwen2_vl, tokenizer, broker.port)

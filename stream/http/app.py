@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sinks import json_text, rounded
 
 from ..payload import read_json
 from ..questions import BadQuestion, Question
@@ -48,6 +49,13 @@ class Ask(BaseModel):
 ASK_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": Ask.model_json_schema()}}}}
 
 
+class RoundedJSONResponse(JSONResponse):
+    """Every JSON response, its times rounded to the millisecond as every other output's (sinks/json_text.py)."""
+
+    def render(self, content) -> bytes:
+        return super().render(rounded(content))
+
+
 def create_app(streams: list, token: str | None = None, answer_timeout: float = 120.0,
                limits: HttpLimits | None = None, bound: str = "127.0.0.1", open_stream=None) -> FastAPI:
     """The app behind its Guard; `bound` is the address served on (its name is an allowed Host).
@@ -68,6 +76,7 @@ def create_app(streams: list, token: str | None = None, answer_timeout: float = 
         sampler.cancel()
 
     app = FastAPI(title="emloc-stream", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  default_response_class=RoundedJSONResponse,
                   description="Ask live video streams questions; answers over REST, server-sent events, "
                               "or the OpenAI chat-completions schema.")
     app.state.hubs, app.state.metrics, app.state.answer_timeout = hubs, metrics, answer_timeout
@@ -140,12 +149,12 @@ def create_app(streams: list, token: str | None = None, answer_timeout: float = 
 
         async def stream():
             try:
-                yield {"event": "status", "data": json.dumps(hub.status())}
+                yield {"event": "status", "data": json_text(hub.status())}
                 while True:
                     kind, data = await queue.get()
                     if kind == "overflow" or await request.is_disconnected():
                         return
-                    yield {"event": kind, "data": json.dumps(data, ensure_ascii=False)}
+                    yield {"event": kind, "data": json_text(data)}
             finally:
                 hub.unlisten(queue)
         return EventSourceResponse(stream(), ping=15)

@@ -10,7 +10,6 @@ away before its answer has its question withdrawn from the queue, so it is never
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from typing import Literal
@@ -18,6 +17,8 @@ from typing import Literal
 from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict
 from sse_starlette.sse import EventSourceResponse
+
+from sinks import json_text
 
 from ..questions import BadQuestion, Question
 from .guard import client_of
@@ -149,7 +150,7 @@ async def chat_completions(body: ChatRequest, request: Request):
                     stream_time=data["time_span"])
 
     def chunk(delta: dict, finish: str | None = None) -> dict:
-        return {"data": json.dumps(dict(base, object="chat.completion.chunk",
+        return {"data": json_text(dict(base, object="chat.completion.chunk",
                                         choices=[dict(index=0, delta=delta, finish_reason=finish)]))}
 
     async def chunks():
@@ -157,7 +158,7 @@ async def chat_completions(body: ChatRequest, request: Request):
         try:
             data = await outcome()
         except HTTPException as error:  # the stream has begun: the error goes in the stream, as OpenAI does
-            yield {"data": json.dumps({"error": {"message": error.detail, "code": error.status_code}})}
+            yield {"data": json_text({"error": {"message": error.detail, "code": error.status_code}})}
             return
         except ClientGone:
             return

@@ -47,6 +47,8 @@ import uuid
 import numpy as np
 from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect
 
+from sinks import json_text
+
 from ..config import ConfigError, check_stream_id
 from ..pushed import FrameRefused, PushedFrames
 from ..questions import BadQuestion, Question
@@ -159,7 +161,7 @@ class Session:
 
     async def send(self, event: dict) -> None:
         async with self._send_lock:
-            await self.websocket.send_text(json.dumps(event, ensure_ascii=False))
+            await self.websocket.send_text(json_text(event))
 
     async def error(self, code: str, message: str, event_id=None, kind: str = "invalid_request_error",
                     **more) -> None:
@@ -309,7 +311,7 @@ async def realtime(websocket: WebSocket, model: str | None = None) -> None:
             raise SessionRefused("this server takes no realtime sessions (the command serving it makes no streams)")
         hub = registry.begin(model)
     except SessionRefused as error:
-        await websocket.send_text(json.dumps({"type": "error", "error": dict(
+        await websocket.send_text(json_text({"type": "error", "error": dict(
             type="invalid_request_error", code="session_refused", message=str(error))}))
         await websocket.close(1008, str(error)[:120])
         return
