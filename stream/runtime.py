@@ -134,7 +134,7 @@ class StreamRunner:
         """The status's view of the cache: chunks folded, tokens per layer, temporal spacing."""
         self.status.chunks_folded = self.context.chunks_folded
         self.status.cache_tokens = round(sum(self.context.cache.lengths()) / self.context.adapter.num_layers)
-        self.status.temporal_scale = self.context.temporal_scale
+        self.status.temporal_scale = self.context.temporal.scale
 
     def _fold(self, frames, times) -> None:
         self.context.fold(frames, questions=self.observers(), timestamps=times)

@@ -48,12 +48,11 @@ from safetensors.torch import save_file
 
 from emloc import SettingsError, StreamContext
 from emloc.integrity import LEGACY_STATE, Stored, check_manifest, check_tensors, read_tensors, seal
+from emloc.snapshot import COUNTERS
 
 FORMAT = "emloc-stream-state/4"  # 3: compressed temporal positions (halvings, video layout); 4: emloc/integrity.py
 READ_FORMATS = (FORMAT, LEGACY_STATE)
 CACHE_NAME = re.compile(r"cache-([1-9][0-9]{0,17})\.safetensors")
-COUNTERS = ("chunks_folded", "steps", "sink_tokens", "video_start", "max_position", "tokens_seen",
-            "temporal_halvings")
 EXTRA = ("state.counters", "state.times", "state.layout")  # the tensors besides the layers
 TENSOR_PARTS = ("keys", "values", "origins", "importance")
 LINEAR_NAME = re.compile(r"layers\.[0-9]+\.(conv|recurrent)\.[0-9]+")  # a hybrid model's linear-attention states
@@ -355,10 +354,10 @@ def _check_cache(folder: Path, context: StreamContext, start: dict, tensors: dic
     if len(tensors) - len(EXTRA) - merged - linear != 4 * adapter.num_layers or merged > adapter.num_layers:
         raise StateError(f"{folder}: the cache file holds {len(tensors) - len(EXTRA)} layer tensors, the model needs "
                          f"{4 * adapter.num_layers} (and up to {adapter.num_layers} log_mass)")
-    expected = context.halvings_for(context.steps_folded - 1)
-    if context.temporal_halvings != expected:
-        raise StateError(f"{folder}: temporal_halvings = {context.temporal_halvings}, but a stream of "
-                         f"{context.steps_folded} temporal steps under temporal_range {context.temporal_range} "
+    expected = context.temporal.halvings_for(context.temporal.steps - 1)
+    if context.temporal.halvings != expected:
+        raise StateError(f"{folder}: temporal_halvings = {context.temporal.halvings}, but a stream of "
+                         f"{context.temporal.steps} temporal steps under temporal_range {context.temporal.range} "
                          f"has halved its spacing {expected} times")
     for i, layer in enumerate(context.cache.layers):
         keys, origins = layer.keys, layer.committed_origins()

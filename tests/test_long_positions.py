@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
+import emloc.fold
 from emloc import EMLoCSettings, SettingsError, StreamContext
 from emloc.adapters import adapter_for
 from stream.state import load_state, save_state
@@ -63,12 +64,12 @@ def test_compressed_stream_equals_one_folded_at_that_spacing(model, tokenizer, r
     limit = int(offsets[11]) // 2 + 1
     assert int(offsets[15]) / 4 < limit <= int(offsets[15]) / 2
     compressed = fold_all(StreamContext(model, tokenizer, EMLoCSettings(**WHOLE, temporal_range=limit)), chunks)
-    assert compressed.temporal_halvings == 2
+    assert compressed.temporal.halvings == 2
     assert [r.temporal_scale for r in compressed.records] == [1, 0.5, 0.5, 0.25]
     assert compressed.records[-1].summary().endswith("temporal positions x0.25")
-    assert len(compressed._video_layout) == (3 if resize else 1)  # tokens per step change with the frame size
+    assert len(compressed.temporal.layout) == (3 if resize else 1)  # tokens per step change with the frame size
     at_quarter = StreamContext(model, tokenizer, EMLoCSettings(**WHOLE, temporal_range=0))
-    at_quarter.temporal_halvings = 2
+    at_quarter.temporal.halvings = 2
     fold_all(at_quarter, chunks)
     ours, theirs = compressed.cache.layers[0], at_quarter.cache.layers[0]
     assert torch.equal(ours.committed_origins(), theirs.committed_origins())
@@ -85,9 +86,9 @@ def test_a_first_chunk_longer_than_the_range_starts_compressed(qwen2_vl, tokeniz
     spacing that fits it (8 frames: temporal steps 0-3 into a range of 2, halved once)."""
     first = fold_all(StreamContext(qwen2_vl, tokenizer, EMLoCSettings(**WHOLE, temporal_range=2)), [(56, 84)])
     at_half = StreamContext(qwen2_vl, tokenizer, EMLoCSettings(**WHOLE, temporal_range=0))
-    at_half.temporal_halvings = 1
+    at_half.temporal.halvings = 1
     fold_all(at_half, [(56, 84)])
-    assert first.temporal_halvings == 1 and first.max_position == at_half.max_position
+    assert first.temporal.halvings == 1 and first.max_position == at_half.max_position
     assert all(torch.equal(a, b) for a, b in zip(committed_keys(first), committed_keys(at_half)))
 
 
@@ -98,13 +99,13 @@ def test_the_boundary_is_the_range(model, tokenizer):
     last = int(plain.adapter.temporal_offsets(torch.tensor([11])))
     within = fold_all(StreamContext(model, tokenizer, EMLoCSettings(**PRUNED, temporal_range=last + 1)),
                       [(56, 84)] * 3)
-    assert within.temporal_halvings == 0
+    assert within.temporal.halvings == 0
     assert all(torch.equal(a, b) for a, b in zip(committed_keys(within), committed_keys(plain)))
     assert [r.positions for r in within.records] == [r.positions for r in plain.records]
     assert within.answer("what colour was the triangle ?").token_ids == plain.answer(
         "what colour was the triangle ?").token_ids
     past = fold_all(StreamContext(model, tokenizer, EMLoCSettings(**PRUNED, temporal_range=last)), [(56, 84)] * 3)
-    assert past.temporal_halvings == 1
+    assert past.temporal.halvings == 1
     assert not torch.equal(committed_keys(past)[0], committed_keys(plain)[0])
 
 
@@ -113,14 +114,14 @@ def test_the_checkpoint_declares_the_range_and_settings_override_it(qwen2_vl, to
     qwen2_vl.config.emloc_temporal_range = 5
     try:
         assert adapter_for(qwen2_vl, tokenizer).identity() == identity  # a reading policy, not the weights
-        assert StreamContext(qwen2_vl, tokenizer, EMLoCSettings(**WHOLE)).temporal_range == 5
-        assert StreamContext(qwen2_vl, tokenizer, EMLoCSettings(**WHOLE, temporal_range=0)).temporal_range is None
-        assert StreamContext(qwen2_vl, tokenizer, EMLoCSettings(**WHOLE, temporal_range=9)).temporal_range == 9
+        assert StreamContext(qwen2_vl, tokenizer, EMLoCSettings(**WHOLE)).temporal.range == 5
+        assert StreamContext(qwen2_vl, tokenizer, EMLoCSettings(**WHOLE, temporal_range=0)).temporal.range is None
+        assert StreamContext(qwen2_vl, tokenizer, EMLoCSettings(**WHOLE, temporal_range=9)).temporal.range == 9
         context = fold_all(StreamContext(qwen2_vl, tokenizer, EMLoCSettings(**WHOLE)), [(56, 84)] * 2)
-        assert context.temporal_halvings == 1  # 8 temporal steps, range 5: the second chunk halves
+        assert context.temporal.halvings == 1  # 8 temporal steps, range 5: the second chunk halves
     finally:
         del qwen2_vl.config.emloc_temporal_range
-    assert StreamContext(qwen2_vl, tokenizer, EMLoCSettings(**WHOLE)).temporal_range is None
+    assert StreamContext(qwen2_vl, tokenizer, EMLoCSettings(**WHOLE)).temporal.range is None
     for bad in (1, -3, True, 2.5, "128"):
         with pytest.raises(SettingsError, match="temporal_range"):
             EMLoCSettings(temporal_range=bad)
@@ -128,19 +129,19 @@ def test_the_checkpoint_declares_the_range_and_settings_override_it(qwen2_vl, to
 
 def test_a_failed_fold_puts_the_positions_back(qwen2_vl, tokenizer, monkeypatch):
     context = fold_all(StreamContext(qwen2_vl, tokenizer, EMLoCSettings(**PRUNED, temporal_range=6)), [(56, 84)])
-    before = (committed_keys(context), context.temporal_halvings, context.max_position)
+    before = (committed_keys(context), context.temporal.halvings, context.max_position)
 
     def broken(*args):
         raise RuntimeError("search failed")
 
-    monkeypatch.setattr(context, "_commit", broken)  # after the keys moved and the chunk ran
+    monkeypatch.setattr(emloc.fold, "commit", broken)  # after the keys moved and the chunk ran
     with pytest.raises(RuntimeError, match="search failed"):
         context.fold(random_frames(8, seed=5))
-    assert (context.temporal_halvings, context.max_position) == before[1:]
+    assert (context.temporal.halvings, context.max_position) == before[1:]
     assert all(torch.equal(a, b) for a, b in zip(committed_keys(context), before[0]))
     monkeypatch.undo()
     context.fold(random_frames(8, seed=5))
-    assert context.temporal_halvings == 1
+    assert context.temporal.halvings == 1
 
 
 def test_a_saved_compressed_stream_resumes_as_if_never_stopped(qwen2_vl, tokenizer, tmp_path):
@@ -148,14 +149,14 @@ def test_a_saved_compressed_stream_resumes_as_if_never_stopped(qwen2_vl, tokeniz
     chunks = [(56, 84), (112, 84), (56, 84), (56, 84)]
     straight = fold_all(StreamContext(qwen2_vl, tokenizer, settings), chunks)
     first = fold_all(StreamContext(qwen2_vl, tokenizer, settings), chunks[:2])
-    assert first.temporal_halvings == 1
+    assert first.temporal.halvings == 1
     save_state(tmp_path, first, {"last_time": None})
     resumed = StreamContext(qwen2_vl, tokenizer, settings)
     load_state(tmp_path, resumed)
-    assert (resumed.temporal_halvings, resumed.max_position) == (1, first.max_position)
+    assert (resumed.temporal.halvings, resumed.max_position) == (1, first.max_position)
     for k, (height, width) in enumerate(chunks[2:], start=2):
         resumed.fold(random_frames(8, height, width, seed=k))
-    assert resumed.temporal_halvings == straight.temporal_halvings == 2
+    assert resumed.temporal.halvings == straight.temporal.halvings == 2
     assert all(torch.equal(a, b) for a, b in zip(committed_keys(resumed), committed_keys(straight)))
     question = "what colour was the triangle ?"
     assert resumed.answer(question).token_ids == straight.answer(question).token_ids

@@ -393,7 +393,7 @@ def test_positions_past_the_model_are_refused_and_the_cache_kept(name):
     with pytest.raises(InputError, match="past the model's max_position_embeddings"):
         context.fold(random_frames(4, seed=1))
     assert all(torch.equal(a, layer.keys) for a, layer in zip(keys, context.cache.layers))
-    assert context.steps_folded == (2 if name != "llava_onevision" else 4)
+    assert context.temporal.steps == (2 if name != "llava_onevision" else 4)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -402,7 +402,7 @@ def test_the_temporal_position_policy_is_refused_with_its_reason(name):
     reason = "timestamp text" if name.startswith("qwen3") else "one \\(1D\\) position axis"
     with pytest.raises(SettingsError, match=f"temporal_range=64 is not supported for .*{reason}"):
         StreamContext(model, tok, EMLoCSettings(**WHOLE, temporal_range=64))
-    assert StreamContext(model, tok, EMLoCSettings(**WHOLE, temporal_range=0)).temporal_range is None
+    assert StreamContext(model, tok, EMLoCSettings(**WHOLE, temporal_range=0)).temporal.range is None
 
 
 # --- state ----------------------------------------------------------------------------------------------

@@ -284,7 +284,7 @@ def test_the_temporal_position_policy_is_refused_with_its_reason(qwen3_5, tokeni
     with pytest.raises(SettingsError, match="temporal_range=64 is not supported for .*timestamp text.*recurrent state"):
         StreamContext(qwen3_5, tokenizer, EMLoCSettings(layer_group_size=1, chunk_frames=4, temporal_range=64))
     assert StreamContext(qwen3_5, tokenizer, EMLoCSettings(layer_group_size=1, chunk_frames=4,
-                                                           temporal_range=0)).temporal_range is None
+                                                           temporal_range=0)).temporal.range is None
 
 
 # --- the MoE variant, the registry and the CLI ------------------------------------------------------------------

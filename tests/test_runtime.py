@@ -131,7 +131,7 @@ def test_the_status_says_when_positions_were_compressed(qwen2_vl, tokenizer):
     for frame in frames(16):
         runner.feed(frame)
     runner.finish()
-    assert runner.status.temporal_scale == context.temporal_scale == 0.5  # 8 temporal steps into 6 positions
+    assert runner.status.temporal_scale == context.temporal.scale == 0.5  # 8 temporal steps into 6 positions
     assert runner.status.to_dict()["temporal_scale"] == 0.5
 
 

@@ -64,7 +64,7 @@ def test_observers_run_together_see_only_themselves(model, tokenizer):
         run_layers_chunk = random_frames(8, seed=1)
         pixels = adapter.preprocess(run_layers_chunk)
         embeds = adapter.encode_video(pixels)
-        positions = adapter.video_positions(context.video_start, context.steps_folded, pixels)
+        positions = adapter.video_positions(context.video_start, context.temporal.steps, pixels)
         from emloc.forward import run_layers
         run_layers(adapter, cache, embeds, positions)
         start = int(positions.max()) + 1

@@ -114,7 +114,7 @@ def test_past_its_temporal_range_the_default_still_finds_the_needle(adapter, tmp
             context = StreamContext(adapter, settings=EMLoCSettings(layer_group_size=2, temporal_range=temporal_range))
             answers = answer_video(context, frames, [video.question(k).text for k in kinds], max_new_tokens=4)
             count += sum(a.text.strip() == video.question(k).answer for k, a in zip(kinds, answers))
-            scales.add(context.temporal_scale)
+            scales.add(context.temporal.scale)
             if temporal_range is None:  # the video's positions end inside the declared range
                 assert context.max_position - context.video_start < adapter.temporal_range
         return count, scales
