@@ -9,7 +9,7 @@ only after the video (a live camera, an MQTT client)?
     python benchmarks/agnostic.py --suite camera --needle --methods full default
 
 Held-out seeds (3_000_000 + i for the synthetic suite: never trained on). Every video is
-written to H.264, decoded, sampled, chunked and folded through `stream.offline.answer_video`
+written to H.264, decoded, sampled, chunked and folded through `stream.job.answer_video`
 with the questions asked only after the whole video (one cache answers them all). Every EMLoC
 row uses the paper's online search (layer groups of L/2, delta 0.04, ratios 0.02/0.1/0.5/1)
 and differs only in the scorer that ranks the tokens and in the observer whose output the JS
@@ -42,8 +42,8 @@ from emloc import StreamContext, load_adapter  # noqa: E402
 from emloc.observer import js_divergence  # noqa: E402
 from emloc.policies import KeepAll, UniformFrames  # noqa: E402
 from emloc.settings import EMLoCSettings, videomme_online  # noqa: E402
+from stream.job import answer_video  # noqa: E402
 from stream.models import SHIPPED  # noqa: E402
-from stream.offline import answer_video  # noqa: E402
 from stream.sources import VideoFile, write_video  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +139,8 @@ def run_method(adapter, method, frames, questions, share, budget, needle=None):
     context = StreamContext(adapter, settings=settings, policy=policy)
     records = []
     clock = time.perf_counter()
-    answers = answer_video(context, frames, [q.text for q in questions], max_new_tokens=4, on_fold=records.append)
+    answers = answer_video(context, frames, [q.text for q in questions], query_aware=False, max_new_tokens=4,
+                           on_fold=records.append)
     wall = time.perf_counter() - clock
     layers = adapter.num_layers
     seen, kept = context.video_tokens_seen(), context.video_tokens_kept()

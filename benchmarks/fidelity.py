@@ -5,7 +5,7 @@
 
 Every video is generated from a seed (2_000_000 + i: never trained on, never used to pick
 the checkpoint), written to an H.264 file, decoded, sampled at 2 fps, chunked and folded
-through `stream.offline.answer_video`, the path `emloc-stream run` takes. Methods:
+through `stream.job.answer_video`, the path `emloc-stream run` takes. Methods:
 
 - full: every token kept (the reference);
 - EMLoC, the paper's online preset (layer groups of L/2, delta 0.04, ratios 0.02/0.1/0.5/1)
@@ -56,8 +56,8 @@ from emloc.policies import (  # noqa: E402
     UniformFrames,
 )
 from emloc.settings import EMLoCSettings, reference_code, videomme_online  # noqa: E402
+from stream.job import answer_video  # noqa: E402
 from stream.models import DEFAULT_MODEL  # noqa: E402
-from stream.offline import answer_video  # noqa: E402
 from stream.sources import VideoFile, write_video  # noqa: E402
 from stream.suites.synthetic import QUESTION_TYPES, make_video  # noqa: E402
 

@@ -38,17 +38,16 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0", PYTHONP
 LOCAL = """
 import json, sys, time, torch
 torch.set_num_threads(1)
-from stream.batch_job import answer_one_video
 from stream.engine import build_model
 from stream.question_files import load_questions
 from stream.config import Config
+from stream.job import batch_jobs
 from pathlib import Path
 folder, questions, out = Path(sys.argv[1]), load_questions(sys.argv[2]), open(sys.argv[3], "w")
 adapter, settings, _ = build_model(Config(), None)
-for path in sorted(folder.glob("*.mp4")):
-    mine = [q for q in questions if q.meta.get("video") == path.name]
-    for answer in answer_one_video(adapter, settings, path, mine, fps=2.0, max_new_tokens=16, stream_id=str(path)):
-        out.write(json.dumps(answer) + "\\n")
+for job, _ in batch_jobs(sorted(folder.glob("*.mp4")), folder, questions, set()):
+    for event in job.answer(adapter, settings, fps=2.0, query_aware=True, max_new_tokens=16).events:
+        out.write(json.dumps(event.to_dict()) + "\\n")
     print("VIDEO", time.monotonic(), flush=True)
 """
 

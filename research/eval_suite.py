@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from emloc import StreamContext, load_adapter  # noqa: E402
 from emloc.policies import KeepAll  # noqa: E402
 from emloc.settings import videomme_online  # noqa: E402
+from stream.job import answer_video  # noqa: E402
 from stream.models import CAMERA_MODEL  # noqa: E402
-from stream.offline import answer_video  # noqa: E402
 from stream.sources import VideoFile, write_video  # noqa: E402
 from stream.suites import camera as synthetic_camera  # noqa: E402
 from stream.suites import synthetic
@@ -57,7 +57,8 @@ def _run(job) -> dict:
     settings = videomme_online(layer_groups=2, temporal_range=_temporal_range)
     context = StreamContext(_adapter, settings=settings, policy=KeepAll())
     questions = [video.question(k).text for k in task.QUESTION_TYPES] + [task.PROBE]
-    answers = [a.text.strip() for a in answer_video(context, decoded, questions, max_new_tokens=20)]
+    answers = [a.text.strip() for a in answer_video(context, decoded, questions, query_aware=False,
+                                                    max_new_tokens=20)]
     truth = [video.question(k).answer for k in task.QUESTION_TYPES] + [video.description()]
     return dict(seed=seed, answers=answers, truth=truth,
                 correct=[a == t for a, t in zip(answers, truth)])

@@ -2,7 +2,7 @@
 
 lmms-eval (the harness that scores video models on VideoMME, MLVU, LongVideoBench, ...) finds this class
 through the Python entry point group `lmms_eval.models` (pyproject.toml), its supported plug-in route. Each
-video goes through the one video path of `run` and `batch` (`answer_video`): decoded and sampled at the
+video goes through the one video job of `run` and `batch` (`stream/job.py`): decoded and sampled at the
 model's fps, folded chunk by chunk into a compressed cache, then its questions answered over that cache.
 
 Model arguments (`--model_args key=value,...`):
@@ -36,7 +36,7 @@ from emloc.settings import preset
 
 from .config import Config, ConfigError, load_config
 from .engine import build_model
-from .offline import answer_video
+from .job import answer_video
 from .sources import open_source
 
 MODEL_ID = "emloc_stream"

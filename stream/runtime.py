@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-from emloc import InputError, StreamContext
+from emloc import Answer, InputError, StreamContext
 from emloc.settings import MAX_NEW_TOKENS
 from sinks import AnswerEvent, Sink
 
@@ -62,12 +62,13 @@ class StreamRunner:
                  on_fold: Callable[[StreamRunner], None] | None = None,
                  source_state: Callable[[], str] | None = None, at_end: Sequence[Question] = (),
                  observe_questions: bool = True, behind: Callable[[], bool] | None = None,
-                 answers_per_fold: int = 2) -> None:
+                 answers_per_fold: int = 2, on_answer: Callable[[Question, Answer], None] | None = None) -> None:
         """source_state: the source's state, named when a question comes before any video.
         at_end: questions answered by `finish` (over the whole of a finite source), observers until then.
         observe_questions: False folds with the probe observer only (query-agnostic), whatever waits.
         behind: whether frames wait to be fed (a live source's buffer); then at most `answers_per_fold`
-        one-off or scheduled answers between two folds. Without it nothing is ever behind."""
+        one-off or scheduled answers between two folds. Without it nothing is ever behind.
+        on_answer: called with each question and the model's answer (its tokens too), before the sinks."""
         if not isinstance(answers_per_fold, int) or answers_per_fold < 1:
             raise ValueError(f"answers_per_fold must be an integer >= 1, got {answers_per_fold!r}")
         self.stream_id, self.context, self.queue, self.sinks = stream_id, context, queue, list(sinks)
@@ -82,6 +83,7 @@ class StreamRunner:
         self.status = StreamStatus(stream_id)
         self.last_folded_time: float | None = None
         self.on_fold = on_fold
+        self.on_answer = on_answer
         self.source_state = source_state or (lambda: self.status.state)  # named when a question finds no video
         self.on_error = on_error or (lambda qid, message: log.error("%s: question %s: %s", stream_id, qid, message))
 
@@ -165,6 +167,8 @@ class StreamRunner:
                                 answer.cache_tokens, answer.latency_s, expected=question.meta.get("expected"))
             self.status.answers += 1
             self.answers_since_fold += question.every is None
+            if self.on_answer is not None:
+                self.on_answer(question, answer)
             self.deliver(event)
 
     def deliver(self, event: AnswerEvent) -> None:

@@ -170,7 +170,7 @@ def test_camera_model_answers_with_full_context_and_the_default_keeps_up(tmp_pat
     from emloc import StreamContext, load_adapter
     from emloc.policies import KeepAll
     from emloc.settings import EMLoCSettings, videomme_online
-    from stream.offline import answer_video
+    from stream.job import answer_video
     from stream.sources import VideoFile, write_video
 
     adapter = load_adapter(str(MODEL))
@@ -181,10 +181,11 @@ def test_camera_model_answers_with_full_context_and_the_default_keeps_up(tmp_pat
         frames = list(VideoFile(write_video(tmp_path / f"{i}.mp4", video.frames, video.fps)).frames(fps=video.fps))
         questions = [video.question(k).text for k in QUESTION_TYPES]
         full = StreamContext(adapter, settings=videomme_online(layer_group_size=2), policy=KeepAll())
-        for kind, answer in zip(QUESTION_TYPES, answer_video(full, frames, questions, max_new_tokens=3)):
+        answers = answer_video(full, frames, questions, query_aware=False, max_new_tokens=3)
+        for kind, answer in zip(QUESTION_TYPES, answers):
             correct[kind] += answer.text.strip() == video.question(kind).answer
         pruned = StreamContext(adapter, settings=EMLoCSettings(layer_group_size=2))
-        answers = answer_video(pruned, frames, questions, max_new_tokens=3)
+        answers = answer_video(pruned, frames, questions, query_aware=False, max_new_tokens=3)
         default_right += sum(a.text.strip() == video.question(k).answer for k, a in zip(QUESTION_TYPES, answers))
         kept.append(pruned.video_tokens_kept() / pruned.video_tokens_seen())
     accuracy = {kind: n / MODEL_VIDEOS for kind, n in correct.items()}

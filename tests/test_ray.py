@@ -27,10 +27,10 @@ import pytest
 pytest.importorskip("ray")
 
 from sinks import read_answers  # noqa: E402
-from stream.batch_job import answer_one_video  # noqa: E402
 from stream.cli import main  # noqa: E402
 from stream.config import Config  # noqa: E402
 from stream.engine import build_model  # noqa: E402
+from stream.job import VideoJob  # noqa: E402
 from stream.questions import Question  # noqa: E402
 from stream.sources import write_video  # noqa: E402
 from stream.suites.synthetic import make_video  # noqa: E402
@@ -78,7 +78,7 @@ def videos(tmp_path_factory):
 
 
 def single_process(folder: Path) -> list[dict]:
-    """The answers of the single-process path (the same per-video function, in this process)."""
+    """The answers of the single-process path (the same video job, in this process)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -89,7 +89,8 @@ def single_process(folder: Path) -> list[dict]:
         path = folder / f"v{seed}.mp4"
         questions = [Question(f"{seed}-{q.kind}", q.text, meta={"expected": q.answer})
                      for q in make_video(seed, frames=64).questions]
-        out += answer_one_video(adapter, settings, path, questions, fps=2.0, max_new_tokens=16)
+        job = VideoJob(path, str(path), questions)
+        out += [e.to_dict() for e in job.answer(adapter, settings, fps=2.0, query_aware=True, max_new_tokens=16).events]
     torch.set_num_threads(threads)
     return out
 
@@ -178,6 +179,46 @@ def test_batch_over_two_nodes_resumes_and_survives_a_node_kill(cluster, videos, 
     correct = sum(a["answer"].strip() == a["expected"] for a in answers)
     assert correct >= ACCURACY * len(answers), f"{correct}/{len(answers)} right"
     print(f"batch: {correct}/{len(answers)} answers right")
+
+
+def test_local_and_ray_batch_answer_alike_for_the_same_flags(cluster, tmp_path):
+    """Issue 24: the local loop and the Ray workers run the one video job, so the same flags give the same
+    answers: --no-query-aware included (the workers once pruned by the questions whatever it said), and
+    questions whose "video" is a path relative to the batch's folder (the workers once matched only the
+    file name, so such questions went unasked under Ray). Checked against the ground truth too."""
+    folder = tmp_path / "videos"
+    (folder / "day1").mkdir(parents=True)
+    lines = []
+    for seed in range(3100, 3104):
+        video = make_video(seed, frames=64)
+        write_video(folder / "day1" / f"v{seed}.mp4", video.frames, video.fps)
+        lines += [dict(id=f"{seed}-{q.kind}", question=q.text, video=f"day1/v{seed}.mp4", expected=q.answer)
+                  for q in video.questions]
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    workers(cluster, 1)
+    answers = {}
+    for flags, floor in (((), ACCURACY), (("--no-query-aware",), 0.5)):
+        for where in ("local", "ray"):
+            out = tmp_path / f"{where}{''.join(flags)}.jsonl"
+            ray = ("--ray", cluster.address, "--workers", "1", "--resources", json.dumps(WORKER))
+            run = Run("batch", str(folder), "--questions", str(questions), "--out", str(out), "--max-new-tokens", "16",
+                      *flags, *(ray if where == "ray" else ()))
+            try:
+                assert run.wait(timeout=240) == 0, run.output()
+            finally:
+                run.kill()
+            got = read_answers(out)
+            assert len(got) == len(lines), run.output()
+            correct = sum(a["answer"].strip() == a["expected"] for a in got)
+            assert correct >= floor * len(got), f"{where} {flags}: {correct}/{len(got)} right"
+            answers[flags, where] = {(a["stream_id"], a["question_id"]): (a["answer"], a["time_span"],
+                                                                          a["cache_tokens"])
+                                     for a in got}
+            print(f"batch {where} {' '.join(flags) or '(query-aware)'}: {correct}/{len(got)} answers right")
+        assert answers[flags, "ray"] == answers[flags, "local"], flags
+    # the flag reached the workers: the probe prompt kept other tokens than the questions did
+    assert answers[(), "ray"] != answers[("--no-query-aware",), "ray"]
 
 
 class TimedClient(Client):

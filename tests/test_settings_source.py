@@ -117,12 +117,11 @@ def test_one_max_new_tokens_default(tmp_path):
         args = build_parser().parse_args([*argv, "--config", str(own), "--max-new-tokens", "7"])
         assert config_from(args).model.max_new_tokens == args.max_new_tokens == 7, argv
 
-    from stream.batch_job import answer_one_video
-    from stream.offline import answer_video
+    from stream.job import VideoJob, answer_video
     from stream.runtime import StreamRunner
     from stream.service import LiveStream
 
-    for function in (StreamContext.answer, StreamRunner, LiveStream, answer_video, answer_one_video):
+    for function in (StreamContext.answer, StreamRunner, LiveStream, answer_video, VideoJob.answer):
         default = inspect.signature(function).parameters["max_new_tokens"].default
         assert default == MAX_NEW_TOKENS, function
 

@@ -10,8 +10,8 @@ import pytest
 from emloc import EMLoCSettings, StreamContext, load_adapter
 from emloc.policies import KeepAll
 from emloc.settings import videomme_online
+from stream.job import answer_video
 from stream.models import DEFAULT_MODEL
-from stream.offline import answer_video
 from stream.sources import VideoFile, write_video
 from stream.suites.synthetic import PROBE, QUESTION_TYPES, make_video
 
@@ -83,7 +83,7 @@ def test_the_probe_prompt_is_answered(adapter, videos):
     right = 0
     for video, frames in videos:
         context = StreamContext(adapter, settings=videomme_online(layer_group_size=2), policy=KeepAll())
-        [answer] = answer_video(context, frames, [PROBE], max_new_tokens=16)
+        [answer] = answer_video(context, frames, [PROBE], query_aware=False, max_new_tokens=16)
         right += answer.text.strip() == video.description()
     assert right >= 6, f"{right}/{len(videos)} descriptions right"
 
@@ -112,7 +112,8 @@ def test_past_its_temporal_range_the_default_still_finds_the_needle(adapter, tmp
         count, scales = 0, set()
         for video, frames in videos:
             context = StreamContext(adapter, settings=EMLoCSettings(layer_group_size=2, temporal_range=temporal_range))
-            answers = answer_video(context, frames, [video.question(k).text for k in kinds], max_new_tokens=4)
+            answers = answer_video(context, frames, [video.question(k).text for k in kinds], query_aware=False,
+                                   max_new_tokens=4)
             count += sum(a.text.strip() == video.question(k).answer for k, a in zip(kinds, answers))
             scales.add(context.temporal.scale)
             if temporal_range is None:  # the video's positions end inside the declared range

@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from emloc import InputError, StreamContext
+from emloc import InputError
 
 from .. import distributed
 from ..engine import build_model, check_task, load_task
 from ..question_files import load_questions
-from ..sources import IMAGE_SUFFIXES, VideoError, open_source
+from ..sources import IMAGE_SUFFIXES, VideoError
 from .common import add_task_option, config_from, positive_seconds, task_path
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".ts", ".m4v", ".flv", ".mpg", ".mpeg"}
@@ -36,16 +36,6 @@ def _batch_videos(source: str) -> tuple[list[Path], Path]:
             raise InputError(f"{path}: cannot read the list of videos: {error}") from error
         return [(path.parent / line) for line in lines if line and not line.startswith("#")], path.parent
     raise InputError(f"{path}: not a folder, a video file or a list of videos")
-
-
-def _names(path: Path, root: Path) -> set[str]:
-    """What a question's "video" may say to mean this video: its file name or its path."""
-    names = {path.name, str(path)}
-    try:
-        names.add(str(path.relative_to(root)))
-    except ValueError:
-        pass
-    return names
 
 
 def _questions(args: argparse.Namespace) -> list:
@@ -73,88 +63,51 @@ def _questions(args: argparse.Namespace) -> list:
 def batch(args: argparse.Namespace) -> int:
     from sinks import ConsoleSink, JsonLinesSink, read_answers
 
-    from ..questions import QuestionQueue
-    from ..runtime import StreamRunner
+    from ..job import batch_jobs, batch_progress, unmatched
 
     config = config_from(args)
     videos, root = _batch_videos(args.videos)
     questions = _questions(args)
-    names = {path: _names(path, root) for path in videos}
-    known = set().union(*names.values())
-    unmatched = [q for q in questions if q.meta.get("video") is not None and q.meta["video"] not in known]
-    for q in unmatched:
+    for q in unmatched(videos, root, questions):
         print(f"emloc-stream batch: question {q.id!r} names video {q.meta['video']!r}, which is not in this batch; "
               f"not asked", file=sys.stderr, flush=True)
-    done = {(a["stream_id"], a["question_id"]) for a in read_answers(args.out)}
+    jobs = batch_jobs(videos, root, questions, {(a["stream_id"], a["question_id"]) for a in read_answers(args.out)})
     task = task_path(args, config)
     pack = load_task(task)  # a damaged pack is named before any video is read
-    if args.ray is not None:  # the same videos and questions, spread over a Ray cluster
+    if args.ray is not None:  # the same jobs, spread over a Ray cluster
         from ..distributed.batch import run_batch
 
-        return run_batch(args, config, videos, questions, done,
-                         task=str(Path(task).resolve()) if task else None)
+        return run_batch(args, config, jobs, len(questions), task=str(Path(task).resolve()) if task else None)
     adapter, settings, label = build_model(config, args.model)
     check_task(task, pack, adapter, settings)
-    aware = not args.no_query_aware
     print(f"emloc-stream batch: {len(videos)} videos, {len(questions)} questions; {label}; observers: "
-          + ("the questions (--no-query-aware: the probe prompt)" if aware else "the probe prompt"), flush=True)
+          + ("the questions (--no-query-aware: the probe prompt)" if args.query_aware else "the probe prompt"),
+          flush=True)
     if pack is not None:
         print(f"every video starts from {task}: {pack.describe()}", flush=True)
     sinks = [JsonLinesSink(args.out), ConsoleSink()]
     failed = 0
     try:
-        for i, path in enumerate(videos, 1):
-            stream_id, tag = str(path), f"[{i}/{len(videos)}] {path}"
-            mine = [q for q in questions if q.meta.get("video") is None or q.meta["video"] in names[path]]
-            todo = [q for q in mine if (stream_id, q.id) not in done]
-            if not mine:
-                print(f"{tag}: no question names this video, skipped", flush=True)
+        for i, (job, skipped) in enumerate(jobs, 1):
+            tag = f"[{i}/{len(jobs)}] {job.path}"
+            if skipped:
+                print(f"{tag}: {skipped}, skipped", flush=True)
                 continue
-            if not todo:
-                print(f"{tag}: already answered, skipped", flush=True)
-                continue
-            scheduled = [q for q in todo if q.at is not None]
-            queue = QuestionQueue(max_waiting=max(len(scheduled), 1))
-            for q in scheduled:
-                queue.submit(q)
             try:
-                source = open_source(path)
-                duration = source.duration()
+                answered = job.answer(adapter, settings, fps=config.model.fps, query_aware=args.query_aware,
+                                      max_new_tokens=args.max_new_tokens, task=pack, sinks=sinks,
+                                      progress=batch_progress(tag, config.model.fps))
             except VideoError as error:
                 failed += 1
                 print(f"{tag}: error: {error}; its questions stay unanswered, a rerun retries it", file=sys.stderr,
                       flush=True)
                 continue
-            runner = StreamRunner(stream_id, StreamContext(adapter, settings=settings, task=pack), queue, sinks,
-                                  max_new_tokens=args.max_new_tokens,
-                                  on_fold=_progress(tag, duration, config.model.fps),
-                                  at_end=[q for q in todo if q.at is None], observe_questions=aware)
-            try:
-                for frame in source.frames(fps=config.model.fps):
-                    runner.feed(frame)
-            except VideoError as error:
-                failed += 1
-                print(f"{tag}: error: {error}; its questions stay unanswered, a rerun retries it",
-                      file=sys.stderr, flush=True)
-                continue
-            runner.finish()
-            print(f"{tag}: {runner.status.frames_seen} frames, {runner.status.chunks_folded} chunks, "
-                  f"{runner.status.answers} answers", flush=True)
+            print(f"{tag}: {answered.frames} frames, {answered.chunks} chunks, {len(answered.events)} answers",
+                  flush=True)
     finally:
         for sink in sinks:
             sink.close()
     return 1 if failed else 0
-
-
-def _progress(tag: str, duration: float | None, fps: float):
-    """One line a folded chunk: frames so far and how far through the video (a frame covers 1/fps s)."""
-    def show(runner) -> None:
-        status = runner.status
-        done = (f", {min(100.0, 100 * (status.stream_time + 1 / fps) / duration):.0f}%"
-                if duration and status.stream_time is not None else "")
-        print(f"{tag}: {status.frames_seen} frames{done}, {status.chunks_folded} chunks folded, "
-              f"{status.cache_tokens} tokens/layer", flush=True)
-    return show
 
 
 def register(commands, common) -> None:
@@ -173,8 +126,9 @@ def register(commands, common) -> None:
     p.add_argument("videos", help="a folder of videos, one video, or a text file listing videos")
     p.add_argument("--questions", help='JSON Lines: {"id", "question", optional "video", "at", "expected"}; '
                    '"video" (a file name or a path relative to the folder) limits it to that video')
-    p.add_argument("--no-query-aware", action="store_true",
-                   help="prune guided by the probe prompt, not by the questions")
+    p.add_argument("--query-aware", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the questions guide the pruning (default; --no-query-aware: the probe prompt does, as "
+                   "for a live stream)")
     p.add_argument("--out", required=True, type=Path, help="answers, JSON Lines; answered pairs are skipped")
     add_task_option(p)
     distributed.options(p, "worker")

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
 from emloc import StreamContext
 
 from ..engine import build_model
+from ..job import answer_video
 from ..models import CAMERA_MODEL
-from ..offline import answer_video
 from ..sources import VideoFile, write_video
 from ..suites import camera as synthetic_camera
 from ..suites import synthetic
@@ -32,17 +33,25 @@ def demo(args: argparse.Namespace) -> int:
               f"({args.frames / video.fps:.0f} s), {size}x{size}, written to {path}", flush=True)
         questions = args.ask or [video.question(kind).text for kind in suite.QUESTION_TYPES]
         expected = None if args.ask else [video.question(kind).answer for kind in suite.QUESTION_TYPES]
-        if not args.probe:
-            print("observers: the questions, known before the video (--probe: the probe prompt only, as a live "
-                  "stream without standing questions)", flush=True)
+        if args.query_aware:
+            print("observers: the questions, known before the video (--no-query-aware: the probe prompt only, as a "
+                  "live stream without standing questions)", flush=True)
         answers = answer_video(context, VideoFile(path).frames(fps=config.model.fps), questions,
-                               query_aware=not args.probe, max_new_tokens=args.max_new_tokens,
-                               on_fold=progress_printer(args.frames))
+                               query_aware=args.query_aware, max_new_tokens=args.max_new_tokens,
+                               stream_id="demo", on_fold=progress_printer(args.frames))
     correct = deliver(context, "demo", questions, answers, expected)
     if expected:
         print(f"{correct}/{len(questions)} answers match the ground truth")
     print(footer(context))
     return 0
+
+
+class _Probe(argparse.Action):
+    """The old spelling of --no-query-aware, still taken, with a notice."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print("emloc-stream demo: --probe is now spelled --no-query-aware", file=sys.stderr, flush=True)
+        namespace.query_aware = False
 
 
 def register(commands, common) -> None:
@@ -55,5 +64,7 @@ def register(commands, common) -> None:
                    "model, stream/models/emloc-tiny-camera, unless --model or --config names one")
     p.add_argument("--seed", type=int, default=7, help="which synthetic video")
     p.add_argument("--save-video", type=Path, help="keep the generated video file here")
-    p.add_argument("--probe", action="store_true", help="prune guided by the probe prompt instead of the questions")
+    p.add_argument("--query-aware", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the questions guide the pruning (default; --no-query-aware: the probe prompt does)")
+    p.add_argument("--probe", action=_Probe, nargs=0, dest="query_aware", help=argparse.SUPPRESS)
     p.set_defaults(run=demo)

@@ -9,7 +9,7 @@ from pathlib import Path
 from emloc import InputError, StreamContext
 
 from ..engine import build_model, check_state, check_task, load_task
-from ..offline import answer_video
+from ..job import answer_video
 from ..sources import IMAGE_SUFFIXES, open_source
 from ..state import StateError
 from .common import add_task_option, config_from, deliver, footer, progress_printer, task_path
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         answers = answer_video(context, frames, args.ask, query_aware=args.query_aware,
-                               max_new_tokens=args.max_new_tokens, on_fold=on_fold)
+                               max_new_tokens=args.max_new_tokens, stream_id=Path(args.video).name, on_fold=on_fold)
     except KeyboardInterrupt:  # a fold cut short leaves the cache as the last whole fold left it
         import signal
 
@@ -115,8 +115,9 @@ def register(commands, common) -> None:
     common(p)
     p.add_argument("video", help="video file (decord, else PyAV) or a folder of images")
     p.add_argument("--image-fps", type=float, default=2.0, help="frames per second of a folder of images")
-    p.add_argument("--query-aware", action="store_true",
-                   help="let the questions guide pruning (they are known before the video)")
+    p.add_argument("--query-aware", action=argparse.BooleanOptionalAction, default=False,
+                   help="let the questions guide the pruning (they are known before the video; default: the probe "
+                   "prompt does, as for a live stream)")
     p.add_argument("--state", type=Path, help="save the stream state here; resume from it if present")
     p.add_argument("--save-every", type=int, default=1, help="chunks between saves of --state")
     add_task_option(p)

@@ -1,6 +1,7 @@
 """`batch --ray`: videos spread over a pool of Ray actors, each holding the model; the driver writes.
 
-Each worker actor loads the model once and answers one video per call (`answer_one_video`).
+Each worker actor loads the model once and answers one video per call (`VideoJob.answer`, as the local
+batch does, with the same flags).
 The driver hands a video to whichever worker is free, and it alone appends answers to the
 JSON Lines file, skipping any (video, question) already there, so every pair is written
 exactly once however often a video is retried or the batch rerun. A video whose call fails
@@ -18,51 +19,49 @@ import argparse
 import sys
 import time
 from collections import Counter, deque
-from pathlib import Path
+from dataclasses import replace
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from ..batch_job import answer_one_video
+from ..job import VideoJob
 from .cluster import actor_options, connect, node_label, placement
 
 
 class VideoWorker:
     """One model, many videos: the model is loaded when the actor starts (or restarts)."""
 
-    def __init__(self, config, model: str | None, task: str | None = None) -> None:
+    def __init__(self, config, model: str | None, query_aware: bool, task: str | None = None) -> None:
         from ..engine import build_model, check_task, load_task
 
         self.adapter, self.settings, self.label = build_model(config, model)
         self.task = load_task(task)  # from the path, on storage every node can read; once per worker
         check_task(task, self.task, self.adapter, self.settings)
         self.fps, self.max_new_tokens = config.model.fps, config.model.max_new_tokens
+        self.query_aware = query_aware
         self.where = placement()
 
     def ready(self) -> dict:
         return self.where
 
-    def answer(self, path: str, stream_id: str, questions: list) -> dict:
+    def answer(self, job: VideoJob) -> dict:
         started = time.monotonic()
-        answers = answer_one_video(self.adapter, self.settings, path, questions, fps=self.fps,
-                                   max_new_tokens=self.max_new_tokens, stream_id=stream_id, task=self.task)
-        return dict(answers=answers, where=self.where, seconds=time.monotonic() - started)
+        answered = job.answer(self.adapter, self.settings, fps=self.fps, query_aware=self.query_aware,
+                              max_new_tokens=self.max_new_tokens, task=self.task)
+        return dict(answers=[event.to_dict() for event in answered.events], where=self.where,
+                    seconds=time.monotonic() - started)
 
 
-def run_batch(args: argparse.Namespace, config, videos: list[Path], questions: list, done: set,
+def run_batch(args: argparse.Namespace, config, jobs: list[tuple[VideoJob, str | None]], questions: int,
               task: str | None = None) -> int:
+    """jobs: `batch_jobs`'s, each with why it is skipped or None; questions: how many the batch has."""
     from sinks import AnswerEvent, ConsoleSink, JsonLinesSink
 
-    todo = deque()
-    for path in videos:
-        stream_id = str(path)
-        mine = [q for q in questions if q.meta.get("video") in (None, path.name, str(path))
-                and (stream_id, q.id) not in done]
-        if mine:
-            todo.append((path, mine))
+    todo = deque(job for job, skipped in jobs if skipped is None)
+    done = set()  # (stream id, question id) written: each exactly once, however often a video is retried
     total = len(todo)
-    print(f"emloc-stream batch --ray: {len(videos)} videos, {len(questions)} questions; "
-          f"{len(videos) - total} already answered, {total} to do", flush=True)
+    print(f"emloc-stream batch --ray: {len(jobs)} videos, {questions} questions; "
+          f"{len(jobs) - total} already answered, {total} to do", flush=True)
     if not todo:
         return 0
     cluster = connect(args.ray)
@@ -77,7 +76,7 @@ def run_batch(args: argparse.Namespace, config, videos: list[Path], questions: l
 
     def start(wait: float | None = None) -> None:
         """A new worker; a replacement (`wait` seconds) is given up if not up by then."""
-        worker = Worker.options(**options).remote(config, args.model, task)
+        worker = Worker.options(**options).remote(config, args.model, args.query_aware, task)
         workers.append(worker)
         reviving[worker.ready.remote()] = (worker, None if wait is None else (wait, time.monotonic() + wait))
 
@@ -97,14 +96,14 @@ def run_batch(args: argparse.Namespace, config, videos: list[Path], questions: l
     try:
         while todo or running:
             while todo and idle:
-                worker, (path, mine) = idle.pop(), todo.popleft()
-                running[worker.answer.remote(str(path.resolve()), str(path), mine)] = (worker, (path, mine))
+                worker, job = idle.pop(), todo.popleft()  # the path resolved: a worker's directory may be another
+                running[worker.answer.remote(replace(job, path=job.path.resolve()))] = (worker, job)
             if running or idle:
                 last_alive = time.monotonic()
             elif not reviving or time.monotonic() - last_alive > args.worker_timeout:
                 why = "no worker could start" if not reviving else f"no worker up for {args.worker_timeout:g} s"
-                for path, _ in todo:
-                    failed.append((path, why))
+                for job in todo:
+                    failed.append((job.path, why))
                 todo.clear()
                 break
             ready, _ = ray.wait(list(running) + list(reviving), num_returns=1, timeout=1.0)
@@ -130,18 +129,18 @@ def run_batch(args: argparse.Namespace, config, videos: list[Path], questions: l
                     except RayTaskError as error:
                         print(f"a worker could not start: {_short(error)}", file=sys.stderr, flush=True)
                     continue
-                worker, (path, mine) = running.pop(call)
+                worker, job = running.pop(call)
                 try:
                     result = ray.get(call)
                 except RayActorError as error:  # its node or process died: a new worker replaces it
                     ray.kill(worker, no_restart=True)
                     start(args.revive_timeout)
                     why = f"worker lost ({_short(error)})"
-                    retried += _retry(todo, attempts, failed, path, mine, args.retries, why)
+                    retried += _retry(todo, attempts, failed, job, args.retries, why)
                     continue
                 except RayTaskError as error:  # the video itself failed (unreadable, ...)
                     idle.append(worker)
-                    retried += _retry(todo, attempts, failed, path, mine, args.retries, _short(error))
+                    retried += _retry(todo, attempts, failed, job, args.retries, _short(error))
                     continue
                 idle.append(worker)
                 written = 0
@@ -156,7 +155,7 @@ def run_batch(args: argparse.Namespace, config, videos: list[Path], questions: l
                         sink.deliver(event)
                     written += 1
                 finished += 1
-                line(f"{path}: {written} answers in {result['seconds']:.1f} s on {node_label(result['where'])}")
+                line(f"{job.path}: {written} answers in {result['seconds']:.1f} s on {node_label(result['where'])}")
     finally:
         for sink in sinks:
             sink.close()
@@ -171,11 +170,12 @@ def run_batch(args: argparse.Namespace, config, videos: list[Path], questions: l
     return 1 if failed else 0
 
 
-def _retry(todo: deque, attempts: Counter, failed: list, path: Path, mine: list, retries: int, why: str) -> int:
+def _retry(todo: deque, attempts: Counter, failed: list, job: VideoJob, retries: int, why: str) -> int:
+    path = job.path
     attempts[path] += 1
     if attempts[path] <= retries:
         print(f"{path}: attempt {attempts[path]} failed: {why}; retrying", file=sys.stderr, flush=True)
-        todo.appendleft((path, mine))  # next, so work lost with a node is redone first
+        todo.appendleft(job)  # next, so work lost with a node is redone first
         return 1
     failed.append((path, f"{attempts[path]} attempts failed, the last: {why}"))
     print(f"{path}: failed after {attempts[path]} attempts: {why}", file=sys.stderr, flush=True)
