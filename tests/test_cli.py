@@ -56,6 +56,20 @@ def test_default_demo_prints_answers_next_to_ground_truth(tmp_path):
     assert video.stat().st_size > 0
 
 
+def test_the_query_aware_choice_has_one_spelling():
+    """--query-aware/--no-query-aware on demo, run and batch; demo's old --probe still works, saying so."""
+    new = run_cli("demo", "--frames", "32", "--no-query-aware")
+    old = run_cli("demo", "--frames", "32", "--probe")
+    assert new.returncode == old.returncode == 0, new.stderr + old.stderr
+    assert "observer=probe" in new.stdout and "observer=question" not in new.stdout
+    assert "--probe is now spelled --no-query-aware" in old.stderr and "--probe" not in new.stderr
+    answers = [[line for line in r.stdout.splitlines() if "(expected: " in line] for r in (new, old)]
+    assert len(answers[0]) == 4 and answers[0] == answers[1]
+    for command in ("demo", "run", "batch"):
+        text = run_cli(command, "--help").stdout
+        assert "--query-aware, --no-query-aware" in text, command
+
+
 def test_run_answers_about_a_video_file(tmp_path):
     from stream.sources import write_video
     from stream.suites.synthetic import make_video
