@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-PAGES = [README, *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "docs" / "benchmarks").glob("*.md"))]
+GUIDES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [*GUIDES, *sorted((ROOT / "docs" / "benchmarks").glob("*.md"))]  # with the benchmark reports
 MAX_README_WORDS = 1300  # "at most ~1,200 words": what it is, the two commands, an example per use, where to read more
 
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
@@ -107,6 +108,19 @@ def test_no_addresses_outside_the_repository(page):
     code = [u for u in URL.findall(text) if u not in outside]
     foreign = [u for u in code if not PLACEHOLDER_HOSTS.match(u.split("://", 1)[1])]
     assert not outside and not foreign, f"addresses outside the repository: {outside + foreign}"
+
+
+# A file of the repository named in a page's text or code (`stream/questions.py`, `python benchmarks/soak.py`).
+NAMED_FILE = re.compile(r"(?<![\w/.<(\[-])((?:emloc|stream|sinks|tests|configs|benchmarks|research|docs|\.ci)/"
+                        r"[\w./-]*\.[a-z]+)\b")
+
+
+@pytest.mark.parametrize("page", GUIDES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_named_files_exist(page):
+    """A file a page names (a module, a config, a benchmark script) exists: a moved file updates its docs.
+    Benchmark reports are left out: their commands name the trees they measured (/tmp/before/...)."""
+    missing = sorted({name for name in NAMED_FILE.findall(page.read_text()) if not (ROOT / name).exists()})
+    assert not missing, f"{page.name} names files that do not exist: {missing}"
 
 
 def shown_commands() -> list[tuple[str, str]]:
