@@ -107,7 +107,13 @@ def _serve(config: Config, args: argparse.Namespace, specs: list, mqtt, question
         buffer = getattr(args, "buffer", None) or spec.buffer
         return LiveStream(spec, adapter, settings, fps=config.model.fps, max_new_tokens=args.max_new_tokens,
                           source=PushedFrames(fps=config.model.fps, buffer=buffer))
-    http = _start_http(args, streams, limits, open_stream)
+    videos = None
+    if limits is not None:  # chat requests with a video_url: folded by the one video job, on this model
+        from ..http.video import VideoAnswerer
+
+        videos = VideoAnswerer(adapter, settings, fps=config.model.fps, max_new_tokens=args.max_new_tokens,
+                               limits=limits)
+    http = _start_http(args, streams, limits, open_stream, videos)
     if frigate is not None:  # its settings become the bridge that asks the streams
         frigate = FrigateBridge(frigate, streams, answer_prefix=mqtt.prefix if mqtt else "emloc",
                                 ha_discovery=getattr(args, "ha_discovery", False)).start()
@@ -140,21 +146,27 @@ def _http_limits(args: argparse.Namespace):
     from ..http.guard import HttpLimits
 
     hosts = tuple(name for given in args.http_allow_host or () for name in given.split(","))
+    for folder in args.http_video_dir or ():
+        if not Path(folder).is_dir():
+            raise ConfigError(f"--http-video-dir {folder}: not a folder")
     try:
         return HttpLimits(allowed_hosts=hosts, rate=args.http_rate, burst=max(1, round(2 * args.http_rate)),
                           head_timeout=args.http_timeout, body_timeout=args.http_timeout,
-                          realtime_streams=getattr(args, "http_realtime_streams", HttpLimits.realtime_streams))
+                          realtime_streams=getattr(args, "http_realtime_streams", HttpLimits.realtime_streams),
+                          video_dirs=tuple(args.http_video_dir or ()), video_remote=args.http_video_remote,
+                          max_video_bytes=round(args.http_video_mb * 2**20), max_video_seconds=args.http_video_seconds)
     except ValueError as error:
-        raise ConfigError(f"--http-rate/--http-timeout: {error}") from error
+        raise ConfigError(f"--http-rate/--http-timeout/--http-video-*: {error}") from error
 
 
-def _start_http(args: argparse.Namespace, streams: list, limits=None, open_stream=None):
+def _start_http(args: argparse.Namespace, streams: list, limits=None, open_stream=None, videos=None):
     if not getattr(args, "http", None):
         return None
     from ..http import HttpServer
 
     try:
-        server = HttpServer(streams, args.http, args.http_token, limits=limits, open_stream=open_stream)
+        server = HttpServer(streams, args.http, args.http_token, limits=limits, open_stream=open_stream,
+                            videos=videos)
     except ImportError as error:  # FastAPI, uvicorn, ... are an optional extra
         raise ConfigError(f"--http needs the http extra: pip install 'emloc-stream[http]' ({error})") from error
     server.start()
@@ -180,6 +192,14 @@ def add_web_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-realtime-streams", type=int, default=HttpLimits.realtime_streams, help="streams that "
                    "realtime sessions (WebSocket /v1/realtime, the page's camera) may make, each with its own cache "
                    f"(default {HttpLimits.realtime_streams}; 0: none)")
+    p.add_argument("--http-video-dir", action="append", metavar="DIR", help="a folder whose videos a chat request "
+                   "may name by path in a video_url part (repeatable; none by default: only data: URLs)")
+    p.add_argument("--http-video-remote", action="store_true", help="let a chat request's video_url be an "
+                   "http(s):// or rtsp:// URL that this server fetches")
+    p.add_argument("--http-video-mb", type=float, default=HttpLimits.max_video_bytes / 2**20, help="largest "
+                   f"video_url video, in MiB (default {HttpLimits.max_video_bytes / 2**20:g}); beyond, 413")
+    p.add_argument("--http-video-seconds", type=float, default=HttpLimits.max_video_seconds, help="longest "
+                   f"video_url video, in seconds (default {HttpLimits.max_video_seconds:g}); beyond, 413")
     p.add_argument("--ha-discovery", action="store_true", help="announce standing questions to Home "
                    "Assistant as MQTT sensors (needs MQTT)")
 

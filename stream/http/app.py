@@ -57,10 +57,10 @@ class RoundedJSONResponse(JSONResponse):
 
 
 def create_app(streams: list, token: str | None = None, answer_timeout: float = 120.0,
-               limits: HttpLimits | None = None, bound: str = "127.0.0.1", open_stream=None) -> FastAPI:
+               limits: HttpLimits | None = None, bound: str = "127.0.0.1", open_stream=None, videos=None) -> FastAPI:
     """The app behind its Guard; `bound` is the address served on (its name is an allowed Host).
     open_stream(id): a new stream fed by a realtime session (realtime.py), joining `streams`; None: no
-    realtime sessions."""
+    realtime sessions. videos: the VideoAnswerer (video.py) of chat requests with a video_url; None: none."""
     limits = limits or HttpLimits()
     metrics = Metrics()
     hubs = {stream.spec.id: StreamHub(stream, metrics, client_share=limits.client_share) for stream in streams}
@@ -80,7 +80,7 @@ def create_app(streams: list, token: str | None = None, answer_timeout: float = 
                   description="Ask live video streams questions; answers over REST, server-sent events, "
                               "or the OpenAI chat-completions schema.")
     app.state.hubs, app.state.metrics, app.state.answer_timeout = hubs, metrics, answer_timeout
-    app.state.limits = limits
+    app.state.limits, app.state.videos = limits, videos
     app.state.realtime = None if open_stream is None else Realtime(open_stream, streams, hubs, metrics, limits)
     _install_docs(app)
 

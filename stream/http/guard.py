@@ -29,6 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 OPEN_PATHS = {"/", "/health"}  # everything else wants the token, when one is set
+CHAT_PATH = "/v1/chat/completions"  # its body may hold a video (HttpLimits.body_limit)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 MAX_TRACKED_CLIENTS = 10_000  # rate buckets held; the least recently seen go first
 
@@ -48,21 +49,37 @@ class HttpLimits:
     max_frame_bytes: int = 2 * 2**20  # bytes of one realtime frame (JPEG or PNG)
     max_frame_pixels: int = 4096 * 4096  # pixels of one realtime frame
     realtime_streams: int = 4  # streams realtime sessions may make (each holds a cache)
+    video_dirs: tuple[str, ...] = ()  # folders whose videos a chat request may name by path (video_url)
+    video_remote: bool = False  # whether a chat request may name an http(s):// or rtsp:// video for the server to fetch
+    max_video_bytes: int = 32 * 2**20  # bytes of one video_url video (sent, fetched or named)
+    max_video_seconds: float = 600.0  # seconds of one video_url video
+    max_video_pixels: int = 1920 * 1080  # pixels of one of its frames (a chunk holds its frames at full size)
+    video_queue: int = 2  # video_url jobs waiting beside the one running; beyond, 429
 
     def __post_init__(self) -> None:
-        for name in ("head_timeout", "body_timeout", "idle_timeout", "rate"):
+        for name in ("head_timeout", "body_timeout", "idle_timeout", "rate", "max_video_seconds"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
-        for name in ("max_body", "max_connections", "burst", "max_message", "max_frame_bytes", "max_frame_pixels"):
+        for name in ("max_body", "max_connections", "burst", "max_message", "max_frame_bytes", "max_frame_pixels",
+                     "max_video_bytes", "max_video_pixels"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.video_queue, int) or self.video_queue < 0:
+            raise ValueError(f"video_queue must be an integer >= 0, got {self.video_queue!r}")
         if not isinstance(self.realtime_streams, int) or self.realtime_streams < 0:
             raise ValueError(f"realtime_streams must be an integer >= 0, got {self.realtime_streams!r}")
         if not 0 < self.client_share <= 1:
             raise ValueError(f"client_share must lie in (0, 1], got {self.client_share!r}")
         object.__setattr__(self, "allowed_hosts", tuple(h.strip().lower() for h in self.allowed_hosts if h.strip()))
+        object.__setattr__(self, "video_dirs", tuple(self.video_dirs))
+
+    def body_limit(self, path: str) -> int:
+        """Bytes a request body to `path` may have: a chat request may carry a video as a base64 data: URL."""
+        if path == CHAT_PATH:
+            return self.max_body + 4 * (self.max_video_bytes + 2) // 3
+        return self.max_body
 
     def hosts_for(self, bound: str) -> frozenset[str] | None:
         """The Host names served when bound to `bound`; None: any."""
@@ -129,6 +146,7 @@ class Guard:
         self.app, self.limits, self.token = app, limits, token
         self.hosts = limits.hosts_for(bound)
         self.rates = RateLimiter(limits.rate, limits.burst)
+        self.big_bodies = 0  # bodies past max_body being read or served (see _read_body)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -143,18 +161,22 @@ class Guard:
             return await refusal(scope, receive, send)
         if scope["type"] == "websocket":
             return await self.app(scope, receive, send)
-        body = await self._read_body(scope, receive, send)
-        if body is None:
-            return
-        replayed = False
+        big = []  # holds True while this request holds one of the slots for bodies past max_body
+        try:
+            body = await self._read_body(scope, receive, send, big)
+            if body is None:
+                return
+            replayed = False
 
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: the client's disconnect
-        await self.app(scope, replay, send)
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # after the body: the client's disconnect
+            await self.app(scope, replay, send)
+        finally:
+            self.big_bodies -= len(big)
 
     def _refusal(self, scope):
         """The response refusing this request, or None to serve it."""
@@ -185,16 +207,20 @@ class Guard:
                                       {"WWW-Authenticate": "Bearer"})
         return None
 
-    async def _read_body(self, scope, receive, send) -> bytes | None:
-        """The whole body, or None once a refusal was sent (or the client left)."""
-        limit = self.limits.max_body
+    async def _read_body(self, scope, receive, send, big: list) -> bytes | None:
+        """The whole body, or None once a refusal was sent (or the client left). A body past max_body (a video,
+        on the chat path) takes one of a few slots first (`big` says it holds one), so such bodies in memory
+        at once are bounded too: 503 when none is free."""
+        limit = self.limits.body_limit(scope["path"])
+        video = (f" (a video of up to {self.limits.max_video_bytes} bytes, as base64, and {self.limits.max_body} bytes "
+                 f"more)" if limit > self.limits.max_body else "")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and not length.isdigit():
             await self._close_with(400, f"Content-Length {length[:40].decode('latin-1')!r} is not a number of "
                                         f"bytes", scope, receive, send)
             return None
         if length is not None and int(length) > limit:
-            await self._close_with(413, f"request body of {int(length)} bytes exceeds the limit of {limit}",
+            await self._close_with(413, f"request body of {int(length)} bytes exceeds the limit of {limit}{video}",
                                    scope, receive, send)
             return None
         deadline = time.monotonic() + self.limits.body_timeout
@@ -211,17 +237,25 @@ class Guard:
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
+            if size > self.limits.max_body and not big:
+                if self.big_bodies > self.limits.video_queue:
+                    await self._close_with(503, f"{self.big_bodies} request bodies of videos are in memory already "
+                                                f"(the limit is {self.limits.video_queue + 1}); retry later", scope,
+                                           receive, send, {"Retry-After": "5"})
+                    return None
+                self.big_bodies += 1
+                big.append(True)
             if size > limit:
-                await self._close_with(413, f"request body exceeds the limit of {limit} bytes (refused after "
+                await self._close_with(413, f"request body exceeds the limit of {limit} bytes{video} (refused after "
                                             f"{size} bytes)", scope, receive, send)
                 return None
             parts.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(parts)
 
-    async def _close_with(self, status: int, message: str, scope, receive, send) -> None:
+    async def _close_with(self, status: int, message: str, scope, receive, send, headers=None) -> None:
         """A refusal that also ends the connection: the rest of the body is never read."""
-        await error_response(status, message, {"Connection": "close"})(scope, receive, send)
+        await error_response(status, message, {"Connection": "close", **(headers or {})})(scope, receive, send)
 
 
 def head_timeout_protocol(head_timeout: float):

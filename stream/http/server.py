@@ -55,15 +55,17 @@ MAX_HEAD_BYTES = 16 * 1024  # a request line and headers beyond this get 400 (h1
 
 class HttpServer:
     def __init__(self, streams: list, bind: str = "127.0.0.1:8080", token: str | None = None,
-                 limits: HttpLimits | None = None, open_stream=None) -> None:
-        """open_stream(id): a new stream for a realtime session (see realtime.py); it joins `streams`."""
+                 limits: HttpLimits | None = None, open_stream=None, videos=None) -> None:
+        """open_stream(id): a new stream for a realtime session (see realtime.py); it joins `streams`.
+        videos: the VideoAnswerer of chat requests with a video_url (video.py), or None."""
         (self.host, self.port), token = check_bind(bind, token)
         import uvicorn
 
         from .app import create_app
 
         limits = limits or HttpLimits()
-        self.app = create_app(streams, token=token, limits=limits, bound=self.host, open_stream=open_stream)
+        self.app = create_app(streams, token=token, limits=limits, bound=self.host, open_stream=open_stream,
+                              videos=videos)
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", access_log=False,
                                 lifespan="on", timeout_graceful_shutdown=2,
                                 http=head_timeout_protocol(limits.head_timeout), ws="wsproto",
