@@ -146,15 +146,17 @@ def _http_limits(args: argparse.Namespace):
     from ..http.guard import HttpLimits
 
     hosts = tuple(name for given in args.http_allow_host or () for name in given.split(","))
-    for folder in args.http_video_dir or ():
+    folders, mb = tuple(getattr(args, "http_video_dir", None) or ()), getattr(args, "http_video_mb", None)
+    for folder in folders:
         if not Path(folder).is_dir():
             raise ConfigError(f"--http-video-dir {folder}: not a folder")
     try:
         return HttpLimits(allowed_hosts=hosts, rate=args.http_rate, burst=max(1, round(2 * args.http_rate)),
                           head_timeout=args.http_timeout, body_timeout=args.http_timeout,
                           realtime_streams=getattr(args, "http_realtime_streams", HttpLimits.realtime_streams),
-                          video_dirs=tuple(args.http_video_dir or ()), video_remote=args.http_video_remote,
-                          max_video_bytes=round(args.http_video_mb * 2**20), max_video_seconds=args.http_video_seconds)
+                          video_dirs=folders, video_remote=getattr(args, "http_video_remote", False),
+                          max_video_bytes=HttpLimits.max_video_bytes if mb is None else round(mb * 2**20),
+                          max_video_seconds=getattr(args, "http_video_seconds", HttpLimits.max_video_seconds))
     except ValueError as error:
         raise ConfigError(f"--http-rate/--http-timeout/--http-video-*: {error}") from error
 
