@@ -26,12 +26,12 @@ class ModelConfig:
     max_new_tokens: int = MAX_NEW_TOKENS
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or self.max_new_tokens < 1:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"model.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if self.fps <= 0:
+        if isinstance(self.fps, bool) or not isinstance(self.fps, (int, float)) or not self.fps > 0:
             raise ConfigError(f"model.fps must be > 0, got {self.fps}")
-        if self.max_frame_pixels < 28 * 28:
+        if isinstance(self.max_frame_pixels, bool) or not isinstance(self.max_frame_pixels, int) \
+                or self.max_frame_pixels < 28 * 28:
             raise ConfigError(f"model.max_frame_pixels must be >= {28 * 28}, got {self.max_frame_pixels}")
 
 

@@ -92,7 +92,8 @@ def check_model(name: str) -> None:
 
 
 def check_state(folder: str | Path | None, option: str = "--state") -> None:
-    """A state folder that cannot be written, named before any work (the folder is created if missing)."""
+    """A state folder that cannot be written, or whose saved state is damaged or from another version,
+    named before any work (the folder is created if missing)."""
     if folder is None:
         return
     import tempfile
@@ -106,6 +107,10 @@ def check_state(folder: str | Path | None, option: str = "--state") -> None:
             pass
     except OSError as error:
         raise InputError(f"{option} {folder}: cannot write there: {error.strerror or error}") from error
+    from .state import check_saved, has_state
+
+    if has_state(folder):
+        check_saved(folder)
 
 
 def describe(s: EMLoCSettings) -> str:

@@ -54,6 +54,10 @@ class VideoFile:
         except (av.error.FFmpegError, IndexError):
             return None
 
+    def check(self) -> None:
+        """Decodes the first frame as `frames` does: a file no backend reads is named before any work."""
+        _first(self)
+
     def frames(self, fps: float | None = None) -> Iterator[Frame]:
         """Every frame, or frames sampled at `fps` by timestamp."""
         errors = []
@@ -89,6 +93,10 @@ class ImageFolder:
     def duration(self) -> float:
         return len(self.files) / self.fps
 
+    def check(self) -> None:
+        """Reads the first image as `frames` does: an unreadable one is named before any work."""
+        _first(self)
+
     def frames(self, fps: float | None = None) -> Iterator[Frame]:
         from PIL import Image, UnidentifiedImageError
 
@@ -112,6 +120,14 @@ class ImageFolder:
         for i, file in enumerate(self.files):  # sampled by time before decoding: skipped files are never read
             if sampler is None or sampler.keep(i / self.fps):
                 yield read(i, file)
+
+
+def _first(source) -> None:
+    frames = source.frames()
+    try:
+        next(frames, None)
+    finally:
+        frames.close()
 
 
 def open_source(path: str | Path, fps_for_images: float = 2.0):

@@ -194,6 +194,14 @@ def has_state(folder: str | Path) -> bool:
     return (Path(folder) / "manifest.json").exists()
 
 
+def check_saved(folder: str | Path) -> None:
+    """What can be checked of a saved state without the model, before it loads: the manifest (readable,
+    of a format this version reads, its checksum) and the cache file it names. `load_state` checks
+    the rest (the cache's checksum, and that it fits the model and the stream) when it restores."""
+    folder = Path(folder)
+    _cache_path(folder, _manifest(folder))
+
+
 def load_state(folder: str | Path, context: StreamContext) -> dict:
     """Restores `context` from `folder` and returns the saved stream data; StateError if unusable."""
     folder = Path(folder)

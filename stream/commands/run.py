@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     task = task_path(args, config)
     pack = load_task(task)  # a damaged pack is named before the video is opened
     source = open_source(args.video, args.image_fps)
+    source.check()  # an unreadable video is named before the model loads
     adapter, settings, label = build_model(config, args.model)
     check_task(task, pack, adapter, settings)
     context = StreamContext(adapter, settings=settings, task=pack)

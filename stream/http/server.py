@@ -41,13 +41,32 @@ def is_loopback(host: str) -> bool:
 
 def check_bind(bind: str, token: str | None) -> tuple[tuple[str, int], str | None]:
     """The address and the token (given, else from the environment); BindError for a public address
-    without a token. Cheap: the CLI checks before it loads a model."""
+    without a token, or one that cannot be listened on (a port taken, an address not of this machine).
+    Cheap: the CLI checks before it loads a model."""
     host, port = parse_bind(bind)
     token = token or os.environ.get(TOKEN_ENV) or None
     if not is_loopback(host) and not token:
         raise BindError(f"serving HTTP on {host} (beyond this machine) needs a bearer token: pass "
                         f"--http-token or set {TOKEN_ENV}")
+    _check_listen(host, port)
     return (host, port), token
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Binds and lets go of `host`:`port` as the server will (SO_REUSEADDR, as uvicorn sets it), so a taken
+    port is named now, not after the model has loaded."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+            probe.listen(1)
+    except OSError as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise BindError(f"the HTTP server could not start on {host}:{port}: {reason}") from None
 
 
 MAX_HEAD_BYTES = 16 * 1024  # a request line and headers beyond this get 400 (h11)
