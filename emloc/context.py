@@ -26,8 +26,9 @@ from collections import deque
 
 import torch
 
-from .adapters import InputError, ModelAdapter, adapter_for
+from .adapters import ModelAdapter, adapter_for
 from .cache import PrunedCache
+from .errors import InputError
 from .example_fold import fold_examples
 from .fold import fold_segment
 from .fold_observers import observers_for, question_runs

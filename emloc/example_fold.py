@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .adapters import InputError
+from .errors import InputError
 from .fold import fold_segment
 from .observer import Observer, ObserverRun
 

@@ -7,7 +7,8 @@ import importlib.util
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
-from .adapters import FAMILIES, ModelAdapter, UnsupportedModelError
+from .adapters import FAMILIES, ModelAdapter
+from .errors import UnsupportedModelError
 
 
 def attention_implementation(device: torch.device) -> str:

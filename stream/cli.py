@@ -6,14 +6,9 @@ import argparse
 import os
 import sys
 
-from emloc import InputError, SettingsError, UnsupportedModelError
-
 from .commands import batch, demo, live, pack, run
 from .commands.common import add_max_new_tokens_option
-from .config import ConfigError
 from .engine import DEFAULT_MODEL, RANDOM_MODEL, ROOT
-from .sources import VideoError
-from .state import StateError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,17 +36,25 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # "Loading weights" bars: the command prints its own progress
         return args.run(args)
     except KeyboardInterrupt:
         print("emloc-stream: interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, SettingsError, InputError, UnsupportedModelError, VideoError, ValueError,
-            StateError) as error:
+    except Exception as error:
+        if not isinstance(error, reported_errors()):
+            raise
         print(f"emloc-stream: error: {error}", file=sys.stderr)
         return 2
+
+
+def reported_errors() -> tuple[type[Exception], ...]:
+    """What a command reports in one line (exit status 2) instead of a traceback: ValueError covers
+    ConfigError, SettingsError, InputError, UnsupportedModelError, PackError and BindError. Imported
+    here, once a command has failed, because stream.state imports torch."""
+    from .sources import VideoError
+    from .state import StateError
+
+    return ValueError, VideoError, StateError
 
 
 if __name__ == "__main__":

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from emloc import EMLoCSettings, InputError, ModelAdapter, StreamContext, TaskPack
+from emloc import EMLoCSettings, InputError
 
 from .config import Config
 from .models import DEFAULT_MODEL
+
+if TYPE_CHECKING:  # the model code (torch, transformers) is imported where a model is built, not here
+    from emloc import ModelAdapter, TaskPack
 
 ROOT = Path(__file__).resolve().parents[1]
 RANDOM_MODEL = "builtin:random"  # a 28-layer tiny Qwen2-VL with random weights, for quick checks
@@ -27,7 +31,8 @@ def build_model(config: Config, model: str | None = None) -> tuple[ModelAdapter,
     with layer groups of half the model's layers (14 of Qwen2-VL-7B's 28).
     """
     options = dict(fps=config.model.fps, max_frame_pixels=config.model.max_frame_pixels)
-    name = model or config.model.path or str(DEFAULT_MODEL)
+    name = model_name(config, model)
+    check_model(name)
     if name == RANDOM_MODEL:
         from emloc.adapters import adapter_for
         from emloc.tiny import tiny_qwen2_vl, tiny_tokenizer
@@ -36,11 +41,11 @@ def build_model(config: Config, model: str | None = None) -> tuple[ModelAdapter,
         adapter = adapter_for(tiny_qwen2_vl(tokenizer, layers=28, hidden=64, init_std=0.1), tokenizer, **options)
         label = "built-in tiny Qwen2-VL (random weights: its answers mean nothing)"
     else:
+        from transformers.utils import logging as hf_logging
+
         from emloc import load_adapter
 
-        if Path(name) == DEFAULT_MODEL and not DEFAULT_MODEL.is_dir():
-            raise InputError(f"the shipped model is missing at {DEFAULT_MODEL}; pass --model PATH_OR_ID")
-        check_model(name)
+        hf_logging.disable_progress_bar()  # "Loading weights" bars: the commands print their own progress
         try:
             adapter = load_adapter(name, device=config.model.device, **options)
         except OSError as error:  # transformers: not on the hub, hub unreachable, files missing
@@ -61,6 +66,8 @@ def load_task(path: str | Path | None) -> TaskPack | None:
         return None
     key = Path(path).expanduser().resolve()
     if key not in _PACKS:
+        from emloc import TaskPack
+
         _PACKS[key] = TaskPack.load(key)
     return _PACKS[key]
 
@@ -68,7 +75,7 @@ def load_task(path: str | Path | None) -> TaskPack | None:
 def check_task(path, pack: TaskPack | None, adapter: ModelAdapter, settings: EMLoCSettings) -> None:
     """Refuses, before any video is read, a pack this model and these settings cannot start from:
     another model, another system prompt, or a token budget the pack alone fills."""
-    from emloc import SettingsError
+    from emloc import SettingsError, StreamContext
 
     if pack is None:
         return
@@ -78,8 +85,17 @@ def check_task(path, pack: TaskPack | None, adapter: ModelAdapter, settings: EML
         raise SettingsError(f"task pack {path}: {error}") from error
 
 
+def model_name(config: Config, model: str | None = None) -> str:
+    """The model a command runs: `model` (--model), else the config's model.path, else the shipped one."""
+    return model or config.model.path or str(DEFAULT_MODEL)
+
+
 def check_model(name: str) -> None:
     """A model that cannot be one, named before any work: a missing folder, a file, a folder without config.json."""
+    if name == RANDOM_MODEL:
+        return
+    if Path(name) == DEFAULT_MODEL and not DEFAULT_MODEL.is_dir():
+        raise InputError(f"the shipped model is missing at {DEFAULT_MODEL}; pass --model PATH_OR_ID")
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

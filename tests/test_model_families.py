@@ -19,8 +19,8 @@ import torch
 from transformers import DynamicCache
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
-from emloc import EMLoCSettings, SettingsError, StreamContext, TaskExample, TaskPack, many_shot
-from emloc.adapters import InputError, adapter_for
+from emloc import EMLoCSettings, InputError, SettingsError, StreamContext, TaskExample, TaskPack, many_shot
+from emloc.adapters import adapter_for
 from emloc.tiny import tiny_llava_onevision, tiny_qwen3_vl, tiny_tokenizer
 from stream.state import load_state, save_state
 

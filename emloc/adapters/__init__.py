@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import InputError, ModelAdapter, UnsupportedModelError, VideoPixels
+from ..errors import UnsupportedModelError
+from .base import ModelAdapter, VideoPixels
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen3_5 import Qwen3_5Adapter
 from .qwen3_vl import Qwen3VLAdapter
@@ -33,4 +34,4 @@ def adapter_for(model: nn.Module, tokenizer, **options) -> ModelAdapter:
     return FAMILIES[model_type](model, tokenizer, **options)
 
 
-__all__ = ["FAMILIES", "InputError", "ModelAdapter", "UnsupportedModelError", "VideoPixels", "adapter_for"]
+__all__ = ["FAMILIES", "ModelAdapter", "VideoPixels", "adapter_for"]

@@ -14,13 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-
-class UnsupportedModelError(ValueError):
-    """The model's family has no adapter."""
-
-
-class InputError(ValueError):
-    """A chunk of frames or a question cannot be used; the message says why."""
+from ..errors import UnsupportedModelError
 
 
 def check_attention(name: str) -> str:

@@ -25,7 +25,8 @@ from PIL import Image
 from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-from .base import InputError, ModelAdapter, UnsupportedModelError, VideoPixels, check_attention
+from ..errors import InputError, UnsupportedModelError
+from .base import ModelAdapter, VideoPixels, check_attention
 from .qwen_vl import _as_uint8_frames
 
 # the SigLIP statistics LLaVA-OneVision checkpoints ship (preprocessor_config.json)

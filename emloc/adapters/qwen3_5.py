@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from transformers.models.qwen3_5.modeling_qwen3_5 import apply_rotary_pos_emb
 
+from ..errors import UnsupportedModelError
 from ..recurrent import BlockCache, RecurrentStates, current_runs, run_linear
-from .base import UnsupportedModelError
 from .qwen3_vl import Qwen3VLAdapter
 
 

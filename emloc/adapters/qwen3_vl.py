@@ -32,7 +32,8 @@ from torch import nn
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
 
-from .base import InputError, UnsupportedModelError, VideoPixels
+from ..errors import InputError, UnsupportedModelError
+from .base import VideoPixels
 from .qwen_vl import DEFAULT_MAX_FRAME_PIXELS, DEFAULT_MIN_FRAME_PIXELS, QwenVLAdapter
 
 TIMESTAMP = "<{:.1f} seconds>"  # Qwen3VLProcessor.replace_video_token

@@ -10,7 +10,8 @@ from torch import nn
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb, rotate_half
 
-from .base import InputError, ModelAdapter, VideoPixels, check_attention
+from ..errors import InputError
+from .base import ModelAdapter, VideoPixels, check_attention
 
 # The paper's video setting: 144 tokens per frame pair (336 x 336 frames).
 DEFAULT_MAX_FRAME_PIXELS = 144 * 28 * 28

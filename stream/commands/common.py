@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
-
-from emloc import StreamContext
+from typing import TYPE_CHECKING
 
 from ..config import MAX_NEW_TOKENS, Config, load_config
+
+if TYPE_CHECKING:
+    from emloc import StreamContext
 
 
 def add_task_option(p: argparse.ArgumentParser) -> None:

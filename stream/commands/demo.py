@@ -7,18 +7,19 @@ import sys
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from emloc import StreamContext
-
 from ..engine import build_model
-from ..job import answer_video
 from ..models import CAMERA_MODEL
 from ..sources import VideoFile, write_video
-from ..suites import camera as synthetic_camera
-from ..suites import synthetic
 from .common import config_from, deliver, footer, progress_printer
 
 
 def demo(args: argparse.Namespace) -> int:
+    from emloc import StreamContext
+
+    from ..job import answer_video
+    from ..suites import camera as synthetic_camera
+    from ..suites import synthetic
+
     config = config_from(args)
     suite = synthetic_camera if args.suite == "camera" else synthetic
     model = args.model or (str(CAMERA_MODEL) if suite is synthetic_camera and not config.model.path else None)

@@ -18,15 +18,19 @@ import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from emloc import InputError, TaskExample, TaskPack
+from emloc import InputError
 from emloc.settings import PRESETS, preset
 
 from ..engine import build_model, describe
 from ..question_files import parse_lines
 from .common import config_from
+
+if TYPE_CHECKING:
+    from emloc import TaskExample
 
 DEFAULT_QUESTION = "what is this ?"
 FIELDS = {"image", "clip", "question", "answer"}
@@ -66,6 +70,8 @@ def _example(line: str, root: Path, fps: float, clip_frames: int, source: str) -
     kind = "image" if "image" in data else "clip"
     file = _inside(root, data[kind], kind)
     frames = _picture(file) if kind == "image" else _clip(file, fps, clip_frames)
+    from emloc import TaskExample
+
     return TaskExample(frames, question, answer, source)
 
 
@@ -138,6 +144,8 @@ def pack(args: argparse.Namespace) -> int:
         print(f"[chunk {chunk}/{total}] {record.chunk_tokens} tokens -> kept {100 * record.kept_fraction:.1f}%, "
               f"cache {cache:.0f} tokens/layer, prefill {record.vision_s + record.prefill_s:.2f}s "
               f"search {record.observe_s + record.search_s + record.score_s:.2f}s", flush=True)
+
+    from emloc import TaskPack
 
     built = TaskPack.build(adapter, examples, settings, examples_per_chunk=args.examples_per_chunk,
                            progress=progress)

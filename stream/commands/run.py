@@ -6,12 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from emloc import InputError, StreamContext
+from emloc import InputError
 
-from ..engine import build_model, check_state, check_task, load_task
-from ..job import answer_video
+from ..engine import build_model, check_model, check_state, check_task, load_task, model_name
 from ..sources import IMAGE_SUFFIXES, open_source
-from ..state import StateError
 from .common import add_task_option, config_from, deliver, footer, progress_printer, task_path
 
 
@@ -29,14 +27,18 @@ def run(args: argparse.Namespace) -> int:
     config = config_from(args)
     if not args.ask:
         raise InputError("give at least one question with --ask")
-    from ..state import StateNotSaved, check_source, has_state, load_state, save_state, source_fingerprint
+    from emloc import StreamContext
+
+    from ..job import answer_video
+    from ..state import StateError, StateNotSaved, check_source, has_state, load_state, save_state, source_fingerprint
 
     _check_folder(Path(args.video))
     check_state(args.state)
     task = task_path(args, config)
     pack = load_task(task)  # a damaged pack is named before the video is opened
     source = open_source(args.video, args.image_fps)
-    source.check()  # an unreadable video is named before the model loads
+    check_model(model_name(config, args.model))
+    source.check()  # an unreadable video is named before the model loads (after the cheaper checks)
     adapter, settings, label = build_model(config, args.model)
     check_task(task, pack, adapter, settings)
     context = StreamContext(adapter, settings=settings, task=pack)
