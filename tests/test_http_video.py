@@ -188,3 +188,127 @@ def test_bad_videos_each_get_a_clear_error_and_the_server_goes_on(server):
     # nothing of that cost the server anything: it answers the next good question as before
     question = video.question("state")
     assert ask(server["client"], question.text, str(good)).choices[0].message.content.strip() == question.answer
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory):
+    """A server that fetches remote videos (--http-video-remote) and reads no files, and a plain HTTP server
+    (Python's) that serves a folder of videos to it."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path_factory.mktemp("remote")
+    files = tmp_path_factory.mktemp("files")
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    class Web(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address) -> None:
+            pass  # a download refused at its Content-Length closes the connection under the sender: as meant
+
+    web = Web(("127.0.0.1", 0), functools.partial(Quiet, directory=str(files)))
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    port = free_port()
+    log = folder / "server.log"
+    process = subprocess.Popen([sys.executable, "-m", "stream", "serve", "--http", f"127.0.0.1:{port}",
+                                "--http-video-remote", "--http-video-mb", "1", "--http-video-seconds", "120"],
+                               cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert process.poll() is None, log.read_text()
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=180)
+        yield dict(client=client, files=files, web=f"http://127.0.0.1:{web.server_port}", log=log)
+    finally:
+        web.shutdown()
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_remote_videos_are_fetched_when_the_operator_allows(remote):
+    video = make_video(SEEDS[2], frames=64)
+    write_video(remote["files"] / "clip.mp4", video.frames, video.fps)
+    (remote["files"] / "big.mp4").write_bytes(os.urandom(2 * 2**20))
+    right = sum(ask(remote["client"], q.text, f"{remote['web']}/clip.mp4").choices[0].message.content.strip()
+                == q.answer for q in video.questions)
+    print(f"video_url over http: {right}/4 right")
+    assert right >= 3
+    refused(remote, f"{remote['web']}/big.mp4", 413, "big.mp4 is 2097152 bytes; the limit is 1048576 bytes")
+    refused(remote, f"{remote['web']}/nothing.mp4", 422, "could not fetch", "nothing.mp4")
+    refused(remote, str(remote["files"] / "clip.mp4"), 403, "reads no video files", "--http-video-dir")
+
+
+RTSP_SERVER = shutil.which("rtsp-server-perl")
+
+
+@pytest.mark.skipif(RTSP_SERVER is None, reason="rtsp-server-perl is not installed (apt install rtsp-server-perl)")
+def test_an_rtsp_source_is_read_to_its_end(remote, tmp_path):
+    """ffmpeg publishes a video to a real RTSP server (tests/test_rtsp.py's), led by 9 s of its first frame so the
+    server's reader joins before the real frames; the question is answered once the source ends."""
+    import numpy as np
+
+    from .test_rtsp import FPS, LEAD, SEED, RtspServer
+
+    video = make_video(SEED, frames=96)
+    padded = np.concatenate([np.repeat(video.frames[:1], LEAD, axis=0), video.frames])
+    path = write_video(tmp_path / "door.mp4", padded, FPS)
+    server = RtspServer().start()
+    publisher = server.publish(path)
+    try:
+        time.sleep(2)  # the publisher announces its stream first
+        question = video.question("state")
+        reply = ask(remote["client"], question.text, f"rtsp://127.0.0.1:{server.client_port}/door")
+        assert publisher.wait(timeout=120) == 0
+    finally:
+        if publisher.poll() is None:
+            publisher.kill()
+        server.kill()
+    print(f"video_url over RTSP: {reply.choices[0].message.content!r} (expected {question.answer!r}); {reply.video}")
+    assert reply.choices[0].message.content.strip() == question.answer
+
+
+def test_video_bodies_held_at_once_are_bounded(server):
+    """A body past the usual 64 KiB (a video, on the chat path) takes one of 3 slots while it is read and served;
+    a fourth gets 503 once it passes 64 KiB, so what such bodies hold in memory at once is bounded too."""
+    import socket
+
+    port = int(server["base"].rsplit(":", 1)[1])
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 400000\r\n\r\n")
+    held = []
+    try:
+        for _ in range(3):  # each sends 100 kB of its 400 kB and waits
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(head + b" " * 100_000)
+            held.append(sock)
+        time.sleep(1)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as fourth:
+            try:
+                fourth.sendall(head + b" " * 100_000)
+            except OSError:  # refused while it still sent: the answer is there to read
+                pass
+            reply = b""
+            while chunk := fourth.recv(65536):  # until the server closes the connection
+                reply += chunk
+            reply = reply.decode("latin-1")
+        assert reply.startswith("HTTP/1.1 503") and "retry-after: 5" in reply.lower(), reply[:300]
+        assert "3 request bodies of videos are in memory already (the limit is 3)" in reply, reply
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.5)  # their slots are given back as their connections close
+    video, path = server["videos"][SEEDS[3]]
+    question = video.question("state")
+    assert ask(server["client"], question.text, data_url(path)).choices[0].message.content.strip() == question.answer

@@ -24,6 +24,7 @@ import base64
 import binascii
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -224,16 +225,27 @@ class VideoAnswerer:
         return path
 
     def _rtsp(self, url: str, stop: threading.Event) -> Iterator[Frame]:
-        """A live RTSP source, read until the duration limit or its end."""
+        """A live RTSP source, read as `live` reads one (frames dropped when folding lags), until it ends (its
+        reader reconnecting after frames came) or the duration limit is reached: a live source is cut there, not
+        refused. A source that gives no frame within FETCH_TIMEOUT seconds is refused."""
         from ..live import LiveSource
 
-        source = LiveSource(url, fps=self.fps).start()
+        source = LiveSource(url, fps=self.fps, buffer=64).start()
+        first, silent_since = None, time.monotonic()
         try:
             while not stop.is_set():
-                frame = source.get(timeout=FETCH_TIMEOUT)
+                frame = source.get(timeout=0.5)
                 if frame is None:
-                    return
+                    if first is not None and source.state == "reconnecting":
+                        return  # the source ended
+                    if time.monotonic() - silent_since > FETCH_TIMEOUT:
+                        raise VideoRefused(422, f"{url[:100]} sent no frame within {FETCH_TIMEOUT:g} s "
+                                                f"({source.last_error or 'nothing came'})")
+                    continue
+                silent_since = time.monotonic()
+                first = frame.time if first is None else first
+                if frame.time - first > self.limits.max_video_seconds:
+                    return  # the limit: answered over what came before it
                 yield frame
         finally:
             source.stop()
-
