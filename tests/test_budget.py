@@ -1,6 +1,7 @@
 """A hard per-layer token budget keeps the cache bounded for an endless stream, evicting
 the least important tokens and never the attention sinks."""
 
+import pytest
 import torch
 
 from emloc import EMLoCSettings, PrunedCache, StreamContext
@@ -9,6 +10,7 @@ from emloc.budget import enforce_budget
 from .reference import random_frames
 
 
+@pytest.mark.slow
 def test_budget_bounds_every_layer_over_50_chunks(model, tokenizer):
     budget = 48
     settings = EMLoCSettings(layer_group_size=2, delta=0.05, ratios=(0.1, 0.3, 0.5, 1.0), chunk_frames=4,

@@ -165,6 +165,7 @@ DEFAULT_MAX_LOSS = 2  # uniform frames at its share lose 32 points (docs/benchma
 DEFAULT_MAX_KEPT = 0.25
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MODEL.is_dir(), reason="no camera model")
 def test_camera_model_answers_with_full_context_and_the_default_keeps_up(tmp_path):
     from emloc import StreamContext, load_adapter
@@ -197,6 +198,7 @@ def test_camera_model_answers_with_full_context_and_the_default_keeps_up(tmp_pat
     assert sum(kept) / len(kept) <= DEFAULT_MAX_KEPT, kept
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MODEL.is_dir(), reason="no camera model")
 def test_demo_runs_the_camera_suite_with_its_model():
     import os

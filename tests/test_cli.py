@@ -34,6 +34,7 @@ def run_cli(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
                           env=cli_env())
 
 
+@pytest.mark.slow
 def test_demo_folds_and_answers():
     result = run_cli("demo", "--model", "builtin:random", "--config", "configs/reference_code.yaml", "--frames",
                      "96", "--ask", "what colour was the square ?", "--budget", "40", "--max-new-tokens", "3")
@@ -44,6 +45,7 @@ def test_demo_folds_and_answers():
     assert "Q: what colour was the square ?" in out and "tokens/layer" in out
 
 
+@pytest.mark.slow
 def test_default_demo_prints_answers_next_to_ground_truth(tmp_path):
     """The README's main command: the shipped model on a generated video, written and decoded."""
     video = tmp_path / "demo.mp4"
@@ -56,6 +58,7 @@ def test_default_demo_prints_answers_next_to_ground_truth(tmp_path):
     assert video.stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_the_query_aware_choice_has_one_spelling():
     """--query-aware/--no-query-aware on demo, run and batch; demo's old --probe still works, saying so."""
     new = run_cli("demo", "--frames", "32", "--no-query-aware")
@@ -70,6 +73,7 @@ def test_the_query_aware_choice_has_one_spelling():
         assert "--query-aware, --no-query-aware" in text, command
 
 
+@pytest.mark.slow
 def test_run_answers_about_a_video_file(tmp_path):
     from stream.sources import write_video
     from stream.suites.synthetic import make_video
@@ -205,6 +209,7 @@ def test_run_on_a_folder_of_videos_points_to_batch(tmp_path, capsys):
     _check_folder(tmp_path / "videos")
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_run_saves_state_and_says_so_in_one_line(tmp_path):
     import signal
 
@@ -253,6 +258,7 @@ def test_batch_questions_file_with_bad_lines_is_refused_listing_each(tmp_path, c
     assert "line 1:" not in err and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_batch_ask_goes_to_every_video_and_unknown_videos_are_reported(tmp_path):
     import json
 
@@ -316,6 +322,7 @@ def test_every_config_binds_to_the_shipped_model_or_names_the_mismatch():
     assert {"videomme_online.yaml", "reference_code.yaml"} == set(for_7b)  # the paper's presets: 14 and 7 layers
 
 
+@pytest.mark.slow
 def test_local_site_config_runs_as_is(tmp_path):
     result = run_cli("serve", "--config", str(ROOT / "configs" / "site.local.yaml"), "--duration", "2",
                      "--status-every", "1", cwd=tmp_path)
@@ -324,6 +331,7 @@ def test_local_site_config_runs_as_is(tmp_path):
     assert (tmp_path / "state" / "front").is_dir() and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_batch_refuses_a_deadline_that_is_not_a_positive_number(tmp_path):
     for value, message in (("0", "must be more than 0 seconds"), ("-5", "must be more than 0 seconds"),
                            ("nan", "must be more than 0 seconds"), ("soon", "not a number of seconds")):

@@ -55,6 +55,7 @@ LAST = (FRAMES - 1) / FPS  # 47.5 s: the last frame's time
 PAD = 8  # frames streamed after a live video's end (copies of its last frame) so its last frame leaves the
 # MPEG-TS demuxer and the decoder's reordering buffer; they change no answer (no event, same digit)
 AWARE, AGNOSTIC = 0.75, 0.50
+pytestmark = pytest.mark.slow  # every test here runs the shipped model through a real user path
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed (apt install ffmpeg)")
 ANSWER = re.compile(r"^(\S+) \[(\d+\.\d)-(\d+\.\d)s\] Q: (.*)\n  A: (.*?)(?:   \(expected: .*\))?$", re.M)
 

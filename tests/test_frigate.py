@@ -97,6 +97,7 @@ def stream_realtime(path, port: int) -> subprocess.Popen:
                              f"udp://127.0.0.1:{port}?pkt_size=1316"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed (apt install ffmpeg)")
 @needs_mosquitto
 def test_frigate_events_are_answered_over_their_span(tmp_path):

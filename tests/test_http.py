@@ -130,6 +130,7 @@ def _healthy(base: str) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_rest_questions_answered_over_sse_and_in_answers_match_the_video(served):
     video, client, asked = served["video"], served["client"], served["asked"]
     assert [asked[k]["kind"] for k in ("standing", "needle", "digit")] == ["standing", "scheduled", "scheduled"]
@@ -166,6 +167,7 @@ def test_rest_questions_answered_over_sse_and_in_answers_match_the_video(served)
     assert [q["id"] for q in table] == [asked["standing"]["id"]] and table[0]["latest"] == standing[-1]
 
 
+@pytest.mark.slow
 def test_openai_chat_completions_answer_like_rest(served):
     video, base = served["video"], served["base"]
     try:
@@ -225,6 +227,7 @@ MALFORMED = [  # (method, path, json body or raw bytes, status, words the messag
 ]
 
 
+@pytest.mark.slow
 def test_malformed_requests_each_get_a_4xx_naming_the_problem_and_serving_goes_on(served):
     client = served["client"]
     assert len(MALFORMED) >= 20
@@ -250,6 +253,7 @@ def test_malformed_requests_each_get_a_4xx_naming_the_problem_and_serving_goes_o
     assert answer["answer"] == served["video"].question("needle").answer
 
 
+@pytest.mark.slow
 def test_withdraw_a_standing_question(served):
     client = served["client"]
     made = client.post("/streams/cam/questions", json={"question": "how many times did a star appear ?",
@@ -261,6 +265,7 @@ def test_withdraw_a_standing_question(served):
     assert client.delete(f"/streams/cam/questions/{made['id']}").status_code == 404
 
 
+@pytest.mark.slow
 def test_newest_frame_and_metrics(served):
     from io import BytesIO
 
@@ -290,6 +295,7 @@ def test_newest_frame_and_metrics(served):
     assert value("emloc_answer_latency_seconds_count") == status["answers"]
 
 
+@pytest.mark.slow
 def test_page_in_headless_chromium_shows_the_stream_and_answers_a_typed_question(served, tmp_path):
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
@@ -368,6 +374,7 @@ def test_token_is_required_beyond_loopback_and_enforced(monkeypatch):
         server.stop()
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_public_address_without_a_token_before_loading_the_model():
     env = {k: v for k, v in os.environ.items() if k != "EMLOC_HTTP_TOKEN"}
     run = subprocess.run([sys.executable, "-m", "stream", "live", "udp://127.0.0.1:9", "--http", "0.0.0.0:8080",

@@ -74,6 +74,7 @@ def first_frame_within(source: LiveSource, seconds: float) -> float | None:
     return None
 
 
+@pytest.mark.slow
 def test_joined_mid_gop_and_restarted_the_first_frame_comes_with_the_next_keyframe():
     # A keyframe every 6 s, joined just after one: every packet until the next is undecodable and must be
     # skipped, not a reason to reconnect and join mid-GOP again; and FFmpeg's probe of the stream, which waits
@@ -106,6 +107,7 @@ def test_joined_mid_gop_and_restarted_the_first_frame_comes_with_the_next_keyfra
             source.stop()
 
 
+@pytest.mark.slow
 @needs_mosquitto
 def test_live_cli_answers_over_mqtt_and_stops_cleanly(tmp_path):
     broker = Broker(tmp_path).start()
@@ -159,6 +161,7 @@ def test_live_cli_answers_over_mqtt_and_stops_cleanly(tmp_path):
         broker.stop()
 
 
+@pytest.mark.slow
 @needs_mosquitto
 def test_serve_two_streams_one_model_one_source_killed(tmp_path):
     broker = Broker(tmp_path).start()
@@ -204,6 +207,7 @@ def test_serve_two_streams_one_model_one_source_killed(tmp_path):
         broker.stop()
 
 
+@pytest.mark.slow
 def test_live_state_is_saved_on_exit_and_resumed(tmp_path):
     config = tmp_path / "live.yaml"
     config.write_text("emloc:\n  preset: videomme_online\n  layer_group_size: 2\n  chunk_frames: 8\n"
@@ -239,6 +243,7 @@ def test_live_state_is_saved_on_exit_and_resumed(tmp_path):
         ffmpeg.kill()
 
 
+@pytest.mark.slow
 def test_live_on_a_full_disk_keeps_folding_says_state_not_saved_and_exits_1(tmp_path, small_disk, capsys):  # noqa: F811
     from stream.cli import main
 

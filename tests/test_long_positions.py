@@ -144,6 +144,7 @@ def test_a_failed_fold_puts_the_positions_back(qwen2_vl, tokenizer, monkeypatch)
     assert context.temporal.halvings == 1
 
 
+@pytest.mark.slow
 def test_a_saved_compressed_stream_resumes_as_if_never_stopped(qwen2_vl, tokenizer, tmp_path):
     settings = EMLoCSettings(**PRUNED, temporal_range=6)
     chunks = [(56, 84), (112, 84), (56, 84), (56, 84)]

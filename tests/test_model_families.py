@@ -406,6 +406,7 @@ def test_the_temporal_position_policy_is_refused_with_its_reason(name):
 
 
 # --- state ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_a_saved_stream_resumes_as_if_never_stopped(name, tmp_path):
     _, tok, model = family_model(name)
@@ -428,6 +429,7 @@ def test_a_saved_stream_resumes_as_if_never_stopped(name, tmp_path):
 
 
 # --- loading and the CLI ---------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_the_cli_loads_a_saved_checkpoint_and_answers(name, tmp_path, capsys):
     """`emloc-stream run --model DIR` picks the family's adapter and model class from config.json's

@@ -211,6 +211,7 @@ def test_answers_fork_the_state(qwen3_5_deep, tokenizer):
     assert all(layer.tail == 0 and layer.recurrent.at == 0 for layer in context.cache.layers)
 
 
+@pytest.mark.slow
 def test_snapshot_restore_includes_the_recurrent_states(qwen3_5_deep, tokenizer):
     straight = StreamContext(qwen3_5_deep, tokenizer, PRUNING)
     for k in range(2):
@@ -303,6 +304,7 @@ def test_moe_variant_is_lossless(tokenizer):
     assert answer.token_ids == plain_greedy(model, inputs, 4, context.adapter.stop_ids())
 
 
+@pytest.mark.slow
 def test_cli_runs_a_saved_checkpoint(tokenizer, tmp_path):
     import subprocess
 

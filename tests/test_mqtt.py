@@ -134,6 +134,7 @@ def test_broker_restart_loses_no_accepted_question(broker, qwen2_vl, tokenizer):
         client.close()
 
 
+@pytest.mark.slow
 def test_password_and_tls(tmp_path, qwen2_vl, tokenizer):
     """A broker that wants a password over TLS: the right ones are answered, a wrong password is refused."""
     import shutil

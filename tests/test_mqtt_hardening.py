@@ -184,6 +184,7 @@ def test_an_unexpected_failure_costs_one_message_not_the_bridge(broker, qwen2_vl
         client.close()
 
 
+@pytest.mark.slow
 def test_redelivered_question_answered_once_and_standing_question_cancelled(broker, qwen2_vl, tokenizer):
     client = Client(broker.port, ["emloc/cam/answer", "emloc/cam/error", "emloc/cam/cancelled"], name="canceller")
     service = Service(qwen2_vl, tokenizer, broker.port)
@@ -274,6 +275,7 @@ def test_a_flood_from_one_client_leaves_room_for_another(broker, qwen2_vl, token
         other.close()
 
 
+@pytest.mark.slow
 def test_bad_tls_and_credentials_fail_at_start_in_one_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     missing = subprocess.run([console_script(), "live", "udp://127.0.0.1:9", "--model", "builtin:random",

@@ -6,6 +6,7 @@ import threading
 import time
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from emloc import EMLoCSettings, StreamContext
 from sinks import JsonLinesSink, read_answers
@@ -18,7 +19,7 @@ from stream.sources import Frame
 from .broker import Broker, needs_mosquitto
 from .reference import random_frames
 
-pytestmark = needs_mosquitto
+pytestmark = [needs_mosquitto, pytest.mark.slow]
 SETTINGS = EMLoCSettings(layer_group_size=2, delta=0.05, ratios=(0.1, 0.5, 1.0), chunk_frames=8)
 # Saves the broker's database after every change, so a SIGKILL loses as little as the broker allows.
 PERSIST_EVERY_CHANGE = "autosave_on_changes true\n"

@@ -47,6 +47,7 @@ def run_installed(target: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_every_shipped_model(installed):
     wheel, _ = installed
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -56,6 +57,7 @@ def test_the_wheel_holds_every_shipped_model(installed):
     assert not any(name.startswith("research/") or "/attempt-" in name for name in names)
 
 
+@pytest.mark.slow
 def test_the_installed_package_finds_its_models_and_runs_the_demo(installed):
     _, target = installed
     found = run_installed(target, "-c", "import stream, stream.models as m; print(stream.__file__); "

@@ -197,6 +197,7 @@ def resumed(model, tokenizer, folder, questions: list[dict]):
                       console=False)
 
 
+@pytest.mark.slow
 def test_a_saved_state_writes_the_schema_and_refuses_a_bad_question_with_the_same_message(qwen2_vl, tokenizer,
                                                                                            tmp_path):
     from stream.state import StateError

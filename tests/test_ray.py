@@ -136,6 +136,7 @@ def batch(folder: Path, questions: Path, out: Path, address: str) -> Run:
                "--revive-timeout", "20")
 
 
+@pytest.mark.slow
 def test_batch_over_two_nodes_resumes_and_survives_a_node_kill(cluster, videos, tmp_path):
     folder, questions = videos
     reference = single_process(folder)
@@ -227,6 +228,7 @@ class TimedClient(Client):
             self.messages.setdefault(message.topic, []).append((time.monotonic(), json.loads(message.payload)))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(MOSQUITTO is None or shutil.which("ffmpeg") is None, reason="needs mosquitto and ffmpeg")
 def test_serve_streams_as_actors_one_node_killed(cluster, tmp_path):
     times = live_failover(cluster, tmp_path)

@@ -122,6 +122,7 @@ def _healthy(base: str) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_frames_and_questions_over_websocket_answer_like_the_video(served):
     video, base = served["video"], served["base"]
     session = Session(base, "phone")
@@ -188,6 +189,7 @@ BAD_EVENTS = [  # (raw message, error code, words the message must hold)
 ]
 
 
+@pytest.mark.slow
 def test_bad_input_gets_clear_error_events_and_the_session_lives_on(served):
     video, base = served["video"], served["base"]
     session = Session(base, "tablet")
@@ -229,6 +231,7 @@ def test_bad_input_gets_clear_error_events_and_the_session_lives_on(served):
     session.close()
 
 
+@pytest.mark.slow
 def test_a_flood_drops_the_oldest_waiting_frames_and_reports_it(served):
     """More frames than folding takes: the buffer (24) keeps the newest, the status counts the rest."""
     video, base = served["video"], served["base"]
@@ -255,6 +258,7 @@ def test_a_flood_drops_the_oldest_waiting_frames_and_reports_it(served):
     session.close()
 
 
+@pytest.mark.slow
 def test_openai_client_lists_the_streams_as_models(served):
     openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install -e '.[test]')")
     client = openai.OpenAI(base_url=served["base"] + "/v1", api_key="unused-on-loopback", max_retries=0)
@@ -265,6 +269,7 @@ def test_openai_client_lists_the_streams_as_models(served):
         client.models.retrieve("garage")
 
 
+@pytest.mark.slow
 def test_docs_load_nothing_from_elsewhere(served):
     base = served["base"]
     for path in ("/docs", "/redoc"):
@@ -329,6 +334,7 @@ def test_websocket_token_host_and_origin_rules(monkeypatch):
         server.stop()
 
 
+@pytest.mark.slow
 def test_serve_without_a_config_takes_realtime_sessions_only():
     """What a laptop needs: no camera server, no config; the page's camera (or any client) makes the stream."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -364,6 +370,7 @@ def test_serve_without_a_config_takes_realtime_sessions_only():
         server.wait()
 
 
+@pytest.mark.slow
 def test_page_camera_streams_a_fake_camera_and_answers_about_it(served, tmp_path):
     """The page's "use my camera" in a real Chromium whose fake camera plays a y4m made here from a synthetic
     video, each frame held 1 s (the page sends about 2 frames a second, so each of the video's steps, two

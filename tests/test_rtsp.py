@@ -32,7 +32,8 @@ READRATE = 2  # published at twice its pace
 LEAD = round(9 * FPS * READRATE)  # frames of the first image before each part: 9 s of wall-clock time
 TAIL = round(8 * FPS * READRATE)  # frames of the last image after each part (the server dies during the first's)
 
-pytestmark = [pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed (apt install ffmpeg)"),
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed (apt install ffmpeg)"),
               pytest.mark.skipif(RTSP_SERVER is None,
                                  reason="rtsp-server-perl is not installed (apt install rtsp-server-perl)"),
               needs_mosquitto]

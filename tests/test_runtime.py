@@ -164,6 +164,7 @@ def test_jsonl_sink_writes_whole_lines_and_recovers_a_torn_one(tmp_path):
     assert json.loads(lines[0])["time_span"] == [0.0, 1.5]
 
 
+@pytest.mark.slow
 def test_batch_resumes_and_answers_every_question_once(tmp_path):
     videos = tmp_path / "videos"
     for seed in range(3):

@@ -30,7 +30,8 @@ def fold_all(model, tokenizer, settings, one_pass, questions=()):
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
-@pytest.mark.parametrize("questions", [(), ("what colour was the square ?", "is anyone at the door ?")])
+@pytest.mark.parametrize("questions", [(), pytest.param(("what colour was the square ?", "is anyone at the door ?"),
+                                                           marks=pytest.mark.slow)])
 def test_one_pass_search_chooses_what_the_sequential_search_chooses(qwen2_vl, tokenizer, name, questions):
     settings = SETTINGS[name]
     batched, fast = fold_all(qwen2_vl, tokenizer, settings, True, questions)

@@ -64,12 +64,14 @@ def test_shipped_model_is_a_real_checkpoint():
     assert not list(MODEL.glob("*.bin")) and not list(MODEL.glob("*.pt")), "no pickled weights"
 
 
+@pytest.mark.slow
 def test_full_context_answers_fresh_videos(adapter, videos):
     accuracy = score(adapter, videos, KeepAll())
     assert accuracy["needle"] >= MIN_NEEDLE, accuracy
     assert sum(accuracy.values()) / len(accuracy) >= MIN_OVERALL, accuracy
 
 
+@pytest.mark.slow
 def test_query_aware_emloc_keeps_the_answers(adapter, videos):
     """EMLoC with the paper's online setting at this depth, the question as observer, on the
     same videos (the benchmark measured 97.0% needle, 90.4% mean on 200 videos)."""
@@ -78,6 +80,7 @@ def test_query_aware_emloc_keeps_the_answers(adapter, videos):
     assert sum(accuracy.values()) / len(accuracy) >= MIN_OVERALL - 0.05, accuracy
 
 
+@pytest.mark.slow
 def test_the_probe_prompt_is_answered(adapter, videos):
     """The model describes the video to the probe prompt, so query-agnostic pruning has a signal."""
     right = 0
@@ -88,6 +91,7 @@ def test_the_probe_prompt_is_answered(adapter, videos):
     assert right >= 6, f"{right}/{len(videos)} descriptions right"
 
 
+@pytest.mark.slow
 def test_query_agnostic_default_keeps_the_answers(adapter, videos):
     """The default settings (EMLoCSettings(), layer groups scaled), questions asked only after the
     video: within 0.1 of full context's threshold at <= 25% of the video tokens (the benchmark
@@ -99,6 +103,7 @@ def test_query_agnostic_default_keeps_the_answers(adapter, videos):
     assert sum(kept) / len(kept) <= 0.25, kept
 
 
+@pytest.mark.slow
 def test_past_its_temporal_range_the_default_still_finds_the_needle(adapter, tmp_path):
     """1,024 frames: 512 temporal positions, twice the 256 its config declares (trained on 128, it reads
     256 as well: its card). The stream halves its temporal spacing on the way, and the default, questions

@@ -36,6 +36,7 @@ def folded(model, tokenizer, chunks, settings=SETTINGS):
     return context
 
 
+@pytest.mark.slow
 def test_resumed_stream_answers_as_if_never_stopped(qwen2_vl, tokenizer, tmp_path):
     straight = folded(qwen2_vl, tokenizer, range(5))
     first = folded(qwen2_vl, tokenizer, range(3))
@@ -92,6 +93,7 @@ def answers(stdout: str) -> list[str]:
     return re.findall(r"^  A: (.*)$", stdout, flags=re.M)
 
 
+@pytest.mark.slow
 def test_cli_run_killed_and_resumed_gives_the_same_answers(tmp_path):
     video = make_video(3_300_000, frames=192)
     path = write_video(tmp_path / "clip.mp4", video.frames, video.fps)
@@ -397,6 +399,7 @@ def test_a_full_disk_keeps_the_old_state_and_says_so_in_one_line(qwen2_vl, token
         "context"]["chunks_folded"] == 4
 
 
+@pytest.mark.slow
 def test_cli_run_on_a_full_disk_answers_and_exits_1_with_one_line(tmp_path, small_disk, capsys):
     from stream.cli import main
 

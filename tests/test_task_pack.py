@@ -397,6 +397,7 @@ def _accuracy(out: Path, truth: dict[str, str]) -> float:
     return sum(answers[video] == label for video, label in truth.items()) / len(truth)
 
 
+@pytest.mark.slow
 def test_the_shipped_model_learns_from_a_pack_through_the_cli(tmp_path):
     """Fresh episodes: class names drawn afresh, so without the examples the answer is a guess (1/8
     at best); with a pack of the episode's 40 examples (built by `pack`, passed to `batch --task`)
