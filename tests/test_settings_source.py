@@ -168,3 +168,19 @@ def test_config_layer_groups(tmp_path):
     assert load_config(path).emloc.for_model(4, 2).layer_group_size == 2
     path.write_text("emloc:\n  layer_groups: 4\n")
     assert load_config(path).emloc.for_model(28, 2).layer_group_size == 7
+
+
+def test_live_flags_default_to_a_config_stream():
+    """live's flags that a config's stream also holds are None unless given, so the stream gets
+    StreamConfig's defaults, as a stream of a config does; --help shows those defaults."""
+    from stream.commands.live import STREAM_FLAGS
+    from stream.config import StreamConfig
+
+    args = build_parser().parse_args(["live", "udp://127.0.0.1:5000"])
+    assert all(getattr(args, name) is None for name in STREAM_FLAGS)
+    assert set(STREAM_FLAGS) <= {f for f in StreamConfig.__dataclass_fields__}
+    shown = subprocess.run([sys.executable, "-m", "stream", "live", "--help"], capture_output=True, text=True,
+                           timeout=60, cwd=ROOT, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin",
+                                                      "PYTHONPATH": str(ROOT)}).stdout
+    assert f"older ones drop (default {StreamConfig.buffer})" in shown
+    assert f"more are refused (default {StreamConfig.max_waiting})" in shown

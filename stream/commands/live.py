@@ -8,27 +8,30 @@ from dataclasses import replace
 from pathlib import Path
 
 from .. import distributed
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, StreamConfig
 from ..engine import build_model, check_state, check_task, load_task
 from ..frigate import add_options as add_frigate_options
 from ..question_files import load_questions
 from .common import add_max_new_tokens_option, add_task_option, config_from
 
+# live's flags that are fields of a config's stream (StreamConfig): None unless given, the field's default then
+STREAM_FLAGS = ("every", "save_every", "buffer", "max_waiting", "max_scheduled", "max_standing", "horizon",
+                "answers_per_fold")
+
 
 def live(args: argparse.Namespace) -> int:
-    from ..config import MqttConfig, StreamConfig
+    from ..config import MqttConfig
 
     config = config_from(args)
     mqtt = None
     if args.mqtt:
         mqtt = MqttConfig.parse(args.mqtt, username=args.mqtt_user, password=args.mqtt_password,
                                 tls=args.mqtt_tls, ca_file=args.mqtt_ca)
+    given = {name: getattr(args, name) for name in STREAM_FLAGS if getattr(args, name) is not None}
     spec = StreamConfig(id=args.stream_id, source=args.url, format=args.format, ask=tuple(args.ask or ()),
-                        standing=tuple(args.standing or ()), every=args.every,
-                        jsonl=str(args.jsonl) if args.jsonl else None, state=str(args.state) if args.state else None,
-                        save_every=args.save_every, buffer=args.buffer, max_waiting=args.max_waiting,
-                        max_scheduled=args.max_scheduled, max_standing=args.max_standing, horizon=args.horizon,
-                        task=args.task or config.task, answers_per_fold=args.answers_per_fold)
+                        standing=tuple(args.standing or ()), jsonl=str(args.jsonl) if args.jsonl else None,
+                        state=str(args.state) if args.state else None, task=args.task or config.task,
+                        **given)  # the flags not given: StreamConfig's defaults, as a config's stream has
     questions = load_questions(args.questions) if args.questions else []
     return _serve(config, args, [spec], mqtt, questions)
 
@@ -100,7 +103,6 @@ def _serve(config: Config, args: argparse.Namespace, specs: list, mqtt, question
                         print(f"question refused: {error}", file=sys.stderr, flush=True)
         threading.Thread(target=read_stdin, daemon=True).start()
     def open_stream(stream_id: str) -> LiveStream:  # a realtime session's stream: frames pushed over WebSocket
-        from ..config import StreamConfig
         from ..pushed import PushedFrames
 
         spec = StreamConfig(id=stream_id, source=f"realtime:{stream_id}")
@@ -213,7 +215,8 @@ def register(commands, common) -> None:
     p.add_argument("--format", help="FFmpeg input format, e.g. v4l2 for a camera device")
     p.add_argument("--stream-id", default="cam", help="names the stream in answers and MQTT topics")
     p.add_argument("--standing", action="append", help="a question re-answered every --every chunks")
-    p.add_argument("--every", type=int, default=1, help="chunks between answers to standing questions")
+    p.add_argument("--every", type=int, help=f"chunks between answers to standing questions (default "
+                   f"{StreamConfig.every})")
     p.add_argument("--stdin", action="store_true", help="read questions from standard input, one per line")
     p.add_argument("--questions", help='JSON Lines of {"id", "question", optional "at", "every", "wait"} '
                    "to ask this stream")
@@ -224,17 +227,23 @@ def register(commands, common) -> None:
     p.add_argument("--mqtt-tls", action="store_true", help="connect to the broker over TLS")
     p.add_argument("--mqtt-ca", help="CA file for the broker's TLS certificate (implies --mqtt-tls)")
     p.add_argument("--status-every", type=float, default=5.0, help="seconds between status reports")
-    p.add_argument("--buffer", type=int, default=16, help="sampled frames held while folding; older ones drop")
-    p.add_argument("--max-waiting", type=int, default=64, help="one-off questions that may wait; more are refused")
-    p.add_argument("--max-scheduled", type=int, default=64, help='questions with "at" that may wait (apart)')
-    p.add_argument("--max-standing", type=int, default=8, help="standing questions; more are refused until one is "
-                   "cancelled (emloc/<stream>/cancel)")
-    p.add_argument("--horizon", type=float, default=3600.0, help='how far (s) beyond the stream\'s time "at" may lie')
-    p.add_argument("--answers-per-fold", type=int, default=2, help="while frames wait to be folded, at most this "
-                   "many questions are answered between two folds (folding's guaranteed share; default 2)")
+    p.add_argument("--buffer", type=int, help=f"sampled frames held while folding; older ones drop (default "
+                   f"{StreamConfig.buffer})")
+    p.add_argument("--max-waiting", type=int, help=f"one-off questions that may wait; more are refused (default "
+                   f"{StreamConfig.max_waiting})")
+    p.add_argument("--max-scheduled", type=int, help=f'questions with "at" that may wait (apart; default '
+                   f'{StreamConfig.max_scheduled})')
+    p.add_argument("--max-standing", type=int, help=f"standing questions; more are refused until one is "
+                   f"cancelled (emloc/<stream>/cancel; default {StreamConfig.max_standing})")
+    p.add_argument("--horizon", type=float, help=f'how far (s) beyond the stream\'s time "at" may lie (default '
+                   f'{StreamConfig.horizon:g})')
+    p.add_argument("--answers-per-fold", type=int, help="while frames wait to be folded, at most this "
+                   "many questions are answered between two folds (folding's guaranteed share; default "
+                   f"{StreamConfig.answers_per_fold})")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--state", type=Path, help="save the stream state here; resume from it if present")
-    p.add_argument("--save-every", type=int, default=1, help="chunks between saves of --state")
+    p.add_argument("--save-every", type=int, help=f"chunks between saves of --state (default "
+                   f"{StreamConfig.save_every})")
     p.add_argument("--source-moved", action="store_true", help="resume a --state folded from another URL (the "
                    "camera moved); without it such a state is refused")
     add_task_option(p)
