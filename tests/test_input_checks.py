@@ -56,6 +56,7 @@ def test_a_config_section_of_the_wrong_kind_is_named(tmp_path):
             load_config(path)
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_a_config_typo_is_refused_before_the_model(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("emloc:\n  token_buget: 5\n")
@@ -63,6 +64,7 @@ def test_a_config_typo_is_refused_before_the_model(tmp_path):
     refused_before_the_model(result, "unknown key(s) ['token_buget'] in emloc; known keys are [", "'token_budget'")
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_an_unreadable_video_is_refused_before_the_model(tmp_path):
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"\x00" * 1000)
@@ -73,6 +75,7 @@ def test_an_unreadable_video_is_refused_before_the_model(tmp_path):
     refused_before_the_model(cli("run", str(empty), "--ask", "what ?"), "a.png: cannot read image")
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_a_taken_http_port_is_refused_before_the_model(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -84,6 +87,7 @@ def test_a_taken_http_port_is_refused_before_the_model(tmp_path):
                                  message)
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_a_damaged_state_is_refused_before_the_model(tmp_path):
     from stream.sources import write_video
     from stream.suites.synthetic import make_video

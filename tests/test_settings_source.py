@@ -51,6 +51,7 @@ def site_config(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # loads the model once per path
 def test_every_path_folds_with_the_same_settings(checkpoint, tmp_path):
     path, layers = checkpoint
     argvs = {
@@ -85,6 +86,7 @@ def test_the_default_file_is_what_runs_without_a_config():
     assert Config().model.max_new_tokens == MAX_NEW_TOKENS == 16
 
 
+@pytest.mark.slow  # serve in a subprocess
 def test_serve_prints_the_default_settings(tmp_path):
     """The HTTP path for real: `serve --http` without a config folds with the default resolved on the
     shipped model (its start-up line names the settings)."""
