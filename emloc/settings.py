@@ -176,10 +176,7 @@ class EMLoCSettings:
     @classmethod
     def from_dict(cls, data: dict) -> EMLoCSettings:
         """Builds settings from plain data (a YAML section); an unknown key is an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SettingsError(f"unknown EMLoC setting(s) {unknown}; known settings are {sorted(known)}")
+        _check_names(data)
         data = dict(data)
         if "ratios" in data:
             if not isinstance(data["ratios"], (list, tuple)):
@@ -254,4 +251,12 @@ PRESETS = {"query_agnostic": query_agnostic, "videomme_online": videomme_online,
 def preset(name: str, **overrides) -> EMLoCSettings:
     if name not in PRESETS:
         raise SettingsError(f"unknown preset {name!r}; presets are {sorted(PRESETS)}")
+    _check_names(overrides)
     return PRESETS[name](**overrides)
+
+
+def _check_names(data: dict) -> None:
+    known = {f.name for f in fields(EMLoCSettings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SettingsError(f"unknown EMLoC setting(s) {unknown}; known settings are {sorted(known)}")

@@ -47,6 +47,16 @@ def test_every_section_names_an_unknown_key_the_same_way(tmp_path, section, text
     assert str(error.value).startswith(f"{path}: unknown key(s) ['token_buget'] in {section}; known keys are [")
 
 
+def test_a_preset_names_an_unknown_setting_as_from_dict_does():
+    """The Python API (and lmms-eval's model_args): a preset with an unknown override is named, not a TypeError."""
+    from emloc import EMLoCSettings, SettingsError, preset
+
+    for build in (lambda: preset("videomme_online", token_buget=5),
+                  lambda: EMLoCSettings.from_dict({"token_buget": 5})):
+        with pytest.raises(SettingsError, match=r"unknown EMLoC setting\(s\) \['token_buget'\]; known settings are"):
+            build()
+
+
 def test_a_config_section_of_the_wrong_kind_is_named(tmp_path):
     path = tmp_path / "c.yaml"
     for text, message in [("emloc: [1]\n", "emloc must be a mapping"), ("model: 3\n", "model must be a mapping"),
