@@ -929,6 +929,10 @@ def main(argv: list[str] | None = None) -> None:
     if not examples:  # the temporal positions it is trained on (not its init's): longer streams are compressed
         # into them; a wider range it reads well is a measurement, declared by hand (see the model cards)
         model.config.emloc_temporal_range = max(args.lengths) // model.config.vision_config.temporal_patch_size
+    # what it understands, said wherever the checkpoint is copied (ModelAdapter.model_note: at start, in answers)
+    model.config.emloc_model_note = (f"a tiny model trained here on synthetic video only (stream/suites/{args.task}"
+                                     ".py); it answers real footage with confident nonsense: for real footage pass "
+                                     "--model with a real checkpoint (e.g. Qwen/Qwen2-VL-7B-Instruct)")
     batched_vision_attention(model)
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params / 1e6:.2f}M parameters; task {args.task}; curriculum {args.lengths} frames", flush=True)

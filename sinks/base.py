@@ -12,6 +12,8 @@ class AnswerEvent:
 
     time_span: (first, last) second of the stream the cache covers, if known.
     cache_tokens: tokens per layer the answer was computed over.
+    model_note: what the model's checkpoint says of itself (`ModelAdapter.model_note`: the shipped models
+        understand only synthetic video); absent from the JSON of a checkpoint that says nothing.
     """
 
     stream_id: str
@@ -23,9 +25,13 @@ class AnswerEvent:
     cache_tokens: int
     latency_s: float
     expected: str | None = None
+    model_note: str | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.model_note is None:
+            del data["model_note"]
+        return data
 
 
 class Sink(ABC):

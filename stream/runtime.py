@@ -164,7 +164,8 @@ class StreamRunner:
             if pending is not None:
                 span = (span[0] if span else pending.times[0], pending.times[-1])
             event = AnswerEvent(self.stream_id, question.id, question.text, answer.text, span, time.time(),
-                                answer.cache_tokens, answer.latency_s, expected=question.meta.get("expected"))
+                                answer.cache_tokens, answer.latency_s, expected=question.meta.get("expected"),
+                                model_note=self.context.adapter.model_note)
             self.status.answers += 1
             self.answers_since_fold += question.every is None
             if self.on_answer is not None:

@@ -111,6 +111,8 @@ def printed_answers(stdout: str) -> list[tuple[str, float, float, str, str]]:
 def test_demo(videos):
     result = cli("demo", "--seed", "9100009", "--frames", str(FRAMES), "--max-new-tokens", "2")
     assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].startswith("model note: a tiny model trained here on synthetic video only")
+    assert "--model" in result.stdout.splitlines()[1]  # the shipped model says what it is, and what to use instead
     video = make_video(9_100_009, frames=FRAMES)
     answers = printed_answers(result.stdout)
     assert [a[3] for a in answers] == [video.question(k).text for k in QUESTION_TYPES]

@@ -4,15 +4,21 @@ Seeds 3_000_000+ were never trained on (training uses 10_000_000+), never used t
 the checkpoint (1_000_000+) and are not in the benchmark (2_000_000+).
 """
 
+import shutil
 
 import pytest
 
 from emloc import EMLoCSettings, StreamContext, load_adapter
+from emloc.adapters import adapter_for
 from emloc.policies import KeepAll
 from emloc.settings import videomme_online
+from emloc.tiny import tiny_qwen2_vl
+from sinks import JsonLinesSink, read_answers
 from stream.job import answer_video
-from stream.models import DEFAULT_MODEL
-from stream.sources import VideoFile, write_video
+from stream.models import CAMERA_MODEL, DEFAULT_MODEL, EXAMPLES_MODEL
+from stream.questions import Question, QuestionQueue
+from stream.runtime import StreamRunner
+from stream.sources import Frame, VideoFile, write_video
 from stream.suites.synthetic import PROBE, QUESTION_TYPES, make_video
 
 MODEL = DEFAULT_MODEL
@@ -62,6 +68,36 @@ def test_shipped_model_is_a_real_checkpoint():
     assert (MODEL / "README.md").is_file(), "the model card ships with the model"
     assert (MODEL / "model.safetensors").stat().st_size < 50 * 2**20
     assert not list(MODEL.glob("*.bin")) and not list(MODEL.glob("*.pt")), "no pickled weights"
+
+
+def test_every_shipped_model_says_it_understands_synthetic_video_only_wherever_it_is_copied(tmp_path):
+    for model in (DEFAULT_MODEL, CAMERA_MODEL, EXAMPLES_MODEL):
+        copy = shutil.copytree(model, tmp_path / "elsewhere" / f"my-{model.name}")  # its config says it, not its path
+        note = load_adapter(str(copy)).model_note
+        assert note and "synthetic video only" in note and "--model" in note, (model.name, note)
+
+
+def answer_json(adapter, tmp_path) -> dict:
+    """The JSON Lines answer of a stream of this model to one question over a short synthetic video."""
+    video = make_video(3_000_100, frames=16)
+    sink = JsonLinesSink(tmp_path / "answers.jsonl")
+    runner = StreamRunner("cam", StreamContext(adapter), QuestionQueue(), [sink], max_new_tokens=2,
+                          at_end=[Question("q1", video.question("state").text)])
+    for i, image in enumerate(video.frames):
+        runner.feed(Frame(image, i / video.fps))
+    runner.finish()
+    sink.close()
+    [answer] = read_answers(tmp_path / "answers.jsonl")
+    return answer
+
+
+def test_answers_of_the_shipped_model_carry_its_note_and_a_real_checkpoints_do_not(adapter, tokenizer, tmp_path):
+    answer = answer_json(adapter, tmp_path / "shipped")
+    assert answer["model_note"] == adapter.model_note and "--model" in answer["model_note"]
+    real = adapter_for(tiny_qwen2_vl(tokenizer, init_std=0.15, seed=1), tokenizer)  # as a real checkpoint: no note
+    assert real.model_note is None
+    answer = answer_json(real, tmp_path / "real")
+    assert "model_note" not in answer and answer["question_id"] == "q1"
 
 
 @pytest.mark.slow

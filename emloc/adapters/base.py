@@ -202,9 +202,10 @@ class ModelAdapter(ABC):
 
         config = self.model.config.to_dict()
         # emloc_temporal_range is how positions are read, not what the cache holds: a state whose halvings
-        # contradict it is refused by its own check (stream/state.py), a task pack never depends on it
+        # contradict it is refused by its own check (stream/state.py), a task pack never depends on it;
+        # emloc_model_note is words about the model, not the model
         for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "_attn_implementation",
-                         "emloc_temporal_range"):
+                         "emloc_temporal_range", "emloc_model_note"):
             config.pop(volatile, None)
         digest = hashlib.sha256()
         for name, param in self.model.named_parameters():
@@ -215,6 +216,14 @@ class ModelAdapter(ABC):
                               config_sha256=hashlib.sha256(text.encode()).hexdigest(),
                               weights_sha256=digest.hexdigest())
         return self._identity
+
+    @property
+    def model_note(self) -> str | None:
+        """What the checkpoint says of itself, shown when a command starts and in every answer's metadata:
+        `emloc_model_note` in its config.json (the shipped models: synthetic video only, see stream/models/).
+        None for a checkpoint that says nothing, as real ones do."""
+        note = getattr(self.model.config, "emloc_model_note", None)
+        return note.strip() if isinstance(note, str) and note.strip() else None
 
     @property
     @abstractmethod

@@ -41,6 +41,13 @@ def add_max_new_tokens_option(p: argparse.ArgumentParser) -> None:
                    f"model.max_new_tokens, {MAX_NEW_TOKENS})")
 
 
+def print_model_note(adapter) -> None:
+    """The line under a command's first one when the checkpoint says what it is (the shipped models: synthetic
+    video only, and --model for real footage)."""
+    if adapter.model_note:
+        print(f"model note: {adapter.model_note}", flush=True)
+
+
 def progress_printer(total: int | None, duration: float | None = None):
     """Prints each folded chunk: frames so far, and how far through the video."""
     seen = [0]
@@ -63,7 +70,8 @@ def deliver(context: StreamContext, stream_id: str, questions: list[str], answer
         truth = expected[i] if expected else None
         correct += truth is not None and answer.text.strip() == truth
         sink.deliver(AnswerEvent(stream_id, f"q{i}", question, answer.text, answer.time_span, time.time(),
-                                 answer.cache_tokens, answer.latency_s, expected=truth))
+                                 answer.cache_tokens, answer.latency_s, expected=truth,
+                                 model_note=context.adapter.model_note))
     return correct
 
 

@@ -10,7 +10,7 @@ from tempfile import TemporaryDirectory
 from ..engine import build_model
 from ..models import CAMERA_MODEL
 from ..sources import VideoFile, write_video
-from .common import config_from, deliver, footer, progress_printer
+from .common import config_from, deliver, footer, print_model_note, progress_printer
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -26,6 +26,7 @@ def demo(args: argparse.Namespace) -> int:
     adapter, settings, label = build_model(config, model)
     context = StreamContext(adapter, settings=settings)
     print(f"emloc-stream demo: {label}", flush=True)
+    print_model_note(adapter)
     video = suite.make_video(args.seed, frames=args.frames, **({"size": args.size} if args.size else {}))
     size = video.frames.shape[1]
     with TemporaryDirectory() as tmp:

@@ -12,7 +12,7 @@ from ..config import Config, ConfigError, StreamConfig
 from ..engine import build_model, check_state, check_task, load_task
 from ..frigate import add_options as add_frigate_options
 from ..question_files import load_questions
-from .common import add_max_new_tokens_option, add_task_option, config_from
+from .common import add_max_new_tokens_option, add_task_option, config_from, print_model_note
 
 # live's flags that are fields of a config's stream (StreamConfig): None unless given, the field's default then
 STREAM_FLAGS = ("every", "save_every", "buffer", "max_waiting", "max_scheduled", "max_standing", "horizon",
@@ -84,6 +84,7 @@ def _serve(config: Config, args: argparse.Namespace, specs: list, mqtt, question
     for spec in specs:
         check_task(spec.task, packs[spec.id], adapter, settings)
     print(f"emloc-stream: {len(specs)} stream(s) [{', '.join(s.id for s in specs)}]; {label}", flush=True)
+    print_model_note(adapter)
     for spec in specs:
         if spec.task:
             print(f"{spec.id} starts from {spec.task}: {packs[spec.id].describe()}", flush=True)

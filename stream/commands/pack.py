@@ -27,7 +27,7 @@ from emloc.settings import PRESETS, preset
 
 from ..engine import build_model, describe
 from ..question_files import parse_lines
-from .common import config_from
+from .common import config_from, print_model_note
 
 if TYPE_CHECKING:
     from emloc import TaskExample
@@ -138,6 +138,7 @@ def pack(args: argparse.Namespace) -> int:
     chunks = -(-len(examples) // args.examples_per_chunk)
     print(f"emloc-stream pack: {len(examples)} examples in {chunks} chunk(s) of up to {args.examples_per_chunk}, "
           f"preset {args.preset} ({describe(settings)}); {label.split(';')[0]}", flush=True)
+    print_model_note(adapter)
 
     def progress(chunk: int, total: int, record) -> None:
         cache = sum(record.tokens_after) / len(record.tokens_after)

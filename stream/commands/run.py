@@ -10,7 +10,7 @@ from emloc import InputError
 
 from ..engine import build_model, check_model, check_state, check_task, load_task, model_name
 from ..sources import IMAGE_SUFFIXES, open_source
-from .common import add_task_option, config_from, deliver, footer, progress_printer, task_path
+from .common import add_task_option, config_from, deliver, footer, print_model_note, progress_printer, task_path
 
 
 def _check_folder(path: Path) -> None:
@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     check_task(task, pack, adapter, settings)
     context = StreamContext(adapter, settings=settings, task=pack)
     print(f"emloc-stream run: {label}", flush=True)
+    print_model_note(adapter)
     if pack is not None:
         print(f"starts from {task}: {pack.describe()}", flush=True)
     frames = source.frames(fps=config.model.fps)

@@ -177,7 +177,8 @@ async def chat_completions(body: ChatRequest, request: Request):
                                   finish_reason="stop")],
                     usage=dict(prompt_tokens=data["cache_tokens"], completion_tokens=len(data["answer"].split()),
                                total_tokens=data["cache_tokens"] + len(data["answer"].split())),
-                    stream_time=data["time_span"])
+                    stream_time=data["time_span"],
+                    **({"model_note": data["model_note"]} if "model_note" in data else {}))
 
     def chunk(delta: dict, finish: str | None = None) -> dict:
         return {"data": json_text(dict(base, object="chat.completion.chunk",
