@@ -85,6 +85,7 @@ def data_url(path: Path) -> str:
 
 def test_videos_by_path_and_as_data_urls_are_answered_right(server):
     client, right, total = server["client"], 0, 0
+    assert [model.id for model in client.models.list()] == ["emloc-tiny-qwen2vl"]  # no streams: the model itself
     for i, (video, path) in enumerate(server["videos"].values()):
         url = str(path) if i % 2 else data_url(path)  # by path, and sent in the request
         for question in video.questions:
@@ -185,6 +186,8 @@ def test_bad_videos_each_get_a_clear_error_and_the_server_goes_on(server):
             content=[{"type": "video_url", "video_url": {"url": str(good)}}] * 2 + [{"type": "text", "text": "?"}])
     refused(server, "", 400, "holds a video_url but no text part",
             content=[{"type": "video_url", "video_url": {"url": str(good)}}])
+    refused(server, "", 404, "not a stream here", "with a video_url part, any model answers about that video",
+            content="what digit is on screen now ?")
     # nothing of that cost the server anything: it answers the next good question as before
     question = video.question("state")
     assert ask(server["client"], question.text, str(good)).choices[0].message.content.strip() == question.answer

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import distributed
 from ..config import Config, ConfigError, StreamConfig
-from ..engine import build_model, check_state, check_task, load_task
+from ..engine import build_model, check_state, check_task, load_task, model_name
 from ..frigate import add_options as add_frigate_options
 from ..question_files import load_questions
 from .common import add_max_new_tokens_option, add_task_option, config_from, print_model_note
@@ -115,7 +115,7 @@ def _serve(config: Config, args: argparse.Namespace, specs: list, mqtt, question
         from ..http.video import VideoAnswerer
 
         videos = VideoAnswerer(adapter, settings, fps=config.model.fps, max_new_tokens=args.max_new_tokens,
-                               limits=limits)
+                               limits=limits, name=Path(model_name(config, args.model)).name)
     http = _start_http(args, streams, limits, open_stream, videos)
     if frigate is not None:  # its settings become the bridge that asks the streams
         frigate = FrigateBridge(frigate, streams, answer_prefix=mqtt.prefix if mqtt else "emloc",

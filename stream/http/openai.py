@@ -100,15 +100,22 @@ def model_entry(stream_id: str) -> dict:
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
     """The streams, as OpenAI's model list: each stream is a `model` of /v1/chat/completions."""
-    return dict(object="list", data=[model_entry(stream_id) for stream_id in request.app.state.hubs])
+    return dict(object="list", data=[model_entry(model) for model in _models(request)])
 
 
 @router.get("/v1/models/{model}")
 async def one_model(model: str, request: Request) -> dict:
-    if model not in request.app.state.hubs:
+    if model not in _models(request):
         raise HTTPException(404, f"model {model[:64]!r} is not a stream here; the streams are "
                                  f"{sorted(request.app.state.hubs)}")
     return model_entry(model)
+
+
+def _models(request: Request) -> list[str]:
+    """The streams, then the model itself when it answers video_url parts (any name does; clients pick one from
+    this list)."""
+    videos, hubs = request.app.state.videos, request.app.state.hubs
+    return list(hubs) + ([videos.name] if videos is not None and videos.name not in hubs else [])
 
 
 class ClientGone(Exception):
@@ -134,7 +141,8 @@ async def chat_completions(body: ChatRequest, request: Request):
     hub = request.app.state.hubs.get(body.model)
     if hub is None:
         raise HTTPException(404, f"model {body.model[:64]!r} is not a stream here; the streams are "
-                                 f"{sorted(request.app.state.hubs)}")
+                                 f"{sorted(request.app.state.hubs)}" + ("" if request.app.state.videos is None else
+                                 "; with a video_url part, any model answers about that video"))
     answer = hub.expect(question_id)
     try:
         hub.submit(question, client_of(request))

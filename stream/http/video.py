@@ -68,8 +68,11 @@ class VideoAnswer:
 class VideoAnswerer:
     """The model, its settings and the limits, shared by every video_url request of one server."""
 
-    def __init__(self, adapter, settings, *, fps: float, max_new_tokens: int, limits: HttpLimits) -> None:
+    def __init__(self, adapter, settings, *, fps: float, max_new_tokens: int, limits: HttpLimits,
+                 name: str = "emloc") -> None:
+        """name: the model's, as /v1/models lists it beside the streams (clients pick a model from that list)."""
         self.adapter, self.settings, self.fps, self.max_new_tokens = adapter, settings, fps, max_new_tokens
+        self.name = name
         self.limits = limits
         self.dirs = [Path(d).resolve() for d in limits.video_dirs]
         self.running = asyncio.Semaphore(1)  # one video job at a time: each one is all of a CPU's work
