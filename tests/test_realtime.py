@@ -263,7 +263,8 @@ def test_openai_client_lists_the_streams_as_models(served):
     openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install -e '.[test]')")
     client = openai.OpenAI(base_url=served["base"] + "/v1", api_key="unused-on-loopback", max_retries=0)
     ids = [model.id for model in client.models.list()]
-    assert ids[0] == "cam" and set(ids) <= {"cam", "phone", "tablet", "laptop"}
+    assert ids[0] == "cam" and set(ids) <= {"cam", "phone", "tablet", "laptop", "emloc-tiny-qwen2vl"}
+    assert ids[-1] == "emloc-tiny-qwen2vl"  # the model itself, for video_url parts (tests/test_http_video.py)
     assert client.models.retrieve("cam").owned_by == "emloc-stream"
     with pytest.raises(openai.NotFoundError, match="not a stream here"):
         client.models.retrieve("garage")
