@@ -30,7 +30,8 @@ from stream.suites.synthetic import make_video  # noqa: E402
 
 from .broker import free_port  # noqa: E402
 
-pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
+pytestmark = [pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed"),
+              pytest.mark.slow]  # a real server each; tests/test_job.py checks where a video may come from, fast
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = range(3_400_000, 3_400_004)
 ACCURACY = 0.75

@@ -182,6 +182,7 @@ def test_batch_over_two_nodes_resumes_and_survives_a_node_kill(cluster, videos, 
     print(f"batch: {correct}/{len(answers)} answers right")
 
 
+@pytest.mark.slow
 def test_local_and_ray_batch_answer_alike_for_the_same_flags(cluster, tmp_path):
     """Issue 24: the local loop and the Ray workers run the one video job, so the same flags give the same
     answers: --no-query-aware included (the workers once pruned by the questions whatever it said), and
