@@ -9,6 +9,7 @@ import sys
 from .commands import batch, demo, live, pack, run
 from .commands.common import add_max_new_tokens_option
 from .engine import DEFAULT_MODEL, RANDOM_MODEL, ROOT
+from .signals import INTERRUPTED, signal_received
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,13 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # inside: Ctrl-C while the commands' modules load
         return args.run(args)
     except KeyboardInterrupt:
-        print("emloc-stream: interrupted", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     except Exception as error:
+        if signal_received():  # an interrupt inside a library, surfacing as its error (stream/signals.py)
+            print(INTERRUPTED, file=sys.stderr)
+            return 130
         if not isinstance(error, reported_errors()):
             raise
         print(f"emloc-stream: error: {error}", file=sys.stderr)

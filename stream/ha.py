@@ -141,3 +141,10 @@ class HaDiscovery(Sink):
 
     def _status(self, state: str) -> str:
         return json_text({"stream_id": self.stream_id, "state": state})
+
+
+def announce(streams: list, broker: MqttConfig) -> None:
+    """`--ha-discovery`: each stream's standing questions become Home Assistant sensors, kept in step
+    with the stream (a `HaDiscovery` subscribed to it)."""
+    for stream in streams:
+        stream.subscribe(HaDiscovery(broker, stream.spec.id, stream.queue).start())

@@ -61,12 +61,15 @@ class LiveSource:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 1.0) -> None:
+        """Stops reading. The reader is waited for `wait` s at most: one blocked in FFmpeg (opening a source
+        that does not answer, or a read) ends on its own at the open or read timeout, a daemon thread that
+        keeps no process alive, so a stop never waits for a silent camera."""
         self._stop.set()
         with self._ready:
             self._ready.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=self.read_timeout + self.open_timeout + 1)
+            self._thread.join(timeout=wait)
         self.state = "stopped"
 
     def waiting(self) -> int:

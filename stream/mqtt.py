@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 
 from sinks import AnswerEvent, Sink, json_text
@@ -76,10 +77,14 @@ class MqttBridge(Sink):
         self._thread.start()
         return self
 
-    def check_connect(self, timeout: float = 10.0) -> None:
+    def check_connect(self, timeout: float = 10.0, stop: threading.Event | None = None) -> None:
         """Waits for the first connection attempt: ConfigError if the broker refused the credentials
-        or the TLS handshake (one line, at start); a broker that is merely away is retried."""
-        self.tried.wait(timeout)
+        or the TLS handshake (one line, at start); a broker that is merely away is retried.
+        stop: set (Ctrl-C) while waiting, the wait ends at once."""
+        deadline = time.monotonic() + timeout
+        while not self.tried.wait(0.05) and time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                return
         if self.refused:
             self.close(timeout=0)
             raise ConfigError(f"MQTT broker {self.broker.host}:{self.broker.port}: {self.refused}")
@@ -108,8 +113,8 @@ class MqttBridge(Sink):
             waited += 0.05
         self._stopping.set()
         self._poke()
-        if self._thread.is_alive():
-            self._thread.join(timeout=max(timeout, 1.0))
+        if self._thread.is_alive():  # at most a second: one still trying to connect ends on its own (a daemon)
+            self._thread.join(timeout=1.0)
         if self.pending():
             log.error("mqtt: %d message(s) could not be published before exit", self.pending())
 

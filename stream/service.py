@@ -145,9 +145,10 @@ class LiveStream:
             self.bridge.publish_error(message, question_id)
         self._tell("on_error", question_id, message)
 
-    def start(self) -> LiveStream:
-        if self.bridge:
-            self.bridge.start().check_connect()  # refused credentials or TLS: one line now, not a retry loop
+    def start(self, stop: threading.Event | None = None) -> LiveStream:
+        """Connects the MQTT bridge and starts reading; stop: set (Ctrl-C), waiting for the broker ends."""
+        if self.bridge:  # refused credentials or TLS: one line now, not a retry loop
+            self.bridge.start().check_connect(stop=stop)
         self.source.start()
         return self
 
@@ -212,7 +213,7 @@ def serve(streams: list[LiveStream], stop: threading.Event, *, status_every: flo
           duration: float | None = None) -> None:
     """Runs until `stop` is set (Ctrl-C) or `duration` seconds pass; then closes every stream."""
     for stream in streams:
-        stream.start()
+        stream.start(stop)
     started = last_status = time.monotonic()
     try:
         while not stop.is_set() and not (duration and time.monotonic() - started > duration):
@@ -225,6 +226,9 @@ def serve(streams: list[LiveStream], stop: threading.Event, *, status_every: flo
                 last_status = time.monotonic()
                 for stream in streams:
                     stream.publish_status()
+        if stop.is_set():
+            print("emloc-stream: stopping: folding what is left, answering waiting questions, saving state "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
     finally:
         for stream in streams:
             try:

@@ -1,18 +1,20 @@
-"""`emloc-stream live` (one live source) and `serve` (the streams a config lists), sharing one model."""
+"""`emloc-stream live` (one live source) and `serve` (the streams a config lists), sharing one model.
+
+The commands read their options and hand them to `stream/serving.py`, which runs the streams and the
+services beside them."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 from .. import distributed
 from ..config import Config, ConfigError, StreamConfig
-from ..engine import build_model, check_state, check_task, load_task, model_name
+from ..engine import load_task
 from ..frigate import add_options as add_frigate_options
 from ..question_files import load_questions
-from .common import add_max_new_tokens_option, add_task_option, config_from, print_model_note
+from .common import add_max_new_tokens_option, add_task_option, config_from
 
 # live's flags that are fields of a config's stream (StreamConfig): None unless given, the field's default then
 STREAM_FLAGS = ("every", "save_every", "buffer", "max_waiting", "max_scheduled", "max_standing", "horizon",
@@ -60,89 +62,18 @@ def serve_config(args: argparse.Namespace) -> int:
 
 
 def _serve(config: Config, args: argparse.Namespace, specs: list, mqtt, questions=()) -> int:
-    import signal
-    import threading
+    """The options `live` and `serve` share, read into `serving.Services`; then `serving.serve_streams`."""
+    from ..frigate import config_from as frigate_config_from
+    from ..serving import Services, serve_streams
 
-    from ..questions import BadQuestion, Question, QueueFull
-    from ..service import LiveStream, serve
-
-    limits = None
-    if getattr(args, "http", None):  # before the model loads: a refused address should not wait for it
-        from ..http.server import check_bind
-
-        check_bind(args.http, args.http_token)
-        limits = _http_limits(args)
-    if getattr(args, "ha_discovery", False) and mqtt is None:
-        raise ConfigError("--ha-discovery publishes to MQTT: give --mqtt HOST:PORT (or mqtt: in the config)")
-    from ..frigate import FrigateBridge, config_from
-
-    frigate = config_from(args, config.frigate, [spec.id for spec in specs])  # checked before the model loads
-    for spec in specs:
-        check_state(spec.state, f"stream {spec.id}: state" if len(specs) > 1 else "--state")
-    packs = {spec.id: load_task(spec.task) for spec in specs}  # one TaskPack per file, shared by its streams
-    adapter, settings, label = build_model(config, args.model)
-    for spec in specs:
-        check_task(spec.task, packs[spec.id], adapter, settings)
-    print(f"emloc-stream: {len(specs)} stream(s) [{', '.join(s.id for s in specs)}]; {label}", flush=True)
-    print_model_note(adapter)
-    for spec in specs:
-        if spec.task:
-            print(f"{spec.id} starts from {spec.task}: {packs[spec.id].describe()}", flush=True)
-    streams = [LiveStream(spec, adapter, settings, fps=config.model.fps, mqtt=mqtt,
-                          max_new_tokens=args.max_new_tokens, questions=questions if i == 0 else (),
-                          task=packs[spec.id], source_moved=getattr(args, "source_moved", False))
-               for i, spec in enumerate(specs)]
-    if getattr(args, "stdin", False):
-        queue = streams[0].queue
-
-        def read_stdin() -> None:
-            for line in sys.stdin:
-                if line.strip():
-                    try:
-                        queue.submit(Question(queue.new_id(), line.strip(), origin="stdin"))
-                    except (BadQuestion, QueueFull) as error:
-                        print(f"question refused: {error}", file=sys.stderr, flush=True)
-        threading.Thread(target=read_stdin, daemon=True).start()
-    def open_stream(stream_id: str) -> LiveStream:  # a realtime session's stream: frames pushed over WebSocket
-        from ..pushed import PushedFrames
-
-        spec = StreamConfig(id=stream_id, source=f"realtime:{stream_id}")
-        buffer = getattr(args, "buffer", None) or spec.buffer
-        return LiveStream(spec, adapter, settings, fps=config.model.fps, max_new_tokens=args.max_new_tokens,
-                          source=PushedFrames(fps=config.model.fps, buffer=buffer))
-    videos = None
-    if limits is not None:  # chat requests with a video_url: folded by the one video job, on this model
-        from ..http.video import VideoAnswerer
-
-        videos = VideoAnswerer(adapter, settings, fps=config.model.fps, max_new_tokens=args.max_new_tokens,
-                               limits=limits, name=Path(model_name(config, args.model)).name)
-    http = _start_http(args, streams, limits, open_stream, videos)
-    if frigate is not None:  # its settings become the bridge that asks the streams
-        frigate = FrigateBridge(frigate, streams, answer_prefix=mqtt.prefix if mqtt else "emloc",
-                                ha_discovery=getattr(args, "ha_discovery", False)).start()
-    if getattr(args, "ha_discovery", False):
-        from ..ha import HaDiscovery
-
-        for stream in streams:
-            stream.subscribe(HaDiscovery(mqtt, stream.spec.id, stream.queue).start())
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())  # the fold under way finishes first
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        serve(streams, stop, status_every=args.status_every, duration=args.duration)
-    finally:
-        if http is not None:
-            http.stop()
-        if frigate is not None:
-            frigate.stop()
-    for stream in streams:
-        status = stream.runner.status
-        print(f"stopped {stream.spec.id}: {status.frames_seen} frames, {status.chunks_folded} chunks, "
-              f"{status.answers} answers", flush=True)
-    unsaved = [stream for stream in streams if stream.unsaved]  # its last save failed: say so in the exit status
-    for stream in unsaved:
-        print(f"{stream.spec.id}: {stream.unsaved}", file=sys.stderr, flush=True)
-    return 1 if unsaved else 0
+    services = Services(http=args.http, http_token=args.http_token,
+                        http_limits=_http_limits(args) if args.http else None, ha_discovery=args.ha_discovery,
+                        frigate=frigate_config_from(args, config.frigate, [spec.id for spec in specs]),
+                        stdin=getattr(args, "stdin", False))
+    return serve_streams(config, specs, mqtt, services, model=args.model, max_new_tokens=args.max_new_tokens,
+                         status_every=args.status_every, duration=args.duration, questions=questions,
+                         source_moved=getattr(args, "source_moved", False),
+                         realtime_buffer=getattr(args, "buffer", None))
 
 
 def _http_limits(args: argparse.Namespace):
@@ -162,21 +93,6 @@ def _http_limits(args: argparse.Namespace):
                           max_video_seconds=getattr(args, "http_video_seconds", HttpLimits.max_video_seconds))
     except ValueError as error:
         raise ConfigError(f"--http-rate/--http-timeout/--http-video-*: {error}") from error
-
-
-def _start_http(args: argparse.Namespace, streams: list, limits=None, open_stream=None, videos=None):
-    if not getattr(args, "http", None):
-        return None
-    from ..http import HttpServer
-
-    try:
-        server = HttpServer(streams, args.http, args.http_token, limits=limits, open_stream=open_stream,
-                            videos=videos)
-    except ImportError as error:  # FastAPI, uvicorn, ... are an optional extra
-        raise ConfigError(f"--http needs the http extra: pip install 'emloc-stream[http]' ({error})") from error
-    server.start()
-    print(f"emloc-stream: HTTP on {server.url} (API docs at {server.url}/docs)", flush=True)
-    return server
 
 
 def add_web_options(p: argparse.ArgumentParser) -> None:
