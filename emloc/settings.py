@@ -9,6 +9,7 @@ the one place settings meet a model's depth.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 
 DEFAULT_PROBE = "Describe what happens in the video."
@@ -104,7 +105,11 @@ class EMLoCSettings:
     temporal_range: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
+        given = self.ratios
+        ratios = tuple(given) if not isinstance(given, (str, bytes, dict)) and hasattr(given, "__iter__") else None
+        _require(ratios is not None and all(isinstance(r, numbers.Real) and not isinstance(r, bool) for r in ratios),
+                 f"ratios must be a list of numbers, got {given!r}")
+        object.__setattr__(self, "ratios", tuple(float(r) for r in ratios))
         _require(self.layer_group_size is None or (_integer(self.layer_group_size) and self.layer_group_size >= 1),
                  f"layer_group_size must be an integer >= 1 (or none: layer_groups equal groups), "
                  f"got {self.layer_group_size!r}")
@@ -178,10 +183,6 @@ class EMLoCSettings:
         """Builds settings from plain data (a YAML section); an unknown key is an error."""
         _check_names(data)
         data = dict(data)
-        if "ratios" in data:
-            if not isinstance(data["ratios"], (list, tuple)):
-                raise SettingsError(f"ratios must be a list of numbers, got {data['ratios']!r}")
-            data["ratios"] = tuple(data["ratios"])
         return cls(**data)
 
     def to_dict(self) -> dict:
@@ -249,7 +250,7 @@ PRESETS = {"query_agnostic": query_agnostic, "videomme_online": videomme_online,
 
 
 def preset(name: str, **overrides) -> EMLoCSettings:
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise SettingsError(f"unknown preset {name!r}; presets are {sorted(PRESETS)}")
     _check_names(overrides)
     return PRESETS[name](**overrides)

@@ -60,7 +60,10 @@ def test_a_preset_names_an_unknown_setting_as_from_dict_does():
 def test_a_config_section_of_the_wrong_kind_is_named(tmp_path):
     path = tmp_path / "c.yaml"
     for text, message in [("emloc: [1]\n", "emloc must be a mapping"), ("model: 3\n", "model must be a mapping"),
-                          ("model:\n  fps: fast\n", "model.fps must be > 0, got fast")]:
+                          ("model:\n  fps: fast\n", "model.fps must be > 0, got fast"),
+                          ("emloc:\n  preset: [videomme_online]\n", r"unknown preset \['videomme_online'\]"),
+                          ("emloc:\n  preset: videomme_online\n  ratios: fast\n", "ratios must be a list of numbers"),
+                          ("emloc:\n  ratios: [0.1, fast]\n", "ratios must be a list of numbers")]:
         path.write_text(text)
         with pytest.raises(ConfigError, match=message):
             load_config(path)
