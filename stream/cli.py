@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML config (see configs/); default: configs/default.yaml, the "
                        "query-agnostic default with layer groups of half the model's layers")
         p.add_argument("--model", help=f"checkpoint folder or hub id of a supported model (docs/models.md) "
-                       f"(default: the shipped {DEFAULT_MODEL.relative_to(ROOT)}; {RANDOM_MODEL}: random weights)")
+                       f"(default: the config's model.path, else the shipped {DEFAULT_MODEL.relative_to(ROOT)}; "
+                       f"{RANDOM_MODEL}: random weights)")
         p.add_argument("--ask", action="append", help="a question (repeatable)")
         p.add_argument("--budget", type=int, help="hard cap of tokens per layer (default: the config's "
                        "emloc.token_budget, none)")

@@ -168,7 +168,8 @@ def register(commands, common) -> None:
     p.add_argument("--out", required=True, help="the task pack file to write (replaced atomically)")
     p.add_argument("--config", help="YAML config: its model section and system prompt (the pack's settings are "
                    "--preset's)")
-    p.add_argument("--model", help="checkpoint folder or hub id (default: the shipped model)")
+    p.add_argument("--model", help="checkpoint folder or hub id (default: the config's model.path, else the "
+                   "shipped model)")
     p.add_argument("--examples-per-chunk", type=int, default=20, help="examples folded at a time (default 20, "
                    "the paper's)")
     p.add_argument("--preset", default="many_shot", help=f"pruning settings: one of {sorted(PRESETS)} "
