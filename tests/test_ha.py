@@ -92,7 +92,10 @@ def test_standing_questions_become_ha_sensors_with_availability_by_last_will(tmp
         assert len({c["unique_id"] for _, c in entities.values()}) == 2
         topic, digit = entities["what digit is on screen now ?"]
         assert "/emloc_front_door/" in topic, "the stream id is made safe for a topic"
-        [state] = watcher.got(digit["state_topic"])  # retained too
+        # retained too; it may reach a new subscriber after the configs (each topic's retained message comes
+        # on its own), so wait for it as for the configs
+        assert wait_for(lambda: watcher.got(digit["state_topic"])), watcher.messages
+        [state] = watcher.got(digit["state_topic"])
         state = json.dumps(state)
         assert render(digit["value_template"], state) == "seven"
         assert json.loads(state)["question_id"] == "q1"  # attributes (json_attributes_topic) say which question
