@@ -24,8 +24,9 @@ def console_script() -> str:
 def cli_env() -> dict:
     """A bare environment, offline; PYTHONPATH kept so that a worktree on it is the code the script runs."""
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    if "PYTHONPATH" in os.environ:
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    for kept in ("PYTHONPATH", "OMP_NUM_THREADS"):  # OMP_NUM_THREADS: tests/conftest.py says why
+        if kept in os.environ:
+            env[kept] = os.environ[kept]
     return env
 
 
