@@ -134,3 +134,14 @@ def test_serve_interrupted_while_the_model_loads(tmp_path, site):
     time.sleep(1.5)
     took = command.stop(signal.SIGTERM)
     assert_interrupted(command, took)
+
+
+@needs_mosquitto
+def test_a_second_ctrl_c_stops_serve_at_once(tmp_path, site):
+    command = Command("serve", "--config", str(site), "--status-every", "0.5", cwd=tmp_path)
+    command.wait_for("status cam:")
+    command.process.send_signal(signal.SIGINT)
+    command.wait_for("emloc-stream: stopping", timeout=STOP_WITHIN)  # closing: the source's reader is waited for
+    took = command.stop()
+    assert_interrupted(command, took)
+    assert not any(line.startswith("stopped cam") for line in command.stdout), command.stdout
