@@ -14,7 +14,6 @@ reports where every stream runs and when one moves.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from ..config import Config, ConfigError
+from ..signals import StopSignals
 from .cluster import actor_options, connect, node_label, placement
 
 
@@ -97,9 +97,14 @@ def serve_ray(args: argparse.Namespace, config: Config) -> int:
     options = actor_options(args, max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD")
     actors = {spec.id: Actor.options(**options).remote(spec, config, args.model, args.status_every)
               for spec in specs}
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with StopSignals() as signals:  # the first signal stops the actors cleanly, a second one at once
+        failed = _watch(args, actors, signals.event)
+    return 1 if failed else 0
+
+
+def _watch(args: argparse.Namespace, actors: dict, stop: threading.Event) -> list[str]:
+    """Reports where each stream runs until `stop` (or --duration); then stops every actor. Returns the
+    streams that failed to start."""
     where, lost, asked, failed = {}, {}, {}, []  # last placement; down since; info() calls in flight; failed
     started = time.monotonic()
     try:
@@ -135,16 +140,21 @@ def serve_ray(args: argparse.Namespace, config: Config) -> int:
                     print(f"{sid}: no reply from {where[sid][0][:8]}; waiting for it to come back", file=sys.stderr,
                           flush=True)
             stop.wait(min(1.0, args.status_every))
+        if stop.is_set():
+            print("emloc-stream: stopping: each stream folds what is left, answers waiting questions and saves "
+                  "its state (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
     finally:
-        finals = {sid: actor.stop.remote() for sid, actor in actors.items()}
-        for sid, call in finals.items():
-            try:
-                status = ray.get(call, timeout=120)
-                print(f"stopped {sid}: {status['frames_seen']} frames, {status['chunks_folded']} chunks, "
-                      f"{status['answers']} answers, on {node_label(status)}", flush=True)
-            except Exception as error:  # one stream's failure to stop must not keep the others from stopping
-                print(f"{sid}: could not stop cleanly: {error}", file=sys.stderr, flush=True)
-        for actor in actors.values():
-            ray.kill(actor, no_restart=True)
-        ray.shutdown()
-    return 1 if failed else 0
+        try:
+            finals = {sid: actor.stop.remote() for sid, actor in actors.items()}
+            for sid, call in finals.items():
+                try:
+                    status = ray.get(call, timeout=120)
+                    print(f"stopped {sid}: {status['frames_seen']} frames, {status['chunks_folded']} chunks, "
+                          f"{status['answers']} answers, on {node_label(status)}", flush=True)
+                except Exception as error:  # one stream's failure to stop must not keep the others from stopping
+                    print(f"{sid}: could not stop cleanly: {error}", file=sys.stderr, flush=True)
+        finally:  # a second Ctrl-C while they stop: kill them
+            for actor in actors.values():
+                ray.kill(actor, no_restart=True)
+            ray.shutdown()
+    return failed
