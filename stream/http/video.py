@@ -101,11 +101,11 @@ class VideoAnswerer:
         with tempfile.TemporaryDirectory(prefix="emloc-video-") as tmp:
             frames = self._frames(url, Path(tmp), stop)
             context = StreamContext(self.adapter, settings=self.settings)
-            sampled = []
+            sampled = [0]
 
             def counted() -> Iterator[Frame]:
                 for frame in frames:
-                    sampled.append(frame.time)
+                    sampled[0] += 1
                     yield frame
             try:
                 [answer] = answer_video(context, counted(), [question], query_aware=True,
@@ -113,7 +113,7 @@ class VideoAnswerer:
             except InputError as error:  # e.g. a video without frames
                 raise VideoRefused(422, str(error)) from error
         return VideoAnswer(answer.text, len(self.adapter.question_ids(question)), len(answer.token_ids),
-                           context.video_tokens_seen(), context.video_tokens_kept(), len(sampled),
+                           context.video_tokens_seen(), context.video_tokens_kept(), sampled[0],
                            answer.time_span)
 
     def check(self, url: str) -> tuple[str, str]:
