@@ -13,7 +13,8 @@ Held here, once:
 - which questions a video of a batch gets (`video_names`: a question's "video" is its file name, its path,
   or its path relative to the batch's folder) and which of them are still to answer (`batch_jobs`: the
   answered pairs of an interrupted batch are skipped);
-- a video's stream starting from a task pack (`VideoJob.answer`).
+- a video's stream starting from a task pack (`VideoJob.answer`);
+- the progress lines of `demo` and `run` (`progress`) and of `batch` (`batch_progress`).
 """
 
 from __future__ import annotations
@@ -161,6 +162,21 @@ def unmatched(videos: list[Path], root: Path, questions: list[Question]) -> list
     """The questions that name a video not in the batch."""
     known = set().union(*(video_names(path, root) for path in videos))
     return [q for q in questions if q.meta.get("video") is not None and q.meta["video"] not in known]
+
+
+def progress(total: int | None, duration: float | None = None) -> Callable[[FoldRecord], None]:
+    """`demo`'s and `run`'s line a folded chunk: frames so far (of `total`), how far through the video, and the
+    fold's summary."""
+    seen = [0]
+
+    def show(record: FoldRecord) -> None:
+        seen[0] += record.frames
+        of = f"/{total}" if total else ""
+        done = ""
+        if duration and record.time_span:
+            done = f" {min(100.0, 100 * record.time_span[1] / duration):5.1f}%"
+        print(f"[{seen[0]:>5}{of} frames{done}] {record.summary()}", flush=True)
+    return show
 
 
 def batch_progress(tag: str, fps: float) -> Callable[[float | None], Callable[[FoldRecord], None]]:

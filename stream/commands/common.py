@@ -48,20 +48,6 @@ def print_model_note(adapter) -> None:
         print(f"model note: {adapter.model_note}", flush=True)
 
 
-def progress_printer(total: int | None, duration: float | None = None):
-    """Prints each folded chunk: frames so far, and how far through the video."""
-    seen = [0]
-
-    def show(record) -> None:
-        seen[0] += record.frames
-        of = f"/{total}" if total else ""
-        done = ""
-        if duration and record.time_span:
-            done = f" {min(100.0, 100 * record.time_span[1] / duration):5.1f}%"
-        print(f"[{seen[0]:>5}{of} frames{done}] {record.summary()}", flush=True)
-    return show
-
-
 def deliver(context: StreamContext, stream_id: str, questions: list[str], answers, expected=None) -> int:
     from sinks import AnswerEvent, ConsoleSink
 

@@ -10,13 +10,13 @@ from tempfile import TemporaryDirectory
 from ..engine import build_model
 from ..models import CAMERA_MODEL
 from ..sources import VideoFile, write_video
-from .common import config_from, deliver, footer, print_model_note, progress_printer
+from .common import config_from, deliver, footer, print_model_note
 
 
 def demo(args: argparse.Namespace) -> int:
     from emloc import StreamContext
 
-    from ..job import answer_video
+    from ..job import answer_video, progress
     from ..suites import camera as synthetic_camera
     from ..suites import synthetic
 
@@ -40,7 +40,7 @@ def demo(args: argparse.Namespace) -> int:
                   "live stream without standing questions)", flush=True)
         answers = answer_video(context, VideoFile(path).frames(fps=config.model.fps), questions,
                                query_aware=args.query_aware, max_new_tokens=args.max_new_tokens,
-                               stream_id="demo", on_fold=progress_printer(args.frames))
+                               stream_id="demo", on_fold=progress(args.frames))
     correct = deliver(context, "demo", questions, answers, expected)
     if expected:
         print(f"{correct}/{len(questions)} answers match the ground truth")

@@ -10,7 +10,7 @@ from emloc import InputError
 
 from ..engine import build_model, check_model, check_state, check_task, load_task, model_name
 from ..sources import IMAGE_SUFFIXES, open_source
-from .common import add_task_option, config_from, deliver, footer, print_model_note, progress_printer, task_path
+from .common import add_task_option, config_from, deliver, footer, print_model_note, task_path
 
 
 def _check_folder(path: Path) -> None:
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("give at least one question with --ask")
     from emloc import StreamContext
 
-    from ..job import answer_video
+    from ..job import answer_video, progress
     from ..state import StateError, StateNotSaved, check_source, has_state, load_state, save_state, source_fingerprint
 
     _check_folder(Path(args.video))
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         frames = (f for f in frames if f.time > done + 1e-6)
         print(f"resumed from {args.state}: {context.chunks_folded} chunks already folded, up to {done:.1f} s",
               flush=True)
-    progress = progress_printer(None, source.duration())
+    show_progress = progress(None, source.duration())
     unsaved = [""]  # why the last save failed ("" once one succeeds): folding goes on, saves are retried
 
     def save() -> None:
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     def on_fold(record) -> None:
         if args.state and (context.chunks_folded % args.save_every == 0 or unsaved[0]):
             save()
-        progress(record)
+        show_progress(record)
 
     def save_last(always: bool = False) -> None:
         if args.state and context.records and (always or context.chunks_folded % args.save_every or unsaved[0]):
