@@ -53,7 +53,8 @@ class PushedFrames:
     def start(self) -> PushedFrames:
         return self
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 0.0) -> None:
+        """wait: LiveSource's (how long its reader is waited for); nothing to wait for here."""
         with self._ready:
             self._stopped = True
             self._ready.notify_all()

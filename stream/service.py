@@ -230,6 +230,8 @@ def serve(streams: list[LiveStream], stop: threading.Event, *, status_every: flo
             print("emloc-stream: stopping: folding what is left, answering waiting questions, saving state "
                   "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
     finally:
+        for stream in streams:  # every reader told at once: silent cameras' readers are waited for together
+            stream.source.stop(wait=0)
         for stream in streams:
             try:
                 stream.close()
