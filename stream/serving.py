@@ -16,10 +16,15 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Config, ConfigError, MqttConfig, StreamConfig
 from .engine import build_model, check_state, check_task, load_task, model_name
 from .questions import Question
+
+if TYPE_CHECKING:
+    from .frigate import FrigateConfig
+    from .http.guard import HttpLimits
 
 
 @dataclass(frozen=True)
@@ -27,17 +32,17 @@ class Services:
     """What runs beside the streams, as the command asked for it.
 
     http: HOST:PORT of the REST API, the page, /metrics, the OpenAI and realtime endpoints (None: none);
-        http_token and http_limits (`stream.http.guard.HttpLimits`) with it.
+        http_token and http_limits with it.
     ha_discovery: the standing questions as Home Assistant sensors (needs MQTT).
-    frigate: a `stream.frigate.FrigateConfig`: Frigate's events asked about over the streams.
+    frigate: Frigate's events, asked about over the streams.
     stdin: questions read from standard input, one a line, for the first stream.
     """
 
     http: str | None = None
     http_token: str | None = None
-    http_limits: object | None = None
+    http_limits: HttpLimits | None = None
     ha_discovery: bool = False
-    frigate: object | None = None
+    frigate: FrigateConfig | None = None
     stdin: bool = False
 
     def check(self, mqtt: MqttConfig | None) -> None:
