@@ -129,6 +129,25 @@ def check_state(folder: str | Path | None, option: str = "--state") -> None:
         check_saved(folder)
 
 
+def check_output(path: str | Path | None, option: str) -> None:
+    """A file answers are appended to that cannot be written, named before any work (its folder is
+    created if missing, as the answers' sink would)."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{option} {path}: a folder, not a file")
+    above = next(folder for folder in path.absolute().parents if folder.exists())
+    if not above.is_dir():
+        raise InputError(f"{option} {path}: {above} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a"):
+            pass
+    except OSError as error:
+        raise InputError(f"{option} {path}: cannot write there: {error.strerror or error}") from error
+
+
 def describe(s: EMLoCSettings) -> str:
     return (f"layer groups of {s.layer_group_size}, delta {s.delta}, "
             f"ratios {list(s.ratios)}, {s.chunk_frames} frames a chunk"

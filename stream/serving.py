@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import Config, ConfigError, MqttConfig, StreamConfig
-from .engine import build_model, check_state, check_task, load_task, model_name
+from .engine import build_model, check_output, check_state, check_task, load_task, model_name
 from .questions import Question
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ def serve_streams(config: Config, specs: list[StreamConfig], mqtt: MqttConfig | 
     services.check(mqtt)
     for spec in specs:
         check_state(spec.state, f"stream {spec.id}: state" if len(specs) > 1 else "--state")
+        check_output(spec.jsonl, f"stream {spec.id}: jsonl" if len(specs) > 1 else "--jsonl")
     packs = {spec.id: load_task(spec.task) for spec in specs}  # one TaskPack per file, shared by its streams
     adapter, settings, label = build_model(config, model)
     for spec in specs:

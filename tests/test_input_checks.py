@@ -117,3 +117,22 @@ def test_a_damaged_state_is_refused_before_the_model(tmp_path):
     taken = tmp_path / "file"
     taken.write_text("x")
     refused_before_the_model(cli("run", str(video), "--ask", "what ?", "--state", str(taken)), "a file, not a folder")
+
+
+@pytest.mark.slow  # the CLI in a subprocess
+def test_an_answers_file_that_cannot_be_written_is_refused_before_the_model(tmp_path):
+    """live --jsonl, a served stream's jsonl: and batch --out: a folder, or a path under a file."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    refused_before_the_model(cli("live", "udp://127.0.0.1:9", "--jsonl", str(tmp_path), cwd=tmp_path),
+                             f"--jsonl {tmp_path}: a folder, not a file")
+    refused_before_the_model(cli("live", "udp://127.0.0.1:9", "--jsonl", str(a_file / "a.jsonl"), cwd=tmp_path),
+                             f"{a_file} is a file, not a folder")
+    site = tmp_path / "site.yaml"
+    site.write_text(f"streams:\n  - id: gate\n    source: udp://127.0.0.1:9\n    jsonl: {a_file / 'a.jsonl'}\n")
+    refused_before_the_model(cli("serve", "--config", str(site), cwd=tmp_path), f"{a_file} is a file, not a folder")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "a.mp4").write_bytes(b"\x00" * 100)
+    refused_before_the_model(cli("batch", str(videos), "--ask", "what ?", "--out", str(a_file / "a.jsonl")),
+                             f"--out {a_file / 'a.jsonl'}: {a_file} is a file, not a folder")

@@ -9,7 +9,7 @@ from pathlib import Path
 from emloc import InputError
 
 from .. import distributed
-from ..engine import build_model, check_task, load_task
+from ..engine import build_model, check_output, check_task, load_task
 from ..question_files import load_questions
 from ..sources import IMAGE_SUFFIXES, VideoError
 from .common import add_task_option, config_from, positive_seconds, print_model_note, task_path
@@ -68,6 +68,7 @@ def batch(args: argparse.Namespace) -> int:
     config = config_from(args)
     videos, root = _batch_videos(args.videos)
     questions = _questions(args)
+    check_output(args.out, "--out")
     for q in unmatched(videos, root, questions):
         print(f"emloc-stream batch: question {q.id!r} names video {q.meta['video']!r}, which is not in this batch; "
               f"not asked", file=sys.stderr, flush=True)
