@@ -91,14 +91,21 @@ class HaDiscovery(Sink):
 
     def sync(self) -> None:
         """Announces new standing questions and removes withdrawn ones."""
-        standing = {object_id(q["question"]): q["question"] for q in self.queue.snapshot() if q["every"]}
         with self._lock:
-            for obj, text in standing.items():
-                if obj not in self.announced:
-                    self._publish(self.config_topic(obj), json_text(self.sensor_config(text)), retain=True)
-            for obj in set(self.announced) - set(standing):
-                self._publish(self.config_topic(obj), b"", retain=True)  # HA removes the entity
-            self.announced = standing
+            self._sync_locked()
+
+    def _sync_locked(self, again: bool = False) -> None:
+        """sync's work, the lock held; again: announce every standing question anew (a new connection, HA's
+        birth), in the same hold, so that an answer delivered meanwhile does not announce it a second time."""
+        if again:
+            self.announced = {}
+        standing = {object_id(q["question"]): q["question"] for q in self.queue.snapshot() if q["every"]}
+        for obj, text in standing.items():
+            if obj not in self.announced:
+                self._publish(self.config_topic(obj), json_text(self.sensor_config(text)), retain=True)
+        for obj in set(self.announced) - set(standing):
+            self._publish(self.config_topic(obj), b"", retain=True)  # HA removes the entity
+        self.announced = standing
 
     def deliver(self, event: AnswerEvent) -> None:
         self.sync()
@@ -123,18 +130,16 @@ class HaDiscovery(Sink):
         if reason.is_failure:
             log.warning("ha: broker refused the connection: %s", reason)
             return
-        self.connected.set()
         client.subscribe(f"{self.discovery_prefix}/status", qos=1)  # HA's birth message: announce again
         self._publish(self.status_topic, self._status("starting"), retain=True)
         with self._lock:
-            self.announced = {}
-        self.sync()
+            self._sync_locked(again=True)
+        self.connected.set()  # after the announcements: whoever waits for it delivers answers to announced sensors
 
     def _on_message(self, client, userdata, message) -> None:
         if message.payload == b"online":
             with self._lock:
-                self.announced = {}
-            self.sync()
+                self._sync_locked(again=True)
 
     def _publish(self, topic: str, payload, retain: bool = False):
         return self.client.publish(topic, payload, qos=1, retain=retain)

@@ -71,6 +71,8 @@ class Client:
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, clean_session=False)
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *_: [c.subscribe(t, qos=1) for t in topics]
+        self.subscribed = threading.Event()  # the broker acknowledged the subscriptions (set again after a restart)
+        self.client.on_subscribe = lambda *_: self.subscribed.set()
         self.client.reconnect_delay_set(0.1, 1)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()

@@ -53,6 +53,9 @@ def test_ha_discovery_announces_a_standing_question_and_its_answer(tmp_path):
 
     broker = Broker(tmp_path).start()
     watcher = Client(broker.port, ["homeassistant/#", "emloc/#"], name="ha-in-process")
+    # subscribed before the announcement: a retained message published while the subscription is being set up
+    # can reach the subscriber twice (live and retained), and this test counts announcements
+    assert watcher.subscribed.wait(10)
     queue = QuestionQueue()
     question = "what digit is on screen now ?"
     queue.submit(Question("q1", question, every=1))
