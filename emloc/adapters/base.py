@@ -241,3 +241,35 @@ class ModelAdapter(ABC):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+
+class TransformersDecoder:
+    """The decoder half of an adapter whose language model is a transformers decoder `self._decoder`
+    (layers with a `self_attn` that has `q_proj` and `scaling`; `rotary_emb`; a final `norm`) under
+    `self.model.lm_head`. Mixed in before ModelAdapter; `apply_rotary` is the family's own rotation
+    (the modeling file's `apply_rotary_pos_emb`), so one method serves every such family."""
+
+    apply_rotary: staticmethod
+
+    @property
+    def attention_implementation(self) -> str:
+        return self._decoder.config._attn_implementation
+
+    def run_layer(self, index, hidden, mask, rotary, cache):
+        return self._decoder.layers[index](hidden, attention_mask=mask, position_embeddings=rotary, cache=cache)
+
+    def attention_module(self, index: int) -> nn.Module:
+        return self._decoder.layers[index].self_attn
+
+    def queries(self, index, normed_hidden, rotary):
+        attn = self._decoder.layers[index].self_attn
+        n = normed_hidden.shape[1]
+        q = attn.q_proj(normed_hidden).view(1, n, -1, self.head_dim).transpose(1, 2)
+        cos, sin = rotary
+        return self.apply_rotary(q, q, cos, sin)[0]
+
+    def attention_scale(self, index: int) -> float:
+        return self._decoder.layers[index].self_attn.scaling
+
+    def logits(self, hidden):
+        return self.model.lm_head(self._decoder.norm(hidden)).float()

@@ -26,14 +26,14 @@ from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from ..errors import InputError, UnsupportedModelError
-from .base import ModelAdapter, VideoPixels, check_attention
+from .base import ModelAdapter, TransformersDecoder, VideoPixels, check_attention
 from .qwen_vl import _as_uint8_frames
 
 # the SigLIP statistics LLaVA-OneVision checkpoints ship (preprocessor_config.json)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
-class LlavaOnevisionAdapter(ModelAdapter):
+class LlavaOnevisionAdapter(TransformersDecoder, ModelAdapter):
     """Adapter for `LlavaOnevisionForConditionalGeneration`.
 
     image_mean, image_std: the checkpoint's normalisation (read from its preprocessor config by
@@ -144,31 +144,10 @@ class LlavaOnevisionAdapter(ModelAdapter):
         raise UnsupportedModelError(self.temporal_policy_refusal)
 
     # --- the decoder --------------------------------------------------------------
-    @property
-    def attention_implementation(self) -> str:
-        return self._decoder.config._attn_implementation
+    apply_rotary = staticmethod(apply_rotary_pos_emb)
 
     def rotary(self, hidden, positions):
         return self._decoder.rotary_emb(hidden, positions[:1].to(hidden.device))
-
-    def run_layer(self, index, hidden, mask, rotary, cache):
-        return self._decoder.layers[index](hidden, attention_mask=mask, position_embeddings=rotary, cache=cache)
-
-    def attention_module(self, index: int) -> nn.Module:
-        return self._decoder.layers[index].self_attn
-
-    def queries(self, index, normed_hidden, rotary):
-        attn = self._decoder.layers[index].self_attn
-        n = normed_hidden.shape[1]
-        q = attn.q_proj(normed_hidden).view(1, n, -1, self.head_dim).transpose(1, 2)
-        cos, sin = rotary
-        return apply_rotary_pos_emb(q, q, cos, sin)[0]
-
-    def attention_scale(self, index: int) -> float:
-        return self._decoder.layers[index].self_attn.scaling
-
-    def logits(self, hidden):
-        return self.model.lm_head(self._decoder.norm(hidden)).float()
 
     # --- the chat format ----------------------------------------------------------
     # The checkpoints' template: `<|im_start|>{role} ` then the role's videos, then '\n' + each text.

@@ -11,14 +11,14 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb, rotate_half
 
 from ..errors import InputError
-from .base import ModelAdapter, VideoPixels, check_attention
+from .base import ModelAdapter, TransformersDecoder, VideoPixels, check_attention
 
 # The paper's video setting: 144 tokens per frame pair (336 x 336 frames).
 DEFAULT_MAX_FRAME_PIXELS = 144 * 28 * 28
 DEFAULT_MIN_FRAME_PIXELS = 28 * 28
 
 
-class QwenVLAdapter(ModelAdapter):
+class QwenVLAdapter(TransformersDecoder, ModelAdapter):
     """Adapter for `Qwen2VLForConditionalGeneration` and `Qwen2_5_VLForConditionalGeneration`.
 
     fps: the rate frames are sampled at; Qwen2.5-VL places temporal steps
@@ -136,31 +136,10 @@ class QwenVLAdapter(ModelAdapter):
         return (flat * cos + rotate_half(flat) * sin).to(keys.dtype)
 
     # --- the decoder --------------------------------------------------------------
-    @property
-    def attention_implementation(self) -> str:
-        return self._decoder.config._attn_implementation
+    apply_rotary = staticmethod(apply_rotary_pos_emb)
 
     def rotary(self, hidden, positions):
         return self._decoder.rotary_emb(hidden, positions.to(hidden.device).unsqueeze(1))
-
-    def run_layer(self, index, hidden, mask, rotary, cache):
-        return self._decoder.layers[index](hidden, attention_mask=mask, position_embeddings=rotary, cache=cache)
-
-    def attention_module(self, index: int) -> nn.Module:
-        return self._decoder.layers[index].self_attn
-
-    def queries(self, index, normed_hidden, rotary):
-        attn = self._decoder.layers[index].self_attn
-        n = normed_hidden.shape[1]
-        q = attn.q_proj(normed_hidden).view(1, n, -1, self.head_dim).transpose(1, 2)
-        cos, sin = rotary
-        return apply_rotary_pos_emb(q, q, cos, sin)[0]
-
-    def attention_scale(self, index: int) -> float:
-        return self._decoder.layers[index].self_attn.scaling
-
-    def logits(self, hidden):
-        return self.model.lm_head(self._decoder.norm(hidden)).float()
 
     # --- the chat format ----------------------------------------------------------
     def preamble_ids(self, system_prompt: str) -> torch.Tensor:
