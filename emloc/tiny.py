@@ -66,7 +66,7 @@ def tiny_qwen2_vl(tokenizer=None, *, layers: int = 4, hidden: int = 64, heads: i
         vision_config=dict(depth=1, embed_dim=32, num_heads=2, hidden_size=hidden, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, mlp_ratio=2),
         **_ids(tokenizer))
-    return _build(Qwen2VLForConditionalGeneration, config, seed, dtype, init_std)
+    return build_random(Qwen2VLForConditionalGeneration, config, seed, dtype, init_std)
 
 
 def tiny_qwen2_5_vl(tokenizer=None, *, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
@@ -80,7 +80,7 @@ def tiny_qwen2_5_vl(tokenizer=None, *, layers: int = 4, hidden: int = 64, heads:
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                            fullatt_block_indexes=[1], tokens_per_second=2),
         **_ids(tokenizer))
-    return _build(Qwen2_5_VLForConditionalGeneration, config, seed, dtype, init_std)
+    return build_random(Qwen2_5_VLForConditionalGeneration, config, seed, dtype, init_std)
 
 
 def tiny_qwen3_vl(tokenizer=None, *, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
@@ -111,7 +111,7 @@ def tiny_qwen3_vl(tokenizer=None, *, layers: int = 4, hidden: int = 64, heads: i
     cls, config_cls = ((Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeConfig) if moe
                        else (Qwen3VLForConditionalGeneration, Qwen3VLConfig))
     config = config_cls(text_config=text, vision_config=vision, **ids)
-    return _build(cls, config, seed, dtype, init_std)
+    return build_random(cls, config, seed, dtype, init_std)
 
 
 def tiny_llava_onevision(tokenizer=None, *, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
@@ -132,7 +132,7 @@ def tiny_llava_onevision(tokenizer=None, *, layers: int = 4, hidden: int = 64, h
     config = LlavaOnevisionConfig(text_config=text, vision_config=vision, image_token_index=get("<image>"),
                                   video_token_index=get("<video>"), vision_feature_layer=-1,
                                   vision_feature_select_strategy="full", image_grid_pinpoints=[[64, 64]])
-    return _build(LlavaOnevisionForConditionalGeneration, config, seed, dtype, init_std)
+    return build_random(LlavaOnevisionForConditionalGeneration, config, seed, dtype, init_std)
 
 
 def _text_config(tokenizer, layers: int, hidden: int, heads: int, kv_heads: int) -> dict:
@@ -148,17 +148,19 @@ def _rope(head_dim: int) -> dict:
     return {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [half - 2 * spatial, spatial, spatial]}
 
 
-def _build(cls, config, seed: int, dtype: torch.dtype, init_std: float | None):
+def build_random(cls, config, seed: int, dtype: torch.dtype = torch.float32, init_std: float | None = None,
+                 *, keep_init: tuple[str, ...] = ()):
     """init_std: redraw matrix weights with this std. The default init (0.02) gives a random
     model near-uniform outputs; a larger one makes its attention and predictions peaky, so
-    pruning visibly moves them (what tests of the JS bound need)."""
+    pruning visibly moves them (what tests of the JS bound need). keep_init: weights whose
+    name contains one of these keep the default init (a hybrid's conv1d, say)."""
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = cls(config)
         if init_std is not None:
             with torch.no_grad():
-                for param in model.parameters():
-                    if param.dim() >= 2:
+                for name, param in model.named_parameters():
+                    if param.dim() >= 2 and not any(part in name for part in keep_init):
                         param.normal_(0.0, init_std)
     return model.to(dtype).eval()

@@ -13,7 +13,7 @@ from transformers import DynamicCache, Qwen3_5Config, Qwen3_5ForConditionalGener
 
 from emloc import EMLoCSettings, SettingsError, StreamContext
 from emloc.adapters import Qwen3_5Adapter, adapter_for
-from emloc.tiny import _ids, tiny_tokenizer
+from emloc.tiny import _ids, build_random, tiny_tokenizer
 
 from .reference import random_frames
 from .test_model_families import QWEN3_CHAT, plain_greedy, plain_inputs, plain_logits, video_text
@@ -45,16 +45,7 @@ def tiny_qwen3_5(tokenizer, *, layers: int = 4, seed: int = 1, init_std: float |
     else:
         config, cls = Qwen3_5Config(text_config=text, vision_config=vision, **_ids(tokenizer)), \
             Qwen3_5ForConditionalGeneration
-    config._attn_implementation = "sdpa"
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = cls(config)
-        if init_std is not None:
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if param.dim() >= 2 and "conv1d" not in name:
-                        param.normal_(0.0, init_std)
-    return model.eval()
+    return build_random(cls, config, seed, init_std=init_std, keep_init=("conv1d",))
 
 
 @pytest.fixture(scope="module")
