@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import InputError, UnsupportedModelError
 
 
 def check_attention(name: str) -> str:
@@ -273,3 +273,24 @@ class TransformersDecoder:
 
     def logits(self, hidden):
         return self.model.lm_head(self._decoder.norm(hidden)).float()
+
+
+class ChatMLText:
+    """The text half of an adapter whose tokenizer speaks ChatML (`<|im_end|>`, `<|endoftext|>` in
+    `self._special`): answers, stops and decoding are the same for every such family."""
+
+    def answer_ids(self, answer: str) -> torch.Tensor:
+        """An example's answer as plain text (control tokens in it are read as characters)."""
+        if not isinstance(answer, str) or not answer.strip():
+            raise InputError(f"an example's answer must be a non-empty string, got {answer!r}")
+        return torch.tensor(self.tokenizer.encode(answer, add_special_tokens=False, split_special_tokens=True),
+                            dtype=torch.long)
+
+    def stop_ids(self) -> set[int]:
+        return {self._special["<|im_end|>"], self._special["<|endoftext|>"]}
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+    def _encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)

@@ -26,14 +26,14 @@ from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from ..errors import InputError, UnsupportedModelError
-from .base import ModelAdapter, TransformersDecoder, VideoPixels, check_attention
+from .base import ChatMLText, ModelAdapter, TransformersDecoder, VideoPixels, check_attention
 from .qwen_vl import _as_uint8_frames
 
 # the SigLIP statistics LLaVA-OneVision checkpoints ship (preprocessor_config.json)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
-class LlavaOnevisionAdapter(TransformersDecoder, ModelAdapter):
+class LlavaOnevisionAdapter(TransformersDecoder, ChatMLText, ModelAdapter):
     """Adapter for `LlavaOnevisionForConditionalGeneration`.
 
     image_mean, image_std: the checkpoint's normalisation (read from its preprocessor config by
@@ -166,21 +166,6 @@ class LlavaOnevisionAdapter(TransformersDecoder, ModelAdapter):
     def template_ids(self) -> torch.Tensor:
         return torch.cat([torch.tensor([self._newline_id]), self._encode("<|im_end|>\n<|im_start|>assistant\n")])
 
-    def answer_ids(self, answer: str) -> torch.Tensor:
-        if not isinstance(answer, str) or not answer.strip():
-            raise InputError(f"an example's answer must be a non-empty string, got {answer!r}")
-        return torch.tensor(self.tokenizer.encode(answer, add_special_tokens=False, split_special_tokens=True),
-                            dtype=torch.long)
-
     def example_ids(self, question: str, answer: str) -> torch.Tensor:
         return torch.cat([self.question_ids(question), self.answer_ids(answer),
                           self._encode("<|im_end|>\n<|im_start|>user ")])
-
-    def stop_ids(self) -> set[int]:
-        return {self._special["<|im_end|>"], self._special["<|endoftext|>"]}
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
-
-    def _encode(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)

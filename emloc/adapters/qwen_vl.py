@@ -11,14 +11,14 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb, rotate_half
 
 from ..errors import InputError
-from .base import ModelAdapter, TransformersDecoder, VideoPixels, check_attention
+from .base import ChatMLText, ModelAdapter, TransformersDecoder, VideoPixels, check_attention
 
 # The paper's video setting: 144 tokens per frame pair (336 x 336 frames).
 DEFAULT_MAX_FRAME_PIXELS = 144 * 28 * 28
 DEFAULT_MIN_FRAME_PIXELS = 28 * 28
 
 
-class QwenVLAdapter(TransformersDecoder, ModelAdapter):
+class QwenVLAdapter(TransformersDecoder, ChatMLText, ModelAdapter):
     """Adapter for `Qwen2VLForConditionalGeneration` and `Qwen2_5_VLForConditionalGeneration`.
 
     fps: the rate frames are sampled at; Qwen2.5-VL places temporal steps
@@ -157,26 +157,10 @@ class QwenVLAdapter(TransformersDecoder, ModelAdapter):
     def template_ids(self) -> torch.Tensor:
         return self._encode("<|vision_end|><|im_end|>\n<|im_start|>assistant\n")
 
-    def answer_ids(self, answer: str) -> torch.Tensor:
-        """An example's answer as plain text (control tokens in it are read as characters)."""
-        if not isinstance(answer, str) or not answer.strip():
-            raise InputError(f"an example's answer must be a non-empty string, got {answer!r}")
-        return torch.tensor(self.tokenizer.encode(answer, add_special_tokens=False, split_special_tokens=True),
-                            dtype=torch.long)
-
     def example_ids(self, question: str, answer: str) -> torch.Tensor:
         """The question, the assistant's answer and a new user turn up to the next picture."""
         return torch.cat([self.question_ids(question), self.answer_ids(answer),
                           self._encode("<|im_end|>\n<|im_start|>user\n<|vision_start|>")])
-
-    def stop_ids(self) -> set[int]:
-        return {self._special["<|im_end|>"], self._special["<|endoftext|>"]}
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
-
-    def _encode(self, text: str) -> torch.Tensor:
-        return torch.tensor(self.tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
 
 
 def _as_uint8_frames(frames) -> np.ndarray:
