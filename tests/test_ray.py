@@ -210,6 +210,8 @@ def test_local_and_ray_batch_answer_alike_for_the_same_flags(cluster, tmp_path):
                 assert run.wait(timeout=240) == 0, run.output()
             finally:
                 run.kill()
+            # the shipped model says what it is on either path (under Ray the first worker up tells the driver)
+            assert "model note: " in run.output() and "synthetic video only" in run.output(), run.output()
             got = read_answers(out)
             assert len(got) == len(lines), run.output()
             correct = sum(a["answer"].strip() == a["expected"] for a in got)

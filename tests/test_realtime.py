@@ -32,6 +32,7 @@ ws_client = pytest.importorskip("websockets.sync.client", reason="pip install -e
 
 from PIL import Image  # noqa: E402
 
+from stream.models import DEFAULT_MODEL  # noqa: E402
 from stream.suites.synthetic import COUNT_WORDS, make_video  # noqa: E402
 
 from .broker import free_port  # noqa: E402
@@ -147,6 +148,8 @@ def test_frames_and_questions_over_websocket_answer_like_the_video(served):
     answers = [e for e in session.seen if e["type"] == "response.output_text.done"
                and e["response_id"] == standing["id"]]
     assert [a["time_span"][1] for a in answers] == pytest.approx([8 * k - 0.5 for k in range(1, 9)], abs=0.01)
+    note = json.loads((DEFAULT_MODEL / "config.json").read_text())["emloc_model_note"]  # the shipped model serves
+    assert {a.get("model_note") for a in answers} == {note} and "synthetic video only" in note
     correct = sum(a["text"] == digit_at(video, a["time_span"][1]) for a in answers)
     assert correct / len(answers) >= MIN_STANDING_CORRECT, [(a["text"], a["time_span"]) for a in answers]
     session.send(type="response.cancel", response_id=standing["id"])

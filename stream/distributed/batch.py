@@ -42,7 +42,8 @@ class VideoWorker:
         self.where = placement()
 
     def ready(self) -> dict:
-        return self.where
+        """Where it runs, and the note its model's checkpoint carries (the driver prints it, as batch does)."""
+        return dict(where=self.where, model_note=self.adapter.model_note)
 
     def answer(self, job: VideoJob) -> dict:
         started = time.monotonic()
@@ -86,6 +87,7 @@ def run_batch(args: argparse.Namespace, config, jobs: list[tuple[VideoJob, str |
           + (f", {args.resources}" if args.resources else "") + f" on a cluster of {cluster}", flush=True)
     sinks = [JsonLinesSink(args.out), ConsoleSink()]
     attempts, failed, retried, finished = Counter(), [], 0, 0
+    noted = False  # the model note is printed once, when the first worker is up (the driver loads no model)
     started, last_alive = time.monotonic(), time.monotonic()
 
     def line(text: str) -> None:
@@ -119,9 +121,12 @@ def run_batch(args: argparse.Namespace, config, jobs: list[tuple[VideoJob, str |
                 if call in reviving:
                     worker, _ = reviving.pop(call)
                     try:
-                        where = ray.get(call)
+                        up = ray.get(call)
                         idle.append(worker)
-                        print(f"worker up on {node_label(where)}", flush=True)
+                        print(f"worker up on {node_label(up['where'])}", flush=True)
+                        if not noted and up["model_note"]:
+                            print(f"model note: {up['model_note']}", flush=True)  # as print_model_note does
+                        noted = True
                     except RayActorError as error:
                         print(f"a worker could not start: {_short(error)}", file=sys.stderr, flush=True)
                         if not getattr(error, "actor_init_failed", False):  # its node died while it started

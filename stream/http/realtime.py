@@ -20,7 +20,8 @@ Server -> client
 - `input_video_frame.committed`; `input_video_frame.folded` `{chunk, frames, time_span, cache_tokens}`
   when a chunk of the stream's frames is in the cache (`time_span`: the video time the cache now covers).
 - `response.created` `{"response": {id, status, kind, question}}`; then per answer
-  `response.output_text.done` `{response_id, text, time_span, cache_tokens, latency_s}`; then
+  `response.output_text.done` `{response_id, text, time_span, cache_tokens, latency_s, model_note?}`
+  (`model_note`: what the checkpoint says of itself, as in every answer's JSON; the shipped models'); then
   `response.done` `{"response": {id, status: completed | cancelled | failed}}` (a standing question's
   only when it is cancelled).
 - `stream.status` every second: the stream's status (`frames_dropped` counts the oldest waiting
@@ -285,7 +286,8 @@ class Session:
                 qid = data["question_id"]
                 await self.send({"type": "response.output_text.done", "response_id": qid, "text": data["answer"],
                                  "time_span": data["time_span"], "cache_tokens": data["cache_tokens"],
-                                 "latency_s": data["latency_s"]})
+                                 "latency_s": data["latency_s"],
+                                 **({"model_note": data["model_note"]} if "model_note" in data else {})})
                 if self.responses[qid] != "standing":
                     del self.responses[qid]
                     await self.send({"type": "response.done", "response": dict(
