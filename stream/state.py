@@ -202,6 +202,16 @@ def check_saved(folder: str | Path) -> None:
     _cache_path(folder, _manifest(folder))
 
 
+def saved_stream(folder: str | Path) -> dict:
+    """The stream data a saved state's manifest holds (which video, folded how), read without the model so
+    that resuming the wrong video, or the right one another way, is refused before the model loads."""
+    folder = Path(folder)
+    stream = _manifest(folder).get("stream")
+    if not isinstance(stream, dict):
+        raise StateError(f"{folder}: the manifest's 'context' and 'stream' must be objects")
+    return stream
+
+
 def load_state(folder: str | Path, context: StreamContext) -> dict:
     """Restores `context` from `folder` and returns the saved stream data; StateError if unusable."""
     folder = Path(folder)

@@ -333,8 +333,17 @@ def test_resuming_with_the_other_query_aware_setting_is_named(tmp_path, capsys):
     args = ["run", str(path), "--model", "builtin:random", "--config", str(config), "--ask", "what ?",
             "--max-new-tokens", "1", "--state", str(tmp_path / "state")]
     assert main(args) == 0
+    capsys.readouterr()
     assert main(args + ["--query-aware"]) == 2
-    assert "this state was folded without --query-aware; resume it the same way" in capsys.readouterr().err
+    refused = capsys.readouterr()
+    assert "this state was folded without --query-aware; resume it the same way" in refused.err
+    assert " layers; layer groups of " not in refused.out, "refused before the model loads (issue 24)"
+    other = make_video(3_300_002, frames=16)
+    other_path = write_video(tmp_path / "other.mp4", other.frames, other.fps)
+    assert main([a if a != str(path) else str(other_path) for a in args]) == 2
+    refused = capsys.readouterr()
+    assert "this state was folded from another video" in refused.err, refused.err
+    assert " layers; layer groups of " not in refused.out, "another video's state, refused before the model loads"
     assert main(args) == 0 and "resumed from" in capsys.readouterr().out
 
 

@@ -23,6 +23,21 @@ def _check_folder(path: Path) -> None:
                              f"use `batch` for a folder of videos")
 
 
+def _check_resume(args: argparse.Namespace, stream: dict, video_id: str, fingerprint) -> None:
+    """A saved state resumes only the video it was folded from, folded the same way."""
+    from ..state import StateError, check_source
+
+    if "source" in stream:  # the video itself decides, wherever it lies now
+        check_source(args.state, stream["source"], fingerprint)
+    elif stream.get("video") != video_id:  # saved before fingerprints: by path, as then
+        raise StateError(f"{args.state}: this state belongs to {stream.get('video')!r}, not {video_id!r}")
+    else:
+        print(check_source(args.state, None, fingerprint), flush=True)
+    if stream.get("query_aware", False) != args.query_aware:
+        raise StateError(f"{args.state}: this state was folded {'with' if not args.query_aware else 'without'} "
+                         f"--query-aware; resume it the same way (or use a new --state)")
+
+
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)
     if not args.ask:
@@ -30,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from emloc import StreamContext
 
     from ..job import answer_video, progress
-    from ..state import StateError, StateNotSaved, check_source, has_state, load_state, save_state, source_fingerprint
+    from ..state import StateNotSaved, has_state, load_state, save_state, saved_stream, source_fingerprint
 
     _check_folder(Path(args.video))
     check_state(args.state)
@@ -39,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
     source = open_source(args.video, args.image_fps)
     check_model(model_name(config, args.model))
     source.check()  # an unreadable video is named before the model loads (after the cheaper checks)
+    video_id = str(Path(args.video).resolve())
+    fingerprint = source_fingerprint(args.video) if args.state else None
+    resuming = bool(args.state) and has_state(args.state)
+    if resuming:  # another video's state, or this one's folded the other way, is named before the model loads
+        _check_resume(args, saved_stream(args.state), video_id, fingerprint)
     adapter, settings, label = build_model(config, args.model)
     check_task(task, pack, adapter, settings)
     context = StreamContext(adapter, settings=settings, task=pack)
@@ -47,19 +67,8 @@ def run(args: argparse.Namespace) -> int:
     if pack is not None:
         print(f"starts from {task}: {pack.describe()}", flush=True)
     frames = source.frames(fps=config.model.fps)
-    video_id = str(Path(args.video).resolve())
-    fingerprint = source_fingerprint(args.video) if args.state else None
-    if args.state and has_state(args.state):
+    if resuming:
         stream = load_state(args.state, context)
-        if "source" in stream:  # the video itself decides, wherever it lies now
-            check_source(args.state, stream["source"], fingerprint)
-        elif stream.get("video") != video_id:  # saved before fingerprints: by path, as then
-            raise StateError(f"{args.state}: this state belongs to {stream.get('video')!r}, not {video_id!r}")
-        else:
-            print(check_source(args.state, None, fingerprint), flush=True)
-        if stream.get("query_aware", False) != args.query_aware:
-            raise StateError(f"{args.state}: this state was folded {'with' if not args.query_aware else 'without'} "
-                             f"--query-aware; resume it the same way (or use a new --state)")
         done = float(stream["last_time"])
         frames = (f for f in frames if f.time > done + 1e-6)
         print(f"resumed from {args.state}: {context.chunks_folded} chunks already folded, up to {done:.1f} s",
