@@ -18,8 +18,8 @@ import logging
 import math
 import threading
 import time
-from collections import deque
 
+from .frame_buffer import FrameBuffer
 from .sources import Frame, RateSampler, upright
 
 log = logging.getLogger("emloc_stream")
@@ -31,8 +31,7 @@ class LiveSource:
     def __init__(self, url: str, *, fps: float = 2.0, buffer: int = 16, format: str | None = None,
                  options: dict[str, str] | None = None, open_timeout: float = 5.0, read_timeout: float = 3.0,
                  backoff: tuple[float, float] = (0.5, 8.0), start_time: float = 0.0) -> None:
-        if buffer < 1:
-            raise ValueError(f"buffer must hold at least 1 frame, got {buffer}")
+        self.buffer = FrameBuffer(buffer)  # refuses a buffer of no frames first
         self.url, self.fps, self.format, self.options = url, fps, format, dict(options or {})
         # FFmpeg probes a stream for 5 s of its time by default, waiting for parameters that only come with a
         # keyframe; a probe that outlasts the open timeout is cut off and leaves the connection unusable, so
@@ -40,14 +39,10 @@ class LiveSource:
         self.options.setdefault("analyzeduration", str(round(open_timeout * 500_000)))
         self.open_timeout, self.read_timeout, self.backoff = open_timeout, read_timeout, backoff
         self.start_time = start_time  # timestamp of the first frame (a resumed stream goes on from its last)
-        self._frames: deque[Frame] = deque()
-        self._buffer = buffer
-        self._ready = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.state = "starting"  # starting, connected, reconnecting, stopped
         self.connects = 0
-        self.dropped = 0
         self.last_error = ""
         self.skipped_packets = 0  # packets the decoder could not use (no keyframe yet, or damaged), skipped
         self.awaiting_keyframe = False  # connected, no frame decoded yet on this connection
@@ -66,23 +61,22 @@ class LiveSource:
         that does not answer, or a read) ends on its own at the open or read timeout, a daemon thread that
         keeps no process alive, so a stop never waits for a silent camera."""
         self._stop.set()
-        with self._ready:
-            self._ready.notify_all()
+        self.buffer.close()
         if self._thread is not None:
             self._thread.join(timeout=wait)
         self.state = "stopped"
 
+    @property
+    def dropped(self) -> int:
+        return self.buffer.dropped
+
     def waiting(self) -> int:
         """Frames read and kept, not yet taken."""
-        with self._ready:
-            return len(self._frames)
+        return self.buffer.waiting()
 
     def get(self, timeout: float | None = None) -> Frame | None:
         """The oldest kept frame, waiting up to `timeout`; None on timeout or once stopped."""
-        with self._ready:
-            if not self._frames and not self._stop.is_set():
-                self._ready.wait(timeout)
-            return self._frames.popleft() if self._frames else None
+        return self.buffer.get(timeout)
 
     # --- reader thread ---------------------------------------------------------------
     def _run(self) -> None:
@@ -146,12 +140,7 @@ class LiveSource:
                 if not sampler.keep(t):
                     continue
                 image = upright(frame)
-                with self._ready:
-                    if len(self._frames) >= self._buffer:
-                        self._frames.popleft()
-                        self.dropped += 1
-                    self._frames.append(Frame(image, t))
-                    self._ready.notify()
+                self.buffer.put(Frame(image, t))
                 yield t
         finally:
             container.close()

@@ -14,12 +14,11 @@ others keep their spacing from it. Whatever the client says, stream time only mo
 from __future__ import annotations
 
 import math
-import threading
 import time
-from collections import deque
 
 import numpy as np
 
+from .frame_buffer import FrameBuffer
 from .sources import Frame, RateSampler
 
 
@@ -29,18 +28,13 @@ class FrameRefused(ValueError):
 
 class PushedFrames:
     def __init__(self, *, fps: float = 2.0, buffer: int = 16, start_time: float = 0.0) -> None:
-        if buffer < 1:
-            raise ValueError(f"buffer must hold at least 1 frame, got {buffer}")
-        self.fps, self._buffer, self.start_time = fps, buffer, start_time
-        self._frames: deque[Frame] = deque()
-        self._ready = threading.Condition()
-        self._stopped = False
+        self.buffer = FrameBuffer(buffer)  # refuses a buffer of no frames first
+        self.fps, self.start_time = fps, start_time
         self._sampler = RateSampler(fps)
         self.size: tuple[int, int] | None = None  # (height, width) of the stream's frames, from its first
         self.state = "reconnecting"  # connected while a session pushes; "reconnecting" between sessions
         self.last_error = "no realtime session yet"
         self.connects = 0
-        self.dropped = 0
         self.received = 0  # frames pushed and accepted (kept by the sampler or not)
         self.skipped_packets = 0  # LiveSource's: a pushed frame is whole or refused, never skipped
         self.awaiting_keyframe = False
@@ -55,20 +49,18 @@ class PushedFrames:
 
     def stop(self, wait: float = 0.0) -> None:
         """wait: LiveSource's (how long its reader is waited for); nothing to wait for here."""
-        with self._ready:
-            self._stopped = True
-            self._ready.notify_all()
+        self.buffer.close()
         self.state = "stopped"
 
+    @property
+    def dropped(self) -> int:
+        return self.buffer.dropped
+
     def waiting(self) -> int:
-        with self._ready:
-            return len(self._frames)
+        return self.buffer.waiting()
 
     def get(self, timeout: float | None = None) -> Frame | None:
-        with self._ready:
-            if not self._frames and not self._stopped:
-                self._ready.wait(timeout)
-            return self._frames.popleft() if self._frames else None
+        return self.buffer.get(timeout)
 
     # --- the session's side ---------------------------------------------------------------
     def open(self) -> None:
@@ -112,10 +104,5 @@ class PushedFrames:
         self.newest_time = stream_time
         if not self._sampler.keep(stream_time):
             return False, stream_time
-        with self._ready:
-            if len(self._frames) >= self._buffer:  # folding lags: the oldest waiting frame goes
-                self._frames.popleft()
-                self.dropped += 1
-            self._frames.append(Frame(image, stream_time))
-            self._ready.notify()
+        self.buffer.put(Frame(image, stream_time))  # folding lags: the oldest waiting frame goes
         return True, stream_time
