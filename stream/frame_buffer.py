@@ -48,3 +48,21 @@ class FrameBuffer:
         with self._ready:
             self._closed = True
             self._ready.notify_all()
+
+
+class BufferedSource:
+    """The part of a live source's interface that its buffer answers (LiveSource and PushedFrames share it)."""
+
+    buffer: FrameBuffer
+
+    @property
+    def dropped(self) -> int:
+        return self.buffer.dropped
+
+    def waiting(self) -> int:
+        """Frames kept, not yet taken."""
+        return self.buffer.waiting()
+
+    def get(self, timeout: float | None = None) -> Frame | None:
+        """The oldest kept frame, waiting up to `timeout`; None on timeout or once stopped."""
+        return self.buffer.get(timeout)

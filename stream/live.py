@@ -19,13 +19,13 @@ import math
 import threading
 import time
 
-from .frame_buffer import FrameBuffer
+from .frame_buffer import BufferedSource, FrameBuffer
 from .sources import Frame, RateSampler, upright
 
 log = logging.getLogger("emloc_stream")
 
 
-class LiveSource:
+class LiveSource(BufferedSource):
     """url: anything FFmpeg opens (rtsp://, udp://, tcp://, http://, /dev/video0 with format='v4l2')."""
 
     def __init__(self, url: str, *, fps: float = 2.0, buffer: int = 16, format: str | None = None,
@@ -65,18 +65,6 @@ class LiveSource:
         if self._thread is not None:
             self._thread.join(timeout=wait)
         self.state = "stopped"
-
-    @property
-    def dropped(self) -> int:
-        return self.buffer.dropped
-
-    def waiting(self) -> int:
-        """Frames read and kept, not yet taken."""
-        return self.buffer.waiting()
-
-    def get(self, timeout: float | None = None) -> Frame | None:
-        """The oldest kept frame, waiting up to `timeout`; None on timeout or once stopped."""
-        return self.buffer.get(timeout)
 
     # --- reader thread ---------------------------------------------------------------
     def _run(self) -> None:

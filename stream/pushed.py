@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from .frame_buffer import FrameBuffer
+from .frame_buffer import BufferedSource, FrameBuffer
 from .sources import Frame, RateSampler
 
 
@@ -26,7 +26,7 @@ class FrameRefused(ValueError):
     """A pushed frame that cannot be taken; the message says why (nothing else is affected)."""
 
 
-class PushedFrames:
+class PushedFrames(BufferedSource):
     def __init__(self, *, fps: float = 2.0, buffer: int = 16, start_time: float = 0.0) -> None:
         self.buffer = FrameBuffer(buffer)  # refuses a buffer of no frames first
         self.fps, self.start_time = fps, start_time
@@ -51,16 +51,6 @@ class PushedFrames:
         """wait: LiveSource's (how long its reader is waited for); nothing to wait for here."""
         self.buffer.close()
         self.state = "stopped"
-
-    @property
-    def dropped(self) -> int:
-        return self.buffer.dropped
-
-    def waiting(self) -> int:
-        return self.buffer.waiting()
-
-    def get(self, timeout: float | None = None) -> Frame | None:
-        return self.buffer.get(timeout)
 
     # --- the session's side ---------------------------------------------------------------
     def open(self) -> None:
