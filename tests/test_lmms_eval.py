@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from stream.models import DEFAULT_MODEL
 from stream.sources import write_video
 from stream.suites.synthetic import QUESTION_TYPES, make_video
 
@@ -88,7 +89,7 @@ def evaluate(task: Path, name: str, model_args: str) -> list[dict]:
            "HF_DATASETS_CACHE": str(task / "datasets"), "HF_HOME": str(task / "hf"), "WANDB_MODE": "disabled",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "emloc_stream", "--model_args",
-                             f"pretrained={ROOT / 'models' / 'emloc-tiny-qwen2vl'},{model_args}".rstrip(","),
+                             f"pretrained={DEFAULT_MODEL},{model_args}".rstrip(","),
                              "--tasks", "emloc_synthetic", "--include_path", str(task / "task"), "--batch_size", "1",
                              "--output_path", str(out), "--log_samples"], capture_output=True, text=True, env=env,
                             cwd=task, timeout=900)
