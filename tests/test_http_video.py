@@ -12,6 +12,7 @@ and the server goes on answering.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import subprocess
@@ -37,20 +38,12 @@ SEEDS = range(3_400_000, 3_400_004)
 ACCURACY = 0.75
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("video")
-    allowed, outside = root / "allowed", root / "outside"
-    allowed.mkdir()
-    outside.mkdir()
-    videos = {}
-    for seed in SEEDS:
-        video = make_video(seed, frames=64)
-        videos[seed] = (video, write_video(allowed / f"v{seed}.mp4", video.frames, video.fps))
+@contextlib.contextmanager
+def serving(log: Path, *flags: str, client_timeout: float):
+    """`emloc-stream serve --http` with `flags` in a process of its own (its output in `log`), once it answers
+    /health: its base URL and an official openai client for it; stopped after."""
     port = free_port()
-    log = root / "server.log"
-    process = subprocess.Popen([sys.executable, "-m", "stream", "serve", "--http", f"127.0.0.1:{port}",
-                                "--http-video-dir", str(allowed), "--http-video-mb", "1", "--http-video-seconds", "40"],
+    process = subprocess.Popen([sys.executable, "-m", "stream", "serve", "--http", f"127.0.0.1:{port}", *flags],
                                cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                env=dict(os.environ, OMP_NUM_THREADS="1"))
     base = f"http://127.0.0.1:{port}"
@@ -63,14 +56,29 @@ def server(tmp_path_factory):
             except httpx.HTTPError:
                 time.sleep(0.2)
         assert process.poll() is None, log.read_text()
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
-        yield dict(client=client, base=base, videos=videos, allowed=allowed, outside=outside, root=root, log=log)
+        yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=client_timeout)
     finally:
         process.terminate()
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("video")
+    allowed, outside = root / "allowed", root / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    videos = {}
+    for seed in SEEDS:
+        video = make_video(seed, frames=64)
+        videos[seed] = (video, write_video(allowed / f"v{seed}.mp4", video.frames, video.fps))
+    log = root / "server.log"
+    with serving(log, "--http-video-dir", str(allowed), "--http-video-mb", "1", "--http-video-seconds", "40",
+                 client_timeout=120) as (base, client):
+        yield dict(client=client, base=base, videos=videos, allowed=allowed, outside=outside, root=root, log=log)
 
 
 def ask(client, question: str, url: str, stream: bool = False):
@@ -214,31 +222,13 @@ def remote(tmp_path_factory):
 
     web = Web(("127.0.0.1", 0), functools.partial(Quiet, directory=str(files)))
     threading.Thread(target=web.serve_forever, daemon=True).start()
-    port = free_port()
     log = folder / "server.log"
-    process = subprocess.Popen([sys.executable, "-m", "stream", "serve", "--http", f"127.0.0.1:{port}",
-                                "--http-video-remote", "--http-video-mb", "1", "--http-video-seconds", "120"],
-                               cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                               env=dict(os.environ, OMP_NUM_THREADS="1"))
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and process.poll() is None:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        assert process.poll() is None, log.read_text()
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=180)
-        yield dict(client=client, files=files, web=f"http://127.0.0.1:{web.server_port}", log=log)
+        with serving(log, "--http-video-remote", "--http-video-mb", "1", "--http-video-seconds", "120",
+                     client_timeout=180) as (_, client):
+            yield dict(client=client, files=files, web=f"http://127.0.0.1:{web.server_port}", log=log)
     finally:
         web.shutdown()
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def test_remote_videos_are_fetched_when_the_operator_allows(remote):
