@@ -20,7 +20,7 @@ Held here, once:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +95,18 @@ def video_names(path: Path, root: Path) -> set[str]:
     return names
 
 
+class CountedFrames:
+    """Frames passed through as they are read, counted (`count`): how many a job sampled."""
+
+    def __init__(self, frames: Iterable[Frame]) -> None:
+        self.frames, self.count = frames, 0
+
+    def __iter__(self) -> Iterator[Frame]:
+        for frame in self.frames:
+            self.count += 1
+            yield frame
+
+
 class _Collect(Sink):
     def __init__(self) -> None:
         self.events: list[AnswerEvent] = []
@@ -130,17 +142,11 @@ class VideoJob:
         source = open_source(self.path)
         on_fold = progress(source.duration()) if progress is not None else None
         context = StreamContext(adapter, settings=settings, task=task)
-        collect, sampled = _Collect(), [0]
-
-        def frames():
-            for frame in source.frames(fps=fps):
-                sampled[0] += 1
-                yield frame
-
-        answer_video(context, frames(), self.questions, query_aware=query_aware, max_new_tokens=max_new_tokens,
+        collect, frames = _Collect(), CountedFrames(source.frames(fps=fps))
+        answer_video(context, frames, self.questions, query_aware=query_aware, max_new_tokens=max_new_tokens,
                      stream_id=self.stream_id, sinks=[*sinks, collect], on_fold=on_fold,
                      on_error=lambda qid, message: log.error("%s: question %s: %s", self.stream_id, qid, message))
-        return Answered(collect.events, sampled[0], context.chunks_folded)
+        return Answered(collect.events, frames.count, context.chunks_folded)
 
 
 def batch_jobs(videos: list[Path], root: Path, questions: list[Question],

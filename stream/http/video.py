@@ -34,7 +34,7 @@ from pathlib import Path
 
 from emloc import InputError, StreamContext
 
-from ..job import answer_video
+from ..job import CountedFrames, answer_video
 from ..sources import Frame, VideoError, VideoFile
 from .guard import HttpLimits
 
@@ -99,21 +99,15 @@ class VideoAnswerer:
 
     def _answer(self, url: str, question: str, stop: threading.Event) -> VideoAnswer:
         with tempfile.TemporaryDirectory(prefix="emloc-video-") as tmp:
-            frames = self._frames(url, Path(tmp), stop)
+            frames = CountedFrames(self._frames(url, Path(tmp), stop))
             context = StreamContext(self.adapter, settings=self.settings)
-            sampled = [0]
-
-            def counted() -> Iterator[Frame]:
-                for frame in frames:
-                    sampled[0] += 1
-                    yield frame
             try:
-                [answer] = answer_video(context, counted(), [question], query_aware=True,
+                [answer] = answer_video(context, frames, [question], query_aware=True,
                                         max_new_tokens=self.max_new_tokens, stream_id="video_url")
             except InputError as error:  # e.g. a video without frames
                 raise VideoRefused(422, str(error)) from error
         return VideoAnswer(answer.text, len(self.adapter.question_ids(question)), len(answer.token_ids),
-                           context.video_tokens_seen(), context.video_tokens_kept(), sampled[0],
+                           context.video_tokens_seen(), context.video_tokens_kept(), frames.count,
                            answer.time_span)
 
     def check(self, url: str) -> tuple[str, str]:
