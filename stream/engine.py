@@ -154,3 +154,10 @@ def describe(s: EMLoCSettings) -> str:
             + (f", budget {s.token_budget}/layer" if s.token_budget else "")
             + (f", probe observer with its own answer (up to {s.probe_answer_tokens} tokens)"
                if s.probe_answer_tokens else ""))
+
+
+def print_model_note(note: str | None) -> None:
+    """The line under a command's first one when the checkpoint says what it is (`ModelAdapter.model_note`; the
+    shipped models: synthetic video only, and --model for real footage); nothing for a checkpoint that does not."""
+    if note:
+        print(f"model note: {note}", flush=True)

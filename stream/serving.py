@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import Config, ConfigError, MqttConfig, StreamConfig
-from .engine import build_model, check_output, check_state, check_task, load_task, model_name
+from .engine import build_model, check_output, check_state, check_task, load_task, model_name, print_model_note
 from .questions import Question
 
 if TYPE_CHECKING:
@@ -74,8 +74,7 @@ def serve_streams(config: Config, specs: list[StreamConfig], mqtt: MqttConfig | 
     for spec in specs:
         check_task(spec.task, packs[spec.id], adapter, settings)
     print(f"emloc-stream: {len(specs)} stream(s) [{', '.join(s.id for s in specs)}]; {label}", flush=True)
-    if adapter.model_note:  # as every command prints it (commands/common.print_model_note)
-        print(f"model note: {adapter.model_note}", flush=True)
+    print_model_note(adapter.model_note)
     for spec in specs:
         if spec.task:
             print(f"{spec.id} starts from {spec.task}: {packs[spec.id].describe()}", flush=True)

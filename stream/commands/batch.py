@@ -9,10 +9,10 @@ from pathlib import Path
 from emloc import InputError
 
 from .. import distributed
-from ..engine import build_model, check_output, check_task, load_task
+from ..engine import build_model, check_output, check_task, load_task, print_model_note
 from ..question_files import load_questions
 from ..sources import IMAGE_SUFFIXES, VideoError
-from .common import add_task_option, config_from, positive_seconds, print_model_note, task_path
+from .common import add_task_option, config_from, positive_seconds, task_path
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".ts", ".m4v", ".flv", ".mpg", ".mpeg"}
 
@@ -84,7 +84,7 @@ def batch(args: argparse.Namespace) -> int:
     print(f"emloc-stream batch: {len(videos)} videos, {len(questions)} questions; {label}; observers: "
           + ("the questions (--no-query-aware: the probe prompt)" if args.query_aware else "the probe prompt"),
           flush=True)
-    print_model_note(adapter)
+    print_model_note(adapter.model_note)
     if pack is not None:
         print(f"every video starts from {task}: {pack.describe()}", flush=True)
     sinks = [JsonLinesSink(args.out), ConsoleSink()]

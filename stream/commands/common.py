@@ -41,13 +41,6 @@ def add_max_new_tokens_option(p: argparse.ArgumentParser) -> None:
                    f"model.max_new_tokens, {MAX_NEW_TOKENS})")
 
 
-def print_model_note(adapter) -> None:
-    """The line under a command's first one when the checkpoint says what it is (the shipped models: synthetic
-    video only, and --model for real footage)."""
-    if adapter.model_note:
-        print(f"model note: {adapter.model_note}", flush=True)
-
-
 def deliver(context: StreamContext, stream_id: str, questions: list[str], answers, expected=None) -> int:
     from sinks import AnswerEvent, ConsoleSink
 

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from ..engine import build_model
+from ..engine import build_model, print_model_note
 from ..models import CAMERA_MODEL
 from ..sources import VideoFile, write_video
-from .common import config_from, deliver, footer, print_model_note
+from .common import config_from, deliver, footer
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -26,7 +26,7 @@ def demo(args: argparse.Namespace) -> int:
     adapter, settings, label = build_model(config, model)
     context = StreamContext(adapter, settings=settings)
     print(f"emloc-stream demo: {label}", flush=True)
-    print_model_note(adapter)
+    print_model_note(adapter.model_note)
     video = suite.make_video(args.seed, frames=args.frames, **({"size": args.size} if args.size else {}))
     size = video.frames.shape[1]
     with TemporaryDirectory() as tmp:

@@ -25,9 +25,9 @@ import numpy as np
 from emloc import InputError
 from emloc.settings import PRESETS, preset
 
-from ..engine import build_model, describe
+from ..engine import build_model, describe, print_model_note
 from ..question_files import parse_lines
-from .common import config_from, print_model_note
+from .common import config_from
 
 if TYPE_CHECKING:
     from emloc import TaskExample
@@ -138,7 +138,7 @@ def pack(args: argparse.Namespace) -> int:
     chunks = -(-len(examples) // args.examples_per_chunk)
     print(f"emloc-stream pack: {len(examples)} examples in {chunks} chunk(s) of up to {args.examples_per_chunk}, "
           f"preset {args.preset} ({describe(settings)}); {label.split(';')[0]}", flush=True)
-    print_model_note(adapter)
+    print_model_note(adapter.model_note)
 
     def progress(chunk: int, total: int, record) -> None:
         cache = sum(record.tokens_after) / len(record.tokens_after)

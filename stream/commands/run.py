@@ -8,9 +8,9 @@ from pathlib import Path
 
 from emloc import InputError
 
-from ..engine import build_model, check_model, check_state, check_task, load_task, model_name
+from ..engine import build_model, check_model, check_state, check_task, load_task, model_name, print_model_note
 from ..sources import IMAGE_SUFFIXES, open_source
-from .common import add_task_option, config_from, deliver, footer, print_model_note, task_path
+from .common import add_task_option, config_from, deliver, footer, task_path
 
 
 def _check_folder(path: Path) -> None:
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     check_task(task, pack, adapter, settings)
     context = StreamContext(adapter, settings=settings, task=pack)
     print(f"emloc-stream run: {label}", flush=True)
-    print_model_note(adapter)
+    print_model_note(adapter.model_note)
     if pack is not None:
         print(f"starts from {task}: {pack.describe()}", flush=True)
     frames = source.frames(fps=config.model.fps)

@@ -58,6 +58,8 @@ def run_batch(args: argparse.Namespace, config, jobs: list[tuple[VideoJob, str |
     """jobs: `batch_jobs`'s, each with why it is skipped or None; questions: how many the batch has."""
     from sinks import AnswerEvent, ConsoleSink, JsonLinesSink
 
+    from ..engine import print_model_note
+
     todo = deque(job for job, skipped in jobs if skipped is None)
     done = set()  # (stream id, question id) written: each exactly once, however often a video is retried
     total = len(todo)
@@ -124,8 +126,8 @@ def run_batch(args: argparse.Namespace, config, jobs: list[tuple[VideoJob, str |
                         up = ray.get(call)
                         idle.append(worker)
                         print(f"worker up on {node_label(up['where'])}", flush=True)
-                        if not noted and up["model_note"]:
-                            print(f"model note: {up['model_note']}", flush=True)  # as print_model_note does
+                        if not noted:
+                            print_model_note(up["model_note"])
                         noted = True
                     except RayActorError as error:
                         print(f"a worker could not start: {_short(error)}", file=sys.stderr, flush=True)
